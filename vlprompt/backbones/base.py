@@ -1,0 +1,168 @@
+"""The small encoder API that prompt learners program against.
+
+Prompt learners never reach into encoder internals: they tokenize, look up token embeddings,
+and ask the backbone to encode text *from embeddings* (optionally with per-layer prompts) and
+images. Everything model-specific (layouts, pooling, causal masks) lives behind this API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "BackboneMismatchError", "check_backbone_identity"]
+
+
+class BackboneMismatchError(ValueError):
+    """A saved prompt was learned on a different encoder than the one it is loaded into."""
+
+
+class Backbone(nn.Module, ABC):
+    """A frozen vision-language encoder (CLIP family) in eval mode.
+
+    Subclasses set these attributes, read from the wrapped model, never hard-coded:
+    ``text_width`` (token-embedding width), ``vision_width``, ``embed_dim`` (joint space),
+    ``context_length``, ``text_layers``, ``pool_type`` (``argmax``/``eos``/``last``/``first``)
+    and ``is_causal``.
+    """
+
+    text_width: int
+    vision_width: int
+    embed_dim: int
+    context_length: int
+    text_layers: int
+    pool_type: str
+    is_causal: bool
+
+    # -- frozen by construction ------------------------------------------------------------
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:  # noqa: D102 - documented on the class
+        # A frozen encoder stays in eval mode (no dropout, fixed norms) even when the
+        # LightningModule that holds it is switched to training.
+        return super().train(False)
+
+    # -- text --------------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[N, context_length]`` for ``texts``."""
+
+    @abstractmethod
+    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Input token embeddings ``[N, L, text_width]`` (before positional embeddings)."""
+
+    @abstractmethod
+    def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Position of the token whose feature is pooled, for each sequence ``[N]``."""
+
+    @abstractmethod
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None = None,
+        prompt_start: int = 1,
+    ) -> torch.Tensor:
+        """Encode prompts given as token embeddings into joint-space features ``[N, embed_dim]``.
+
+        Args:
+            embeddings: ``[N, L, text_width]`` input embeddings, e.g. learned context spliced
+                into the token embeddings of a tokenized template.
+            token_ids: ``[N, L]`` the ids the embeddings stand for; they decide where the text is
+                pooled (EOT position) and which tokens are padding.
+            deep_prompts: optional per-layer prompts for layers ``1..len(deep_prompts)``; entry
+                ``i`` (``[n, text_width]`` or ``[N, n, text_width]``) replaces the ``n`` tokens
+                starting at ``prompt_start`` before layer ``i + 1`` (MaPLe/IVLP deep prompting).
+            prompt_start: index of the first prompt token (1 = right after start-of-text).
+        """
+
+    @property
+    def text_start(self) -> int:
+        """Index of the first text token (1 when the tokenizer adds a start-of-text token)."""
+        return 1
+
+    def text_length_needed(self, token_ids: torch.Tensor) -> int:
+        """How many leading positions of ``token_ids`` the pooled text features depend on;
+        causal towers override this to allow exact truncation."""
+        return token_ids.shape[1]
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Encode plain text (strings or token ids) into ``[N, embed_dim]`` features."""
+        token_ids = self.tokenize(texts) if not isinstance(texts, torch.Tensor) else texts
+        token_ids = token_ids.to(self.device)
+        return self.encode_text_embeddings(self.token_embedding(token_ids), token_ids)
+
+    # -- images ------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode preprocessed images ``[B, 3, H, W]`` into ``[B, embed_dim]`` features."""
+
+    # -- scoring -----------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def logit_scale(self) -> torch.Tensor:
+        """Temperature the encoder was trained with (already exponentiated)."""
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """Additive logit bias (SigLIP), or None."""
+        return None
+
+    # -- identity and preprocessing ------------------------------------------------------------
+    @property
+    @abstractmethod
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """Image preprocessing the encoder expects: ``size``, ``mean``, ``std``, ``interpolation``,
+        ``resize_mode``."""
+
+    @property
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What a saved prompt records to recognise this encoder again: name, weights source,
+        widths, and a fingerprint of the weights."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @staticmethod
+    def fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+        """Short content hash of a few weight tensors, to tell two checkpoints apart."""
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def check_backbone_identity(saved: dict[str, Any], current: dict[str, Any], what: str = "prompt") -> None:
+    """Raise :class:`BackboneMismatchError` with a readable message when ``saved`` (from a saved
+    prompt's ``config.json``) does not describe the same encoder as ``current``."""
+    shape_keys = ("text_width", "vision_width", "embed_dim", "context_length", "text_layers")
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, current {current.get(k)!r}"
+        for k in shape_keys
+        if k in saved and saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise BackboneMismatchError(
+            f"This {what} was learned on backbone {saved.get('name')!r} "
+            f"(pretrained={saved.get('pretrained')!r}) but is being loaded into "
+            f"{current.get('name')!r} (pretrained={current.get('pretrained')!r}); "
+            f"their shapes differ ({'; '.join(diffs)}). Load it with the backbone it was trained on."
+        )
+    if saved.get("fingerprint") and saved.get("fingerprint") != current.get("fingerprint"):
+        raise BackboneMismatchError(
+            f"This {what} was learned on {saved.get('name')!r} with weights "
+            f"{saved.get('pretrained')!r} (fingerprint {saved.get('fingerprint')}), but the current "
+            f"backbone {current.get('name')!r} with weights {current.get('pretrained')!r} has "
+            f"different weights (fingerprint {current.get('fingerprint')}). Prompts do not transfer "
+            f"between checkpoints; pass strict=False to load it anyway."
+        )

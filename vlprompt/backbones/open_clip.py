@@ -1,0 +1,305 @@
+"""open_clip encoders (``CLIP`` and ``CustomTextCLIP`` layouts) behind the :class:`Backbone` API."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from vlprompt.backbones.base import Backbone
+
+__all__ = ["OpenCLIPBackbone"]
+
+log = logging.getLogger(__name__)
+
+_TRUNCATABLE_POOLS = ("argmax", "eos")
+
+
+@dataclass
+class _TextTower:
+    """The pieces of an open_clip text transformer, whichever model layout holds them."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: nn.Module | torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    pool_type: str
+    eos_id: int | None
+    pad_id: int
+    use_pad_mask: bool
+    cls_emb: torch.Tensor | None
+    heads: int
+
+
+def _text_tower(model: nn.Module) -> _TextTower:
+    if hasattr(model, "token_embedding"):  # CLIP layout: text tower flattened onto the model
+        return _TextTower(
+            token_embedding=model.token_embedding,
+            positional_embedding=model.positional_embedding,
+            transformer=model.transformer,
+            ln_final=model.ln_final,
+            text_projection=model.text_projection,
+            attn_mask=model.attn_mask,
+            pool_type=model.text_pool_type,
+            eos_id=getattr(model, "text_eos_id", None),
+            pad_id=0,
+            use_pad_mask=False,
+            cls_emb=None,
+            heads=model.transformer.resblocks[0].attn.num_heads,
+        )
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "token_embedding"):  # CustomTextCLIP with TextTransformer
+        return _TextTower(
+            token_embedding=text.token_embedding,
+            positional_embedding=text.positional_embedding,
+            transformer=text.transformer,
+            ln_final=text.ln_final,
+            text_projection=text.text_projection,
+            attn_mask=text.attn_mask,
+            pool_type=text.pool_type,
+            eos_id=getattr(text, "eos_id", None),
+            pad_id=getattr(text, "pad_id", 0),
+            use_pad_mask=getattr(text, "use_pad_mask", False),
+            cls_emb=getattr(text, "cls_emb", None),
+            heads=getattr(text, "heads", text.transformer.resblocks[0].attn.num_heads),
+        )
+    raise NotImplementedError(
+        f"{type(model).__name__} has a text tower of type {type(text).__name__}, which vlprompt cannot "
+        "prompt yet. Supported: open_clip CLIP and CustomTextCLIP models with an open_clip "
+        "TextTransformer (OpenAI CLIP, LAION, DataComp, MetaCLIP, SigLIP, EVA ...)."
+    )
+
+
+class OpenCLIPBackbone(Backbone):
+    """Any open_clip model, frozen, behind the prompt-learning API.
+
+    Args:
+        model_name: an open_clip model name (``ViT-B-16``), ``local-dir:/path`` (a folder with
+            ``open_clip_config.json`` and weights), or ``zoo:NAME`` for an embedded model that
+            ships with vlprompt (see :mod:`vlprompt.zoo`).
+        pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k`` ...), a local
+            checkpoint file, or None for random weights (tests).
+        precision: weights precision passed to open_clip; mixed precision is Lightning's job.
+        truncate_text: encode text only up to the longest pooled (EOT) position of the batch when
+            the text tower is causal. Exact; turn it off only to measure its effect.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "zoo:shapeworld-clip-tiny",
+        pretrained: str | None = None,
+        *,
+        precision: str = "fp32",
+        truncate_text: bool = True,
+    ) -> None:
+        super().__init__()
+        from vlprompt.zoo import resolve_model_name
+
+        resolved = resolve_model_name(model_name)
+        if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")) and not os.path.isfile(pretrained):
+            known = [t for t in open_clip.list_pretrained_tags_by_model(resolved)]
+            if pretrained not in known:
+                raise ValueError(
+                    f"pretrained={pretrained!r} is neither a file nor a known open_clip tag for "
+                    f"{resolved!r} (known tags: {known or 'none'})."
+                )
+        try:
+            model = open_clip.create_model(resolved, pretrained=pretrained, precision=precision)
+        except RuntimeError as err:
+            if pretrained and "download" in str(err).lower():
+                raise RuntimeError(
+                    f"Could not fetch weights {pretrained!r} for {resolved!r}: {err}. Without internet, "
+                    "download the checkpoint elsewhere and pass its local path as `pretrained`, or "
+                    "use `local-dir:/folder` with open_clip_config.json and the weights."
+                ) from err
+            raise
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(resolved)
+        self.truncate_text = truncate_text
+
+        tower = _text_tower(model)
+        self._tower = tower
+        self.text_width = tower.token_embedding.embedding_dim
+        self.context_length = tower.positional_embedding.shape[0]
+        self.text_layers = len(tower.transformer.resblocks)
+        self.pool_type = "last" if tower.cls_emb is not None else tower.pool_type
+        self.is_causal = tower.attn_mask is not None
+        self.embed_dim = self._infer_embed_dim()
+        self.vision_width = getattr(model.visual, "width", None) or self._infer_vision_width()
+        self._preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+        self.freeze()
+
+    # -- introspection -----------------------------------------------------------------------
+    def _infer_embed_dim(self) -> int:
+        proj = self._tower.text_projection
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        if isinstance(proj, torch.Tensor):
+            return proj.shape[1]
+        return self.text_width
+
+    def _infer_vision_width(self) -> int:
+        conv = getattr(self.model.visual, "conv1", None)
+        if conv is not None:
+            return conv.out_channels
+        return self.embed_dim
+
+    @property
+    def can_truncate_text(self) -> bool:
+        """Whether pooled text features are exactly unchanged by dropping tokens after EOT."""
+        return self.is_causal and self.pool_type in _TRUNCATABLE_POOLS and self._tower.cls_emb is None
+
+    # -- text --------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._tower.token_embedding(token_ids.to(self.device))
+
+    @property
+    def text_start(self) -> int:
+        """Index of the first text token (1 when the tokenizer adds a start-of-text token)."""
+        return int(self.pool_indices(self.tokenize([""]))[0])
+
+    def text_length_needed(self, token_ids: torch.Tensor) -> int:
+        """How many leading positions of ``token_ids`` the pooled features depend on."""
+        if self.truncate_text and self.can_truncate_text:
+            return int(self.pool_indices(token_ids).max()) + 1
+        return token_ids.shape[1]
+
+    def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Position of the token whose feature is pooled, for each sequence."""
+        n, length = token_ids.shape
+        if self.pool_type == "argmax":
+            return token_ids.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (token_ids == self._tower.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "first":
+            return torch.zeros(n, dtype=torch.long, device=token_ids.device)
+        if self.pool_type == "last":
+            return torch.full((n,), length - 1, dtype=torch.long, device=token_ids.device)
+        raise NotImplementedError(f"text pool type {self.pool_type!r} gives no single pooled feature")
+
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None = None,
+        prompt_start: int = 1,
+    ) -> torch.Tensor:
+        tower = self._tower
+        token_ids = token_ids.to(embeddings.device)
+        pooled_at = self.pool_indices(token_ids)
+        # Causal attention: the feature at position p only sees tokens <= p, so everything after
+        # the last pooled position is dead weight. Dropping it is exact (text_length_needed).
+        length = min(self.text_length_needed(token_ids), embeddings.shape[1])
+        embeddings, token_ids = embeddings[:, :length], token_ids[:, :length]
+
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = embeddings.to(cast_dtype)
+        if tower.cls_emb is not None:  # CoCa-style: a class token appended after the text
+            x = torch.cat([x, tower.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+            length += 1
+        attn_mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        if tower.use_pad_mask or tower.cls_emb is not None:
+            pad_mask = self._padding_mask(token_ids, length, x.dtype)
+            attn_mask = pad_mask if attn_mask is None else attn_mask.unsqueeze(0) + pad_mask
+        x = x + tower.positional_embedding[:length].to(cast_dtype)
+        x = self._run_text_blocks(x, attn_mask, deep_prompts, prompt_start)
+
+        if tower.cls_emb is not None:
+            pooled = tower.ln_final(x[:, -1])
+        else:
+            x = tower.ln_final(x)
+            pooled = x[torch.arange(x.shape[0], device=x.device), pooled_at]
+        proj = tower.text_projection
+        if isinstance(proj, nn.Module):
+            pooled = proj(pooled)
+        elif proj is not None:
+            pooled = pooled @ proj
+        return pooled
+
+    def _padding_mask(self, token_ids: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+        valid = token_ids != self._tower.pad_id
+        if self._tower.cls_emb is not None:
+            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+        additive = torch.zeros(valid.shape[0], length, length, dtype=dtype, device=token_ids.device)
+        additive.masked_fill_(~valid[:, None, :], float("-inf"))
+        return additive.repeat_interleave(self._tower.heads, 0)
+
+    def _run_text_blocks(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+    ) -> torch.Tensor:
+        transformer = self._tower.transformer
+        blocks = transformer.resblocks
+        deep_prompts = list(deep_prompts or [])
+        if len(deep_prompts) >= len(blocks):
+            raise ValueError(
+                f"{len(deep_prompts)} deep prompt layers given but the text tower has only "
+                f"{len(blocks)} layers (deep prompts apply to layers 1..{len(blocks) - 1})."
+            )
+        batch_first = getattr(transformer, "batch_first", True)
+        for i, block in enumerate(blocks):
+            if 1 <= i <= len(deep_prompts):
+                x = _replace_tokens(x, deep_prompts[i - 1].to(x.dtype), prompt_start)
+            if batch_first:
+                x = block(x, attn_mask=attn_mask)
+            else:
+                x = block(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+        return x
+
+    # -- images ------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    # -- scoring, identity -------------------------------------------------------------------
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        return dict(self._preprocess_cfg)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        tower = self._tower
+        return {
+            "type": type(self).__name__,
+            "name": self.model_name,
+            "pretrained": self.pretrained,
+            "text_width": self.text_width,
+            "vision_width": self.vision_width,
+            "embed_dim": self.embed_dim,
+            "context_length": self.context_length,
+            "text_layers": self.text_layers,
+            "fingerprint": self.fingerprint(
+                [tower.positional_embedding, tower.ln_final.weight, self.model.logit_scale]
+            ),
+        }
+
+
+def _replace_tokens(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
+    """Return ``x`` with tokens ``start:start+n`` replaced by ``prompt`` (``[n, D]`` or ``[N, n, D]``)."""
+    n = prompt.shape[-2]
+    if prompt.dim() == 2:
+        prompt = prompt.expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], prompt, x[:, start + n :]], dim=1)

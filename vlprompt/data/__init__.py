@@ -1,0 +1,22 @@
+"""Data: dataset formats, few-shot sampling and the Lightning data modules."""
+
+from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
+from vlprompt.data.fewshot import sample_few_shot, subset_classes
+from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
+from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+
+__all__ = [
+    "DEFAULT_PREPROCESS",
+    "FewShotDataModule",
+    "ImageDataset",
+    "Sample",
+    "SplitSamples",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_skipping",
+    "read_csv_splits",
+    "read_dassl_split",
+    "read_imagefolder",
+    "sample_few_shot",
+    "subset_classes",
+]

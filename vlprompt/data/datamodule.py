@@ -1,0 +1,221 @@
+"""``FewShotDataModule``: few-shot train/val/test loaders over any supported dataset format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from vlprompt.data.fewshot import ClassSubset, load_or_sample_few_shot, subset_classes
+from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, build_train_transform, collate_skipping
+from vlprompt.data.sources import SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+
+__all__ = ["DEFAULT_PREPROCESS", "FewShotDataModule"]
+
+log = logging.getLogger(__name__)
+
+DataFormat = Literal["auto", "dassl", "imagefolder", "csv"]
+
+#: OpenAI CLIP's preprocessing, used until a backbone hands over its own.
+DEFAULT_PREPROCESS: dict[str, Any] = {
+    "size": 224,
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+class FewShotDataModule(pl.LightningDataModule):
+    """Few-shot classification data in the CoOp protocol.
+
+    The training set holds ``shots`` images per class drawn with ``seed`` (saved as JSON and
+    reused), validation ``min(shots, 4)`` per class, and the test set is complete. ``subset``
+    keeps the base or novel half of the classes (base-to-novel protocol). Class names flow to the
+    model through :attr:`classnames`; the model hands back its preprocessing through
+    :meth:`set_preprocess`.
+
+    Args:
+        root: dataset folder (Dassl folder, ImageFolder root, or the DATA root when ``dataset``
+            names a descriptor from ``datasets/``).
+        dataset: name of a standard dataset descriptor (``oxford_pets``, ``imagenet`` ...).
+        format: ``dassl`` (split JSON), ``imagefolder``, ``csv`` or ``auto`` (detect).
+        split_file: the Dassl split JSON (default: the one ``split_zhou_*.json`` in ``root``).
+        image_dir: folder the split file's paths are relative to (default ``root/images``).
+        train_csv, val_csv, test_csv: CSV files for ``format="csv"``.
+        classnames: class names by label, for CSVs whose labels are integers or to check data
+            against the names a user expects.
+        classnames_file: ``<folder> <name>`` lines mapping ImageFolder folders to class names.
+        shots: images per class for training (``-1``: all).
+        seed: seed of the few-shot draw.
+        subset: ``all``, ``base`` or ``novel`` classes.
+        augment: random resized crop + flip for training (CoOp); off gives eval preprocessing.
+        crop_scale: scale range of the random resized crop.
+        on_error: ``skip`` unreadable images (logged and counted) or ``raise``.
+        fewshot_dir: where few-shot draws are saved (default ``<root>/.vlprompt/fewshot``).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        dataset: str | None = None,
+        format: DataFormat = "auto",
+        split_file: str | None = None,
+        image_dir: str | None = None,
+        train_csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        classnames: list[str] | None = None,
+        classnames_file: str | None = None,
+        shots: int = 16,
+        seed: int = 1,
+        subset: ClassSubset = "all",
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 2,
+        augment: bool = True,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        on_error: OnError = "skip",
+        fewshot_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.shots, self.seed, self.subset = shots, seed, subset
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.augment, self.crop_scale, self.on_error = augment, tuple(crop_scale), on_error
+        self.template: str | None = None
+        self.samples = self._read(dataset, format, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file)
+        if classnames is not None and format != "csv":
+            self._check_expected_classnames(classnames)
+        self.fewshot_dir = Path(fewshot_dir) if fewshot_dir else self._folder / ".vlprompt" / "fewshot"
+        _, self.classnames = subset_classes([], self.samples.classnames, subset)
+        self.preprocess_cfg: dict[str, Any] = dict(DEFAULT_PREPROCESS)
+        self.datasets: dict[str, ImageDataset] = {}
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read(self, dataset, fmt, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file) -> SplitSamples:
+        self._folder = self.root
+        if dataset is not None:
+            return self._read_descriptor(dataset)
+        if fmt == "auto":
+            if train_csv or val_csv or test_csv:
+                fmt = "csv"
+            elif split_file or list(self.root.glob("split_*.json")):
+                fmt = "dassl"
+            else:
+                fmt = "imagefolder"
+        if fmt == "csv":
+            return read_csv_splits(train_csv, val_csv, test_csv, classnames=classnames)
+        if fmt == "dassl":
+            if split_file is None:
+                found = sorted(self.root.glob("split_*.json"))
+                if len(found) != 1:
+                    raise FileNotFoundError(f"{self.root}: expected one split_*.json file, found {[f.name for f in found]}; pass split_file")
+                split_file = str(found[0])
+            return read_dassl_split(split_file, image_dir or self.root / "images")
+        if fmt == "imagefolder":
+            return read_imagefolder(self.root, classnames_file=classnames_file, seed=self.seed)
+        raise ValueError(f"unknown format {fmt!r}; use auto, dassl, imagefolder or csv")
+
+    def _read_descriptor(self, name: str) -> SplitSamples:
+        from vlprompt.data.catalog import check_prepared, load_descriptor
+
+        desc = load_descriptor(name)
+        problems = check_prepared(desc, self.root)
+        if problems:
+            raise FileNotFoundError(
+                f"{desc.display_name} is not prepared under {self.root}:\n  - " + "\n  - ".join(problems)
+                + f"\nSee datasets/{desc.name}.yaml for the expected layout and how to prepare it."
+            )
+        paths = desc.paths(self.root)
+        self._folder = paths["folder"]
+        self.template = desc.template
+        if desc.format == "dassl_split":
+            return read_dassl_split(paths["split_file"], paths["image_dir"])
+        from vlprompt.data.catalog import read_descriptor_samples
+
+        return read_descriptor_samples(desc, self.root)
+
+    def _check_expected_classnames(self, expected: list[str]) -> None:
+        found = self.samples.classnames
+        if [c.lower() for c in expected] != [c.lower() for c in found]:
+            unknown = sorted(set(expected) - set(found))
+            raise ValueError(
+                f"the class names given ({len(expected)}) do not match the data ({len(found)}); "
+                f"unknown to the data: {unknown[:10]}; data has: {found[:10]}..."
+            )
+
+    # -- preprocessing handed over by the model -------------------------------------------------
+    def set_preprocess(self, preprocess_cfg: dict[str, Any]) -> None:
+        """Use the backbone's image size and normalisation (called by the method at setup)."""
+        self.preprocess_cfg = dict(preprocess_cfg)
+        for split, ds in self.datasets.items():
+            ds.transform = self._transform(split)
+
+    def _transform(self, split: str):
+        if split == "train" and self.augment:
+            return build_train_transform(self.preprocess_cfg, scale=self.crop_scale)
+        return build_eval_transform(self.preprocess_cfg)
+
+    @property
+    def train_augmentation(self) -> bool:
+        """Whether training images are randomly augmented (cached features would freeze one view)."""
+        return self.augment
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def split_samples(self, split: str):
+        """Samples of ``split`` after few-shot sampling and class subsetting."""
+        samples = self.samples.split(split)
+        if split != "test" and self.shots >= 1:
+            shots = self.shots if split == "train" else min(self.shots, 4)
+            cache = self.fewshot_dir / f"shot_{self.shots}-seed_{self.seed}.json"
+            samples = load_or_sample_few_shot(samples, shots, self.seed, cache, split)
+        samples, _ = subset_classes(samples, self.samples.classnames, self.subset)
+        return samples
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")):
+            if split in self.datasets:
+                continue
+            samples = self.split_samples(split)
+            if not samples and split == "val":
+                log.info("no validation split; validation is skipped")
+                continue
+            if not samples:
+                raise ValueError(f"the {split} split of {self.root} is empty (subset={self.subset})")
+            ds = ImageDataset(samples, self._transform(split), on_error=self.on_error)
+            ds.cache_key = f"{split}:{self.subset}:{self.shots}:{self.seed}"
+            self.datasets[split] = ds
+            log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets and not self.split_samples("val"):
+            return []
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,32 @@
+"""Prompt learners: one file per method, all registered in :data:`PROMPT_LEARNERS`."""
+
+from vlprompt.prompts.base import (
+    PROMPT_LEARNERS,
+    PromptLearner,
+    PromptLearnerFactory,
+    PromptOutput,
+    get_prompt_learner,
+    register_prompt_learner,
+)
+from vlprompt.prompts.cocoop import CoCoOpPromptLearner
+from vlprompt.prompts.coop import CoOpPromptLearner, load_dassl_state_dict
+from vlprompt.prompts.io import load_prompt, read_prompt_config, save_prompt
+from vlprompt.prompts.templates import resolve_templates
+from vlprompt.prompts.zeroshot import ZeroShotPrompt
+
+__all__ = [
+    "PROMPT_LEARNERS",
+    "CoCoOpPromptLearner",
+    "CoOpPromptLearner",
+    "PromptLearner",
+    "PromptLearnerFactory",
+    "PromptOutput",
+    "ZeroShotPrompt",
+    "get_prompt_learner",
+    "load_dassl_state_dict",
+    "load_prompt",
+    "read_prompt_config",
+    "register_prompt_learner",
+    "resolve_templates",
+    "save_prompt",
+]

@@ -1,0 +1,137 @@
+"""The prompt-learner contract and the registry every method is listed in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from vlprompt.backbones import Backbone
+
+__all__ = [
+    "PROMPT_LEARNERS",
+    "PromptLearner",
+    "PromptLearnerFactory",
+    "PromptOutput",
+    "get_prompt_learner",
+    "register_prompt_learner",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptOutput:
+    """What a prompt learner hands the method: features in the joint space (not normalised).
+
+    ``text_features`` is ``[C, D]`` (one classifier for the batch) or ``[B, C, D]``
+    (per-image classifiers, e.g. CoCoOp).
+    """
+
+    image_features: torch.Tensor | None
+    text_features: torch.Tensor
+
+
+class PromptLearner(nn.Module):
+    """Base class: owns learnable prompt tensors, builds prompts, asks the backbone to encode.
+
+    Subclasses take ``(backbone, classnames)`` positionally and their hyper-parameters as
+    keyword-only arguments, passing those to ``super().__init__`` so they are recorded in
+    :attr:`hparams` (saved with the prompt). Fixed token buffers are non-persistent: the
+    state dict holds only the learnable tensors.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the learner changes how images are encoded (visual prompts). Image features
+    #: can be cached only for learners that leave the image tower untouched.
+    uses_image_tower: ClassVar[bool] = False
+    #: True when text features depend on the image (CoCoOp): ``text_features`` is ``[B, C, D]``.
+    image_conditioned: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], **hparams: Any) -> None:
+        super().__init__()
+        # Held by reference, not registered: the frozen encoder belongs to the method and must
+        # never end up in a saved prompt.
+        object.__setattr__(self, "backbone", backbone)
+        self.hparams: dict[str, Any] = dict(hparams)
+        self.classnames: list[str] = []
+
+    # -- class names ---------------------------------------------------------------------------
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Point the prompt at a new list of classes (e.g. novel classes) without touching the
+        learned tensors."""
+        names = [str(c).strip() for c in classnames]
+        if not names:
+            raise ValueError("set_classnames needs at least one class name")
+        if any(not n for n in names):
+            raise ValueError(f"empty class name in {list(classnames)!r}")
+        self.classnames = names
+        self._build_class_buffers(names)
+
+    def _build_class_buffers(self, classnames: list[str]) -> None:
+        """Rebuild whatever fixed tensors depend on the class names."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features for this prompt (plain encoder unless the learner prompts images)."""
+        return self.backbone.encode_image(images)
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Class text features ``[C, D]`` (or ``[B, C, D]`` if :attr:`image_conditioned`)."""
+        raise NotImplementedError
+
+    def forward(
+        self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> PromptOutput:
+        """Encode ``images`` (or take precomputed ``image_features``) and the class prompts."""
+        if image_features is None and images is not None:
+            image_features = self.encode_images(images)
+        return PromptOutput(image_features=image_features, text_features=self.text_features(image_features))
+
+    def extra_loss(self, output: PromptOutput, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Method-specific regulariser added to the cross-entropy (None when there is none)."""
+        return None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def num_learnable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"classes={self.num_classes}, {args}"
+
+
+PromptLearnerFactory = Callable[[Backbone, Sequence[str]], PromptLearner]
+
+PROMPT_LEARNERS: dict[str, type[PromptLearner]] = {}
+
+_L = TypeVar("_L", bound=type[PromptLearner])
+
+
+def register_prompt_learner(name: str) -> Callable[[_L], _L]:
+    """Class decorator listing a prompt learner under ``name`` (used by saved prompts, configs
+    and the generic contract tests)."""
+
+    def wrap(cls: _L) -> _L:
+        if name in PROMPT_LEARNERS and PROMPT_LEARNERS[name] is not cls:
+            raise ValueError(f"prompt learner name {name!r} already registered")
+        cls.name = name
+        PROMPT_LEARNERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_prompt_learner(name: str) -> type[PromptLearner]:
+    try:
+        return PROMPT_LEARNERS[name]
+    except KeyError:
+        raise KeyError(f"unknown prompt learner {name!r}; registered: {sorted(PROMPT_LEARNERS)}") from None

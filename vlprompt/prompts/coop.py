@@ -1,0 +1,210 @@
+"""CoOp: learned context vectors in place of a hand-written prompt."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlprompt.backbones import Backbone
+from vlprompt.prompts.base import PromptLearner, register_prompt_learner
+
+__all__ = ["CoOpPromptLearner", "load_dassl_state_dict"]
+
+log = logging.getLogger(__name__)
+
+ClassTokenPosition = Literal["end", "middle", "front"]
+_PLACEHOLDER = "X"
+
+
+@register_prompt_learner("coop")
+class CoOpPromptLearner(PromptLearner):
+    """Context Optimization (Zhou et al., IJCV 2022, "Learning to Prompt for Vision-Language
+    Models").
+
+    The prompt for class ``c`` is ``[SOS] ctx_1 ... ctx_M <name of c> . [EOS]`` where the context
+    vectors are learned in the token-embedding space.
+
+    Args:
+        n_ctx: number of context tokens (ignored when ``ctx_init`` is given: its token count wins).
+        ctx_init: words to initialise the context from, e.g. ``"a photo of a"``; random
+            (normal, std ``init_std``) when None.
+        class_token_position: where the class name goes relative to the context:
+            ``end`` (default), ``middle`` or ``front``.
+        class_specific_ctx: one context per class (CSC) instead of one shared (unified) context.
+        init_std: std of the random initialisation.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        *,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_token_position: ClassTokenPosition = "end",
+        class_specific_ctx: bool = False,
+        init_std: float = 0.02,
+    ) -> None:
+        if class_token_position not in ("end", "middle", "front"):
+            raise ValueError(f"class_token_position must be end, middle or front, not {class_token_position!r}")
+        init_vectors = None
+        if ctx_init:
+            ctx_init = ctx_init.strip().replace("_", " ")
+            init_vectors = _word_embeddings(backbone, ctx_init)
+            if n_ctx != init_vectors.shape[0]:
+                log.info("ctx_init %r has %d tokens; using n_ctx=%d", ctx_init, len(init_vectors), len(init_vectors))
+            n_ctx = init_vectors.shape[0]
+        if n_ctx < 1:
+            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        super().__init__(
+            backbone,
+            classnames,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            class_token_position=class_token_position,
+            class_specific_ctx=class_specific_ctx,
+            init_std=init_std,
+        )
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.class_token_position = class_token_position
+        self.class_specific_ctx = class_specific_ctx
+        self._init_vectors = init_vectors
+        self._init_std = init_std
+        if not class_specific_ctx:
+            self.ctx = nn.Parameter(self._initial_ctx(()))
+        self.set_classnames(classnames)
+
+    def _initial_ctx(self, lead: tuple[int, ...]) -> torch.Tensor:
+        if self._init_vectors is not None:
+            return self._init_vectors.clone().expand(*lead, -1, -1).clone()
+        ctx = torch.empty(*lead, self.n_ctx, self.backbone.text_width)
+        return nn.init.normal_(ctx, std=self._init_std)
+
+    # -- prompt layout -----------------------------------------------------------------------
+    def _prompt_text(self, name: str) -> tuple[str, list[int]]:
+        """The template text for ``name`` with placeholders where the context goes, and the
+        offsets (within the text tokens) at which each run of context tokens starts."""
+        x = _PLACEHOLDER
+        n, half = self.n_ctx, self.n_ctx // 2
+        name_len = _token_count(self.backbone, name)
+        if self.class_token_position == "end":
+            return " ".join([x] * n + [name]) + ".", [0]
+        if self.class_token_position == "front":
+            return " ".join([name] + [x] * n) + ".", [name_len]
+        return " ".join([x] * half + [name] + [x] * (n - half)) + ".", [0, half + name_len]
+
+    def _build_class_buffers(self, classnames: list[str]) -> None:
+        if self.class_specific_ctx:
+            if not hasattr(self, "ctx") or self.ctx.shape[0] != len(classnames):
+                if hasattr(self, "ctx"):
+                    raise ValueError(
+                        "class-specific contexts are tied to their classes; cannot switch from "
+                        f"{self.ctx.shape[0]} to {len(classnames)} classes"
+                    )
+                self.ctx = nn.Parameter(self._initial_ctx((len(classnames),)))
+        texts, starts = zip(*(self._prompt_text(c) for c in classnames))
+        token_ids = self.backbone.tokenize(texts)
+        pooled = self.backbone.pool_indices(token_ids)
+        if (pooled >= token_ids.shape[1] - 1).any():
+            worst = classnames[int(pooled.argmax())]
+            raise ValueError(
+                f"the prompt for class {worst!r} with {self.n_ctx} context tokens does not fit the "
+                f"text encoder's context length ({token_ids.shape[1]}); use fewer context tokens "
+                "or a shorter class name"
+            )
+        length = self.backbone.text_length_needed(token_ids)
+        token_ids = token_ids[:, :length]
+        offset = self.backbone.text_start
+        ctx_index = torch.full(token_ids.shape, -1, dtype=torch.long)
+        for c, runs in enumerate(starts):
+            k = 0
+            run_lengths = [self.n_ctx] if len(runs) == 1 else [self.n_ctx // 2, self.n_ctx - self.n_ctx // 2]
+            for start, run in zip(runs, run_lengths):
+                ctx_index[c, offset + start : offset + start + run] = torch.arange(k, k + run)
+                k += run
+        placeholder = self.backbone.tokenize([_PLACEHOLDER])[0, offset]
+        if not (token_ids[ctx_index >= 0] == placeholder).all():
+            raise RuntimeError("context placeholders landed on unexpected tokens; tokenizer not supported")
+        with torch.no_grad():
+            fixed = self.backbone.token_embedding(token_ids).detach().cpu()
+        device = self.ctx.device
+        self.register_buffer("token_ids", token_ids.to(device), persistent=False)
+        self.register_buffer("ctx_index", ctx_index.to(device), persistent=False)
+        self.register_buffer("fixed_embeddings", fixed.to(device), persistent=False)
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Splice context vectors into the fixed token embeddings.
+
+        ``ctx`` is ``[n_ctx, D]`` (unified), ``[C, n_ctx, D]`` (class-specific) or
+        ``[B, 1 or C, n_ctx, D]`` (per image); the result is ``[..., C, L, D]``.
+        """
+        fixed, index = self.fixed_embeddings, self.ctx_index
+        num_classes, length, width = fixed.shape
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0)
+        lead = ctx.shape[:-3]
+        ctx = ctx.expand(*lead, num_classes, -1, -1)
+        gather_index = index.clamp(min=0)[..., None].expand(*lead, num_classes, length, width)
+        gathered = torch.gather(ctx, -2, gather_index)
+        return torch.where((index >= 0)[..., None], gathered.to(fixed.dtype), fixed)
+
+    def encode_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Text features ``[..., C, D]`` for the given context (see :meth:`assemble`)."""
+        prompts = self.assemble(ctx)
+        lead = prompts.shape[:-3]
+        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        token_ids = self.token_ids.repeat(flat.shape[0] // self.token_ids.shape[0], 1)
+        features = self.backbone.encode_text_embeddings(flat, token_ids, prompt_start=self.backbone.text_start)
+        return features.reshape(*lead, self.num_classes, -1)
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_prompts(self.ctx)
+
+    # -- interoperability --------------------------------------------------------------------
+    def load_dassl_checkpoint(self, path: str | Path) -> None:
+        """Load ``ctx`` from a checkpoint saved by the CoOp/Dassl reference code
+        (``prompt_learner/model.pth.tar-N``)."""
+        state = load_dassl_state_dict(path)
+        if "ctx" not in state:
+            raise KeyError(f"{path}: no 'ctx' tensor in the checkpoint (keys: {sorted(state)[:10]})")
+        self._copy_ctx(state["ctx"], path)
+
+    def _copy_ctx(self, ctx: torch.Tensor, source: str | Path) -> None:
+        if ctx.shape != self.ctx.shape:
+            raise ValueError(
+                f"{source}: context shape {tuple(ctx.shape)} does not match this prompt's "
+                f"{tuple(self.ctx.shape)} (n_ctx, class-specific and text width must agree)"
+            )
+        with torch.no_grad():
+            self.ctx.copy_(ctx.to(self.ctx))
+
+
+def load_dassl_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the tensors of a Dassl checkpoint without unpickling arbitrary objects."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path}: not a readable Dassl/CoOp checkpoint ({err})") from err
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict with a 'state_dict', got {type(checkpoint).__name__}")
+    return {k.removeprefix("prompt_learner."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _token_count(backbone: Backbone, text: str) -> int:
+    ids = backbone.tokenize([text])
+    return int(backbone.pool_indices(ids)[0]) - backbone.text_start
+
+
+def _word_embeddings(backbone: Backbone, words: str) -> torch.Tensor:
+    ids = backbone.tokenize([words])
+    n = _token_count(backbone, words)
+    start = backbone.text_start
+    with torch.no_grad():
+        return backbone.token_embedding(ids)[0, start : start + n].detach().float().cpu().clone()

@@ -1,0 +1,39 @@
+"""Embedded default models that ship inside the package, so everything runs offline.
+
+Each model is a folder in this package with ``open_clip_config.json`` and
+``open_clip_model.safetensors`` (open_clip's ``local-dir:`` format) plus ``BUILD.json``
+recording how ``tools/build_embedded_model.py`` made it. Refer to one as ``zoo:NAME``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["ZOO_DIR", "available_models", "model_dir", "resolve_model_name"]
+
+ZOO_DIR = Path(__file__).resolve().parent
+_PREFIX = "zoo:"
+
+
+def available_models() -> list[str]:
+    """Names of the embedded models (usable as ``zoo:NAME``)."""
+    return sorted(p.parent.name for p in ZOO_DIR.glob("*/open_clip_config.json"))
+
+
+def model_dir(name: str) -> Path:
+    """Folder of the embedded model ``name`` (with or without the ``zoo:`` prefix)."""
+    name = name.removeprefix(_PREFIX)
+    path = ZOO_DIR / name
+    if not (path / "open_clip_config.json").is_file():
+        raise FileNotFoundError(
+            f"No embedded model {name!r} in {ZOO_DIR}. Available: {available_models() or 'none'}. "
+            "Build it with `python tools/build_embedded_model.py`."
+        )
+    return path
+
+
+def resolve_model_name(model_name: str) -> str:
+    """Turn ``zoo:NAME`` into open_clip's ``local-dir:`` form; leave other names alone."""
+    if model_name.startswith(_PREFIX):
+        return f"local-dir:{model_dir(model_name)}"
+    return model_name

@@ -1,0 +1,461 @@
+"""ShapeWorld: a small procedural image-caption world, generated offline from seeds.
+
+Every image shows one object on a noisy, lightly cluttered background. An object is described
+by five attributes (a :class:`ShapeSpec`):
+
+* **colour** - one of :data:`COLOURS` (red, orange, yellow, green, cyan, blue, purple, pink);
+* **shape** - one of :data:`SHAPES` (circle, square, triangle, star, cross, heart, diamond, arrow);
+* **texture** - plain, striped, dotted or checkered (:data:`TEXTURES`);
+* **size** - small or large (:data:`SIZES`);
+* **position** - top left, top right, bottom left, bottom right or centre (:data:`POSITIONS`).
+
+On top of that each image gets small random jitter: colour shade, object scale, offset and
+rotation, stripe angle and texture period, background tint, lighting, noise and clutter.
+
+**Held-out classes.** Of the 8 x 8 (colour, shape) combinations, the 16 in :data:`HELD_OUT` never
+occur in pretraining (a Latin-square choice: every colour and every shape is held out with
+exactly two partners and still appears with six others). The embedded CLIP model
+(``tools/build_embedded_model.py``) is pretrained on images and :func:`caption` texts of the other
+48 combinations only; the held-out combos are the downstream classification classes
+(:data:`CLASSNAMES`, e.g. ``"red star"``), so recognising them zero-shot needs compositional
+generalisation, and few-shot prompt learning has something to gain.
+
+**Domain gap.** Captions are short attribute descriptions ("a large red striped circle in the top
+left", "top right: green heart, checkered") and never use the phrase "a photo of a", the usual
+zero-shot template. Downstream classification images (:func:`write_classification_dataset`) use a
+different background style from pretraining (``"clean"``: flat studio backdrop with a soft
+vignette and sparse grey specks, instead of pretraining's noisy grey paper with line clutter);
+``domain="shifted"`` adds a harder shift (dark or textured backgrounds, coloured lighting and
+colourful clutter) for test-time adaptation experiments, while keeping objects recognisable.
+
+**Determinism.** Everything is a pure function of ``numpy.random.Generator`` streams seeded per
+sample (``np.random.default_rng([seed, stream, index])``), so sample ``i`` is the same whatever
+the order or number of workers; same arguments give byte-identical PNG files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CLASSNAMES",
+    "COLOURS",
+    "DOMAINS",
+    "HELD_OUT",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLIT_FILE",
+    "TEXTURES",
+    "ShapeSpec",
+    "caption",
+    "class_spec",
+    "is_held_out",
+    "pretraining_sample",
+    "pretraining_samples",
+    "render",
+    "sample_spec",
+    "write_classification_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+Domain = Literal["pretrain", "clean", "shifted"]
+DOMAINS: tuple[str, ...] = ("pretrain", "clean", "shifted")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 215, 30),
+    "green": (40, 165, 55),
+    "cyan": (30, 200, 215),
+    "blue": (35, 70, 215),
+    "purple": (135, 50, 180),
+    "pink": (245, 125, 190),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "arrow")
+TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "centre": (0.5, 0.5),
+}
+
+_COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+# Latin square: colour i is held out with shapes i and i + 3 (mod 8).
+HELD_OUT: list[tuple[str, str]] = [
+    (_COLOUR_NAMES[i], SHAPES[(i + k) % len(SHAPES)]) for k in (0, 3) for i in range(len(_COLOUR_NAMES))
+]
+CLASSNAMES: list[str] = [f"{c} {s}" for c, s in HELD_OUT]
+_HELD_OUT_SET = frozenset(HELD_OUT)
+_PRETRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
+    (c, s) for c in _COLOUR_NAMES for s in SHAPES if (c, s) not in _HELD_OUT_SET
+)
+
+SPLIT_FILE = "split_zhou_ShapeWorld.json"
+_SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Stream ids keep the seeded generators of different uses apart.
+_STREAM_PRETRAIN = 1
+_STREAM_CLASSIFY = 2
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """The attributes of the one object in a ShapeWorld image."""
+
+    colour: str
+    shape: str
+    texture: str = "plain"
+    size: str = "large"
+    position: str = "centre"
+
+    def __post_init__(self) -> None:
+        for value, allowed in (
+            (self.colour, _COLOUR_NAMES),
+            (self.shape, SHAPES),
+            (self.texture, TEXTURES),
+            (self.size, SIZES),
+            (self.position, tuple(POSITIONS)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {list(allowed)}")
+
+    @property
+    def classname(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def is_held_out(colour: str, shape: str) -> bool:
+    """Whether the (colour, shape) combination is one of the 16 held-out downstream classes."""
+    return (colour, shape) in _HELD_OUT_SET
+
+
+def class_spec(classname: str) -> tuple[str, str]:
+    """``"red star"`` -> ``("red", "star")``."""
+    colour, shape = classname.split(" ")
+    return colour, shape
+
+
+def sample_spec(
+    rng: np.random.Generator, *, combos: list[tuple[str, str]] | tuple[tuple[str, str], ...] | None = None
+) -> ShapeSpec:
+    """Draw random attributes. ``combos`` restricts (colour, shape); by default the 48 pretraining
+    combinations (never a :data:`HELD_OUT` one)."""
+    combos = _PRETRAIN_COMBOS if combos is None else combos
+    colour, shape = combos[int(rng.integers(len(combos)))]
+    return ShapeSpec(
+        colour=colour,
+        shape=shape,
+        texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
+        size=SIZES[int(rng.integers(len(SIZES)))],
+        position=tuple(POSITIONS)[int(rng.integers(len(POSITIONS)))],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)
+
+
+def _star() -> np.ndarray:
+    outer, inner = _regular(5, 1.0), _regular(5, 0.42, -math.pi / 2 + math.pi / 5)
+    return np.stack([outer, inner], axis=1).reshape(-1, 2)
+
+
+def _heart() -> np.ndarray:
+    t = np.linspace(0, 2 * math.pi, 60, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    pts = np.stack([x, y], axis=1)
+    pts -= (pts.max(0) + pts.min(0)) / 2
+    return pts / np.abs(pts).max()
+
+
+def _cross(w: float = 0.32) -> np.ndarray:
+    return np.array(
+        [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)],
+        dtype=float,
+    )
+
+
+def _arrow() -> np.ndarray:
+    return np.array([(-1, -0.3), (0.1, -0.3), (0.1, -0.75), (1, 0), (0.1, 0.75), (0.1, 0.3), (-1, 0.3)], dtype=float)
+
+
+# Unit-size outlines in image orientation (y down), roughly filling [-1, 1]^2.
+_OUTLINES: dict[str, np.ndarray] = {
+    "circle": _regular(48),
+    "square": np.array([(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)], dtype=float),
+    "triangle": _regular(3) * 1.05 + np.array([0.0, 0.2]),
+    "star": _star(),
+    "cross": _cross(),
+    "heart": _heart(),
+    "diamond": np.array([(0, -1), (0.62, 0), (0, 1), (-0.62, 0)], dtype=float),
+    "arrow": _arrow(),
+}
+_SUPERSAMPLE = 4
+
+
+def _shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage mask ``[size, size]`` in ``[0, 1]``."""
+    pts = _OUTLINES[shape]
+    c, s = math.cos(angle), math.sin(angle)
+    pts = pts @ np.array([[c, s], [-s, c]]) * radius + np.asarray(centre)
+    big = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
+    ImageDraw.Draw(big).polygon([(float(x), float(y)) for x, y in pts * _SUPERSAMPLE], fill=255)
+    return np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def _texture(texture: str, rgb: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Texture of colour ``rgb`` over the whole canvas ``[size, size, 3]`` (float, 0..255)."""
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    second = rgb * 0.35 if luminance > 140 else rgb * 0.35 + 255 * 0.65
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    period = float(rng.uniform(4.0, 6.5))
+    phase_x, phase_y = rng.uniform(0, period, size=2)
+    if texture == "plain":
+        pattern = np.zeros((size, size), np.float32)
+    elif texture == "striped":
+        a = float(rng.choice([0.0, 0.5, 0.25, 0.75])) * math.pi + float(rng.uniform(-0.15, 0.15))
+        u = (xx * math.cos(a) + yy * math.sin(a) + phase_x) / period
+        pattern = ((u % 1.0) < 0.5).astype(np.float32)
+    elif texture == "dotted":
+        dx = (xx + phase_x) % period - period / 2
+        dy = (yy + phase_y) % period - period / 2
+        pattern = (np.hypot(dx, dy) < period * 0.27).astype(np.float32)
+    elif texture == "checkered":
+        cx = np.floor((xx + phase_x) / (period * 0.8))
+        cy = np.floor((yy + phase_y) / (period * 0.8))
+        pattern = ((cx + cy) % 2).astype(np.float32)
+    else:
+        raise ValueError(f"unknown texture {texture!r}")
+    return rgb[None, None, :] * (1 - pattern[..., None]) + second[None, None, :] * pattern[..., None]
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: int, colourful: bool,
+             kinds: tuple[str, ...] = ("line", "dot")) -> None:
+    for _ in range(n):
+        if colourful:
+            colour = tuple(int(v) for v in rng.integers(40, 256, size=3))
+        else:
+            g = int(rng.integers(70, 200))
+            colour = (g, g, g)
+        kind = kinds[int(rng.integers(len(kinds)))]
+        x0, y0 = rng.uniform(0, size, size=2)
+        if kind == "line":
+            length, a = rng.uniform(size * 0.1, size * 0.35), rng.uniform(0, math.pi)
+            x1, y1 = x0 + length * math.cos(a), y0 + length * math.sin(a)
+            draw.line([(float(x0), float(y0)), (float(x1), float(y1))], fill=colour, width=1)
+        else:
+            r = float(rng.uniform(0.8, 2.0))
+            draw.ellipse([float(x0 - r), float(y0 - r), float(x0 + r), float(y0 + r)], fill=colour)
+
+
+def _background(rng: np.random.Generator, size: int, domain: str) -> np.ndarray:
+    yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    if domain == "pretrain":
+        # Noisy grey "paper" with a faint tint and a gentle gradient, plus grey line clutter.
+        base = rng.uniform(150, 215) + rng.uniform(-10, 10, size=3)
+        gx, gy = rng.uniform(-14, 14, size=2)
+        img = base[None, None, :] + (gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
+        canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(0, 4)), colourful=False)
+    elif domain == "clean":
+        # Flat studio backdrop (lighter or darker), soft vignette, a few grey specks.
+        base = rng.uniform(105, 235) + rng.uniform(-6, 6, size=3)
+        r2 = (xx - 0.5) ** 2 + (yy - 0.5) ** 2
+        img = base[None, None, :] * (1 - rng.uniform(0.15, 0.35) * r2[..., None] * 2)
+        canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(2, 7)), colourful=False, kinds=("dot",))
+    elif domain == "shifted":
+        # Dark or coloured backdrop with a strong gradient, coarse blotches and colourful clutter.
+        base = rng.uniform(40, 120) + rng.uniform(-25, 25, size=3)
+        gx, gy = rng.uniform(-40, 40, size=2)
+        img = base[None, None, :] + (gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
+        blotch = rng.normal(0, 12, size=(size // 8, size // 8, 3)).astype(np.float32)
+        img = img + np.kron(blotch, np.ones((8, 8, 1), np.float32))[:size, :size]
+        canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(4, 10)), colourful=True)
+    else:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    return np.asarray(canvas, dtype=np.float32)
+
+
+def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, domain: Domain = "clean") -> Image.Image:
+    """Draw ``spec`` as an RGB image, with random jitter from ``rng``.
+
+    ``domain``: ``"pretrain"`` (the pretraining style), ``"clean"`` (downstream style, a modest
+    shift: different backdrop and clutter) or ``"shifted"`` (harder shift for test-time adaptation:
+    dark or blotchy backgrounds, coloured lighting, colourful clutter).
+    """
+    size = image_size
+    img = _background(rng, size, domain)
+
+    rgb = np.asarray(COLOURS[spec.colour], np.float32)
+    rgb = np.clip(rgb * rng.uniform(0.88, 1.08) + rng.uniform(-12, 12, size=3), 0, 255)
+    fx, fy = POSITIONS[spec.position]
+    centre = (
+        (fx + rng.uniform(-0.04, 0.04)) * size,
+        (fy + rng.uniform(-0.04, 0.04)) * size,
+    )
+    radius = (0.14 if spec.size == "small" else 0.26) * size * rng.uniform(0.9, 1.1)
+    angle = rng.uniform(-0.26, 0.26)
+    mask = _shape_mask(spec.shape, centre, radius, angle, size)[..., None]
+    tex = _texture(spec.texture, rgb, rng, size)
+    img = img * (1 - mask) + tex * mask
+
+    if domain == "shifted":
+        # Coloured, uneven lighting over the whole scene.
+        yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+        gx, gy = rng.uniform(-0.35, 0.35, size=2)
+        light = 1.0 + gx * (xx - 0.5) + gy * (yy - 0.5)
+        cast = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+        img = img * light[..., None] * cast[None, None, :] * rng.uniform(0.8, 1.1)
+        noise = 9.0
+    else:
+        noise = 4.0 if domain == "pretrain" else 3.0
+    img = img + rng.normal(0, noise, size=img.shape)
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+_SIZE_WORDS = {"small": ("small", "small", "little", "tiny"), "large": ("large", "large", "big", "huge")}
+_TEXTURE_WORDS = {
+    "plain": ("plain", "solid", "plain"),
+    "striped": ("striped", "stripy", "striped"),
+    "dotted": ("dotted", "spotted", "polka dot"),
+    "checkered": ("checkered", "checked", "chequered"),
+}
+_POSITION_WORDS = {
+    "top left": ("top left", "upper left"),
+    "top right": ("top right", "upper right"),
+    "bottom left": ("bottom left", "lower left"),
+    "bottom right": ("bottom right", "lower right"),
+    "centre": ("centre", "center", "middle"),
+}
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
+    """A random short description of ``spec``. Always names the colour and the shape; size,
+    texture and position each appear only sometimes. Never uses "a photo of a"."""
+    size = _pick(rng, _SIZE_WORDS[spec.size]) if rng.random() < 0.5 else None
+    texture = _pick(rng, _TEXTURE_WORDS[spec.texture]) if rng.random() < 0.5 else None
+    pos_word = _pick(rng, _POSITION_WORDS[spec.position])
+    position = pos_word if rng.random() < 0.4 else None
+    if position is None:
+        pos_suffix = ""
+    elif spec.position == "centre":
+        pos_suffix = f" in the {pos_word}"
+    else:
+        pos_suffix = _pick(rng, (f" in the {pos_word}", f" at the {pos_word}", f" in the {pos_word} corner"))
+    colour, shape = spec.colour, spec.shape
+    adjs = " ".join(w for w in (size, colour, texture) if w)
+    noun = f"{adjs} {shape}"
+
+    template = int(rng.integers(9))
+    if template == 0:
+        text = f"{_article(noun)} {noun}{pos_suffix}"
+    elif template == 1:
+        text = f"{noun}{pos_suffix}"
+    elif template == 2:
+        head = f"{position or pos_word}: " if rng.random() < 0.7 else ""
+        extras = ", ".join(w for w in (texture, size) if w)
+        text = f"{head}{colour} {shape}" + (f", {extras}" if extras else "")
+    elif template == 3:
+        text = f"there is {_article(noun)} {noun}{pos_suffix}"
+    elif template == 4:
+        desc = " and ".join(w for w in (colour, texture) if w)
+        text = f"{_article(size or shape)} {size + ' ' if size else ''}{shape} that is {desc}{pos_suffix}"
+    elif template == 5:
+        text = f"the {shape} is {colour}" + (f" and {texture}" if texture else "") + pos_suffix
+    elif template == 6:
+        parts = [shape, colour] + [w for w in (size, texture, position) if w]
+        text = ", ".join(parts)
+    elif template == 7:
+        text = f"{_article(noun)} {noun} on a plain background" if rng.random() < 0.5 else f"{noun}, isolated"
+    else:
+        text = f"one {noun}{pos_suffix}"
+    if rng.random() < 0.3:
+        text += "."
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+def pretraining_sample(index: int, seed: int = 0, image_size: int = 64) -> tuple[Image.Image, str, ShapeSpec]:
+    """Pretraining example ``index``: image, caption and spec, never a held-out combination."""
+    rng = np.random.default_rng([seed, _STREAM_PRETRAIN, index])
+    spec = sample_spec(rng)
+    image = render(spec, rng, image_size=image_size, domain="pretrain")
+    return image, caption(spec, rng), spec
+
+
+def pretraining_samples(n: int, seed: int = 0, start: int = 0, image_size: int = 64) -> Iterator[tuple[Image.Image, str, ShapeSpec]]:
+    """Pretraining examples ``start .. start + n - 1``."""
+    for i in range(start, start + n):
+        yield pretraining_sample(i, seed, image_size)
+
+
+def write_classification_dataset(
+    root: str | Path,
+    *,
+    n_train_per_class: int = 32,
+    n_val_per_class: int = 8,
+    n_test_per_class: int = 32,
+    seed: int = 0,
+    domain: Domain = "clean",
+    image_size: int = 64,
+) -> Path:
+    """Write the held-out-class classification dataset in the CoOp/Dassl layout.
+
+    Images go to ``root/images/<class_name>/<split>_<i>.png`` (spaces in class names become
+    underscores); ``root/split_zhou_ShapeWorld.json`` lists ``[relpath, label, classname]`` per
+    split with paths relative to ``root/images``. Labels index :data:`CLASSNAMES`. Returns ``root``.
+    """
+    root = Path(root)
+    counts = {"train": n_train_per_class, "val": n_val_per_class, "test": n_test_per_class}
+    split: dict[str, list[list[object]]] = {s: [] for s in _SPLITS}
+    for label, (colour, shape) in enumerate(HELD_OUT):
+        classname = CLASSNAMES[label]
+        folder = classname.replace(" ", "_")
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        for split_id, split_name in enumerate(_SPLITS):
+            for i in range(counts[split_name]):
+                rng = np.random.default_rng([seed, _STREAM_CLASSIFY, split_id, label, i])
+                spec = sample_spec(rng, combos=[(colour, shape)])
+                image = render(spec, rng, image_size=image_size, domain=domain)
+                relpath = f"{folder}/{split_name}_{i}.png"
+                image.save(root / "images" / relpath, format="PNG", optimize=False)
+                split[split_name].append([relpath, label, classname])
+    with open(root / SPLIT_FILE, "w", encoding="utf-8") as f:
+        json.dump(split, f, indent=1)
+        f.write("\n")
+    log.info("Wrote ShapeWorld classification dataset (%s) to %s: %s", domain, root,
+             {k: len(v) for k, v in split.items()})
+    return root
