@@ -234,6 +234,7 @@ class PromptClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_per_class = MulticlassAccuracy(num_classes=n, average=None)
+        self._metric_attributes = None  # Lightning caches which attribute holds which metric
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Evaluate on other classes (e.g. novel ones): re-point the prompt and reset metrics."""
@@ -248,8 +249,7 @@ class PromptClassifier(pl.LightningModule):
         if names is not None and list(names) != self.prompt_learner.classnames:
             log.info("data has %d classes (%s...); re-pointing the prompt at them", len(names), ", ".join(names[:3]))
             self.set_classnames(names)
-        self._reset_metrics()
-        self.to(self.device)
+            self.to(self.device)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -265,7 +265,7 @@ class PromptClassifier(pl.LightningModule):
         self._sync_classnames_with_data()
 
     def on_validation_start(self) -> None:
-        if not self.trainer.training:
+        if self.trainer.state.fn == "validate":
             self._sync_classnames_with_data()
 
     def on_test_epoch_end(self) -> None:

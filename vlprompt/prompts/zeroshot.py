@@ -42,11 +42,9 @@ class ZeroShotPrompt(PromptLearner):
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         device = self.backbone.device
         if self._cache is None or self._cache.device != device:
-            per_template = [
-                F.normalize(self.backbone.encode_text([t.format(c) for c in self.classnames]), dim=-1)
-                for t in self.templates
-            ]
-            mean = torch.stack(per_template).mean(0)
-            # A single template keeps the raw feature, so this equals plain CLIP exactly.
-            self._cache = per_template[0] if len(per_template) == 1 else mean
+            per_template = [self.backbone.encode_text([t.format(c) for c in self.classnames]) for t in self.templates]
+            if len(per_template) == 1:  # the raw feature: exactly plain CLIP
+                self._cache = per_template[0]
+            else:
+                self._cache = F.normalize(torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0), dim=-1)
         return self._cache

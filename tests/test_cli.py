@@ -1,0 +1,59 @@
+"""`vlprompt fit|validate|test` smoke runs with the shipped method configs and fast_dev_run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlprompt.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _backbone_yaml(tmp_path: Path, model_dir: Path) -> str:
+    path = tmp_path / "backbone.yaml"
+    path.write_text(yaml.safe_dump({"model": {"backbone": {
+        "class_path": "vlprompt.backbones.OpenCLIPBackbone", "init_args": {"model_name": f"local-dir:{model_dir}"}}}}))
+    return str(path)
+
+
+def _data_args(root: Path) -> list[str]:
+    return ["--data", "vlprompt.data.FewShotDataModule", f"--data.root={root}", "--data.shots=2",
+            "--data.num_workers=0", "--data.batch_size=4"]
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_fit_fast_dev_run_and_save_prompt(method, tmp_path, tiny_model_dir, dassl_folder):
+    target = tmp_path / "prompt"
+    main(["fit", "--config", str(CONFIGS / "methods" / f"{method}.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),
+          *_data_args(dassl_folder), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+          f"--trainer.default_root_dir={tmp_path}", f"--save_prompt={target}"])
+    assert (target / "prompt.safetensors").is_file()
+    assert yaml.safe_load((target / "config.json").read_text())["method"] == method
+
+
+def test_fit_then_test_on_novel_classes(tmp_path, tiny_model_dir, dassl_folder):
+    common = ["--config", str(CONFIGS / "methods" / "coop.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),
+              "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
+              "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, *_data_args(dassl_folder), "--data.subset=base"])
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    main(["test", *common, *_data_args(dassl_folder), "--data.subset=novel", f"--ckpt_path={ckpt}"])
+    main(["validate", *common, *_data_args(dassl_folder), f"--ckpt_path={ckpt}"])
+
+
+def test_zero_shot_test_run(tmp_path, tiny_model_dir, image_folder):
+    main(["test", "--config", str(CONFIGS / "methods" / "zeroshot.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),
+          *_data_args(image_folder), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false"])
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("vlprompt") or str(Path(sys.executable).parent / "vlprompt")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "fit" in out.stdout and "test" in out.stdout

@@ -1,0 +1,81 @@
+"""Result tables: mean and spread over seeds, base / novel / harmonic mean, CSV and Markdown."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Result", "harmonic_mean", "summarise", "base_novel_table", "shots_table", "write_csv"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One evaluation: ``method`` trained with ``shots`` per class and ``seed`` (zero-shot: 0
+    shots), tested on ``setting`` (``all``, ``base`` or ``novel`` classes). ``accuracy`` in %."""
+
+    method: str
+    shots: int
+    seed: int
+    setting: str
+    accuracy: float
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """Harmonic mean of base and novel accuracy (the base-to-novel summary of CoCoOp)."""
+    return 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
+
+
+def summarise(results: Iterable[Result]) -> dict[tuple[str, int, str], tuple[float, float, int]]:
+    """``(method, shots, setting) -> (mean, std, n_seeds)`` over seeds."""
+    groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    for r in results:
+        groups[(r.method, r.shots, r.setting)].append(r.accuracy)
+    return {
+        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()
+    }
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    return f"{mean:.1f}" if n < 2 else f"{mean:.1f} ± {std:.1f}"
+
+
+def shots_table(results: Sequence[Result], methods: Sequence[str]) -> str:
+    """Markdown table of accuracy on all classes: one row per method, one column per shot count."""
+    stats = summarise(r for r in results if r.setting == "all")
+    shots = sorted({k[1] for k in stats if k[1] > 0})
+    lines = ["| method | " + " | ".join(f"{s}-shot" for s in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for s in shots:
+            key = (m, 0 if m == "zeroshot" else s, "all")
+            cells.append(_fmt(*stats[key]) if key in stats else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def base_novel_table(results: Sequence[Result], methods: Sequence[str]) -> str:
+    """Markdown table of base, novel and harmonic mean (of the seed-averaged accuracies)."""
+    stats = summarise(r for r in results if r.setting in ("base", "novel"))
+    lines = ["| method | base | novel | HM |", "|---|---|---|---|"]
+    for m in methods:
+        row = {setting: v for (method, _, setting), v in stats.items() if method == m}
+        if "base" not in row or "novel" not in row:
+            continue
+        hm = harmonic_mean(row["base"][0], row["novel"][0])
+        lines.append(f"| {m} | {_fmt(*row['base'])} | {_fmt(*row['novel'])} | {hm:.1f} |")
+    return "\n".join(lines)
+
+
+def write_csv(results: Sequence[Result], path: str | Path) -> Path:
+    """Write one row per result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "shots", "seed", "setting", "accuracy"])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    return path
