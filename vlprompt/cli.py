@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv and argv[0] == "demo":
-        from vlprompt.eval.demo import main as demo_main
+        from vlprompt.zoo.demo import main as demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "eval-fewshot":

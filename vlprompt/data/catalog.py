@@ -190,14 +190,9 @@ def descriptor_dir() -> Path:
     Raises:
         FileNotFoundError: if neither folder exists.
     """
-    here = Path(__file__).resolve()
-    candidates = (here.parents[1] / "_datasets", here.parents[2] / "datasets")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        "no dataset descriptor folder found; looked in: " + ", ".join(str(c) for c in candidates)
-    )
+    from vlprompt.resources import bundled_dir
+
+    return bundled_dir("datasets")
 
 
 def _resolve_dir(directory: str | Path | None) -> Path:

@@ -49,13 +49,16 @@ __all__ = ["FewShotEvaluation", "instantiate_callable", "load_eval_config", "mai
 log = logging.getLogger(__name__)
 
 
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def instantiate_callable(spec: dict[str, Any] | None) -> Callable | None:
     """``{class_path, init_args}`` -> a callable with ``init_args`` bound (LightningCLI style)."""
     if spec is None:
         return None
-    module, _, name = spec["class_path"].rpartition(".")
-    target = getattr(importlib.import_module(module), name)
-    return functools.partial(target, **(spec.get("init_args") or {}))
+    return functools.partial(_import(spec["class_path"]), **(spec.get("init_args") or {}))
 
 
 @dataclass
@@ -63,6 +66,7 @@ class FewShotEvaluation:
     """What to run; see the module docstring for the YAML form."""
 
     backbone: dict[str, Any]
+    #: FewShotDataModule arguments, or ``{class_path, init_args}`` for another data module.
     data: dict[str, Any]
     methods: dict[str, dict[str, Any]]
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -71,6 +75,11 @@ class FewShotEvaluation:
     base_to_novel: dict[str, Any] | None = field(default_factory=lambda: {"shots": 16})
     trainer: dict[str, Any] = field(default_factory=dict)
     save_prompts: bool = False
+
+    def data_module_class(self) -> tuple[type[FewShotDataModule], dict[str, Any]]:
+        if "class_path" in self.data:
+            return _import(self.data["class_path"]), dict(self.data.get("init_args") or {})
+        return FewShotDataModule, dict(self.data)
 
     def runs(self) -> list[tuple[str, int, int, str]]:
         """``(method, shots, seed, train subset)`` for every training run."""
@@ -96,7 +105,8 @@ class _Runner:
         self.template: str | None = None
 
     def datamodule(self, shots: int, seed: int, subset: str) -> FewShotDataModule:
-        dm = FewShotDataModule(**{**self.cfg.data, "shots": shots, "seed": seed, "subset": subset})
+        cls, kwargs = self.cfg.data_module_class()
+        dm = cls(**{**kwargs, "shots": shots, "seed": seed, "subset": subset})
         self.template = self.template or dm.template
         return dm
 
@@ -179,7 +189,7 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
         "# Few-shot evaluation",
         "",
         f"Backbone: `{cfg.backbone.get('model_name')}` (pretrained: `{cfg.backbone.get('pretrained')}`); "
-        f"data: `{cfg.data.get('dataset') or cfg.data.get('root')}`; seeds: {cfg.seeds}; "
+        f"data: `{_data_name(cfg)}`; seeds: {cfg.seeds}; "
         f"time: {time.perf_counter() - started:.0f} s.",
         "",
         "## Accuracy (%) on all classes",
@@ -193,6 +203,11 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
     if cfg.shots:
         plot_accuracy_vs_shots(results, output_dir / "accuracy_vs_shots.png")
     return results
+
+
+def _data_name(cfg: FewShotEvaluation) -> str:
+    cls, kwargs = cfg.data_module_class()
+    return kwargs.get("dataset") or f"{cls.__name__}({kwargs.get('root')})"
 
 
 def format_report(results: Sequence[Result]) -> str:
@@ -229,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_eval_config(args.config)
     if args.root:
-        cfg.data["root"] = args.root
+        (cfg.data.setdefault("init_args", {}) if "class_path" in cfg.data else cfg.data)["root"] = args.root
     if args.model_name:
         cfg.backbone["model_name"] = args.model_name
     if args.pretrained:
