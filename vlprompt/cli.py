@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -49,6 +50,9 @@ class VLPromptCLI(LightningCLI):
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("root").setLevel(logging.WARNING)
+    # The frozen encoder is in eval mode on purpose; Lightning's reminder about it is noise here.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def main(argv: list[str] | None = None) -> None:
