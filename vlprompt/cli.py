@@ -49,8 +49,9 @@ class VLPromptCLI(LightningCLI):
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("root").setLevel(logging.WARNING)
+    # open_clip reports every model build on the root logger; keep that at warnings and ours at info.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vlprompt").setLevel(logging.INFO)
     # The frozen encoder is in eval mode on purpose; Lightning's reminder about it is noise here.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 

@@ -40,41 +40,30 @@ class _TextTower:
 
 
 def _text_tower(model: nn.Module) -> _TextTower:
-    if hasattr(model, "token_embedding"):  # CLIP layout: text tower flattened onto the model
-        return _TextTower(
-            token_embedding=model.token_embedding,
-            positional_embedding=model.positional_embedding,
-            transformer=model.transformer,
-            ln_final=model.ln_final,
-            text_projection=model.text_projection,
-            attn_mask=model.attn_mask,
-            pool_type=model.text_pool_type,
-            eos_id=getattr(model, "text_eos_id", None),
-            pad_id=0,
-            use_pad_mask=False,
-            cls_emb=None,
-            heads=model.transformer.resblocks[0].attn.num_heads,
-        )
     text = getattr(model, "text", None)
-    if text is not None and hasattr(text, "token_embedding"):  # CustomTextCLIP with TextTransformer
-        return _TextTower(
-            token_embedding=text.token_embedding,
-            positional_embedding=text.positional_embedding,
-            transformer=text.transformer,
-            ln_final=text.ln_final,
-            text_projection=text.text_projection,
-            attn_mask=text.attn_mask,
-            pool_type=text.pool_type,
-            eos_id=getattr(text, "eos_id", None),
-            pad_id=getattr(text, "pad_id", 0),
-            use_pad_mask=getattr(text, "use_pad_mask", False),
-            cls_emb=getattr(text, "cls_emb", None),
-            heads=getattr(text, "heads", text.transformer.resblocks[0].attn.num_heads),
+    if hasattr(model, "token_embedding"):  # CLIP layout: the text tower is flattened onto the model
+        source, pool_type, eos_id = model, model.text_pool_type, getattr(model, "text_eos_id", None)
+    elif text is not None and hasattr(text, "token_embedding"):  # CustomTextCLIP + TextTransformer
+        source, pool_type, eos_id = text, text.pool_type, getattr(text, "eos_id", None)
+    else:
+        raise NotImplementedError(
+            f"{type(model).__name__} has a text tower of type {type(text).__name__}, which vlprompt cannot "
+            "prompt yet. Supported: open_clip CLIP and CustomTextCLIP models with an open_clip "
+            "TextTransformer (OpenAI CLIP, LAION, DataComp, MetaCLIP, SigLIP, EVA ...)."
         )
-    raise NotImplementedError(
-        f"{type(model).__name__} has a text tower of type {type(text).__name__}, which vlprompt cannot "
-        "prompt yet. Supported: open_clip CLIP and CustomTextCLIP models with an open_clip "
-        "TextTransformer (OpenAI CLIP, LAION, DataComp, MetaCLIP, SigLIP, EVA ...)."
+    return _TextTower(
+        token_embedding=source.token_embedding,
+        positional_embedding=source.positional_embedding,
+        transformer=source.transformer,
+        ln_final=source.ln_final,
+        text_projection=source.text_projection,
+        attn_mask=source.attn_mask,
+        pool_type=pool_type,
+        eos_id=eos_id,
+        pad_id=getattr(source, "pad_id", 0),
+        use_pad_mask=getattr(source, "use_pad_mask", False),
+        cls_emb=getattr(source, "cls_emb", None),
+        heads=source.transformer.resblocks[0].attn.num_heads,
     )
 
 

@@ -171,6 +171,8 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
         raise FileExistsError(f"{results_file} exists; choose another --output-dir or pass --overwrite")
     output_dir.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run is ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
     runner = _Runner(cfg, output_dir)
     started = time.perf_counter()
     results = runner.zeroshot()
