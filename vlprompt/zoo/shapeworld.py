@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,30 +14,46 @@ __all__ = ["ShapeWorldDataModule", "ensure_shapeworld"]
 
 log = logging.getLogger(__name__)
 
+_MARKER = "shapeworld.json"
 
-def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "clean", seed: int = 0) -> Path:
+
+def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", seed: int = 0) -> Path:
     """Write the ShapeWorld classification dataset into ``root`` unless it is already there.
 
-    Generation is deterministic, so a folder written earlier with the same settings is reused.
+    Generation is deterministic, so a folder written earlier with the same settings is reused; a
+    folder written with other settings is an error rather than a silent mix-up.
     """
     root = Path(root).expanduser()
+    settings = {"domain": domain, "seed": seed}
+    marker = root / _MARKER
     if (root / world.SPLIT_FILE).is_file():
+        found = json.loads(marker.read_text()) if marker.is_file() else None
+        if found != settings:
+            raise ValueError(
+                f"{root} holds a ShapeWorld dataset made with {found}, not {settings}; "
+                "pass another root (each domain needs its own folder)"
+            )
         return root
     log.info("generating the ShapeWorld %s dataset in %s (once)", domain, root)
-    return world.write_classification_dataset(root, seed=seed, domain=domain)
+    world.write_classification_dataset(root, seed=seed, domain=domain)
+    marker.write_text(json.dumps(settings) + "\n")
+    return root
 
 
 class ShapeWorldDataModule(FewShotDataModule):
-    """Few-shot data over the 16 held-out (colour, shape) classes of ShapeWorld, generated into
-    ``root`` on first use. Other arguments as for :class:`~vlprompt.data.FewShotDataModule`.
+    """Few-shot data over the 16 held-out (colour, shape) classes of ShapeWorld, generated on
+    first use. Other arguments as for :class:`~vlprompt.data.FewShotDataModule`.
 
     Args:
-        root: where the dataset is (or will be) written.
-        domain: ``clean`` (the usual downstream images) or ``shifted`` (harder backgrounds and
-            lighting, for domain-shift and test-time adaptation experiments).
+        root: where the dataset is (or will be) written; default ``outputs/shapeworld-<domain>``.
+        domain: ``negative`` (photographic negatives: the demo's task, where the hand-written
+            prompt is wrong about the images and a learned one can fix it), ``clean`` (positives
+            on a new backdrop) or ``shifted`` (harder backgrounds and lighting, for test-time
+            adaptation).
     """
 
-    def __init__(self, root: str = "outputs/shapeworld", *, domain: world.Domain = "clean", **kwargs: Any) -> None:
+    def __init__(self, root: str | None = None, *, domain: world.Domain = "negative", **kwargs: Any) -> None:
+        root = root or f"outputs/shapeworld-{domain}"
         ensure_shapeworld(root, domain=domain)
         kwargs.setdefault("crop_scale", (0.5, 1.0))  # objects are small: keep most of the frame
         super().__init__(root, format="dassl", **kwargs)

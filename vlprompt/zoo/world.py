@@ -20,13 +20,16 @@ exactly two partners and still appears with six others). The embedded CLIP model
 (:data:`CLASSNAMES`, e.g. ``"red star"``), so recognising them zero-shot needs compositional
 generalisation, and few-shot prompt learning has something to gain.
 
-**Domain gap.** Captions are short attribute descriptions ("a large red striped circle in the top
-left", "top right: green heart, checkered") and never use the phrase "a photo of a", the usual
-zero-shot template. Downstream classification images (:func:`write_classification_dataset`) use a
-different background style from pretraining (``"clean"``: flat studio backdrop with a soft
-vignette and sparse grey specks, instead of pretraining's noisy grey paper with line clutter);
-``domain="shifted"`` adds a harder shift (dark or textured backgrounds, coloured lighting and
-colourful clutter) for test-time adaptation experiments, while keeping objects recognisable.
+**Negatives.** A share of the pretraining images are photographic negatives, captioned as such
+("negative image of a red star": the colour words name the colour before inversion). The demo's
+downstream task (``domain="negative"``) shows negatives of the held-out classes. The usual
+hand-written prompt "a photo of a red star." says nothing about inversion, so zero-shot CLIP
+matches the inverted colours to the wrong classes, while a learned prompt (CoOp) can find the
+context that says "negative": the gap few-shot prompt learning exists to close.
+
+**Other domains.** ``"clean"`` downstream images use a flat studio backdrop with a soft vignette
+(never seen in pretraining); ``"shifted"`` adds dark or textured backgrounds, coloured lighting
+and colourful clutter, for test-time adaptation experiments.
 
 **Determinism.** Everything is a pure function of ``numpy.random.Generator`` streams seeded per
 sample (``np.random.default_rng([seed, stream, index])``), so sample ``i`` is the same whatever
@@ -69,8 +72,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Domain = Literal["pretrain", "clean", "shifted"]
-DOMAINS: tuple[str, ...] = ("pretrain", "clean", "shifted")
+Domain = Literal["pretrain", "clean", "negative", "shifted"]
+DOMAINS: tuple[str, ...] = ("pretrain", "clean", "negative", "shifted")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -103,6 +106,13 @@ _HELD_OUT_SET = frozenset(HELD_OUT)
 _PRETRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
     (c, s) for c in _COLOUR_NAMES for s in SHAPES if (c, s) not in _HELD_OUT_SET
 )
+
+# Spurious correlations of pretraining (like real photo collections): each colour has a preferred
+# texture, each shape a preferred position and size. Similar colours prefer different textures.
+PREFERRED_TEXTURE: dict[str, str] = {c: TEXTURES[i % len(TEXTURES)] for i, c in enumerate(_COLOUR_NAMES)}
+PREFERRED_POSITION: dict[str, str] = {s: tuple(POSITIONS)[i % len(POSITIONS)] for i, s in enumerate(SHAPES)}
+PREFERRED_SIZE: dict[str, str] = {s: SIZES[i % len(SIZES)] for i, s in enumerate(SHAPES)}
+PRETRAIN_CORRELATION = 0.8
 
 SPLIT_FILE = "split_zhou_ShapeWorld.json"
 _SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -149,19 +159,32 @@ def class_spec(classname: str) -> tuple[str, str]:
 
 
 def sample_spec(
-    rng: np.random.Generator, *, combos: list[tuple[str, str]] | tuple[tuple[str, str], ...] | None = None
+    rng: np.random.Generator,
+    *,
+    combos: list[tuple[str, str]] | tuple[tuple[str, str], ...] | None = None,
+    correlation: float = 0.0,
 ) -> ShapeSpec:
     """Draw random attributes. ``combos`` restricts (colour, shape); by default the 48 pretraining
-    combinations (never a :data:`HELD_OUT` one)."""
+    combinations (never a :data:`HELD_OUT` one).
+
+    ``correlation`` is the probability that texture follows the colour's preferred texture and
+    that position and size follow the shape's preferred ones (:data:`PREFERRED_TEXTURE` ...);
+    otherwise they are uniform. Pretraining uses :data:`PRETRAIN_CORRELATION`; downstream data 0.
+    """
     combos = _PRETRAIN_COMBOS if combos is None else combos
     colour, shape = combos[int(rng.integers(len(combos)))]
-    return ShapeSpec(
-        colour=colour,
-        shape=shape,
-        texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
-        size=SIZES[int(rng.integers(len(SIZES)))],
-        position=tuple(POSITIONS)[int(rng.integers(len(POSITIONS)))],
-    )
+    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    size = SIZES[int(rng.integers(len(SIZES)))]
+    position = tuple(POSITIONS)[int(rng.integers(len(POSITIONS)))]
+    # Always draw the coins so the stream does not depend on the outcome.
+    coins = rng.random(3)
+    if coins[0] < correlation:
+        texture = PREFERRED_TEXTURE[colour]
+    if coins[1] < correlation:
+        position = PREFERRED_POSITION[shape]
+    if coins[2] < correlation:
+        size = PREFERRED_SIZE[shape]
+    return ShapeSpec(colour=colour, shape=shape, texture=texture, size=size, position=position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +247,7 @@ def _shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: f
 def _texture(texture: str, rgb: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Texture of colour ``rgb`` over the whole canvas ``[size, size, 3]`` (float, 0..255)."""
     luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    second = rgb * 0.35 if luminance > 140 else rgb * 0.35 + 255 * 0.65
+    second = rgb * 0.5 if luminance > 140 else rgb * 0.45 + 255 * 0.55
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     period = float(rng.uniform(4.0, 6.5))
     phase_x, phase_y = rng.uniform(0, period, size=2)
@@ -266,31 +289,41 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: 
             draw.ellipse([float(x0 - r), float(y0 - r), float(x0 + r), float(y0 + r)], fill=colour)
 
 
-def _background(rng: np.random.Generator, size: int, domain: str) -> np.ndarray:
+def _gradient(rng: np.random.Generator, size: int, base: np.ndarray, strength: float) -> np.ndarray:
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    gx, gy = rng.uniform(-strength, strength, size=2)
+    return base[None, None, :] + (gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
+
+
+def _background(rng: np.random.Generator, size: int, domain: str) -> np.ndarray:
     if domain == "pretrain":
-        # Noisy grey "paper" with a faint tint and a gentle gradient, plus grey line clutter.
-        base = rng.uniform(150, 215) + rng.uniform(-10, 10, size=3)
-        gx, gy = rng.uniform(-14, 14, size=2)
-        img = base[None, None, :] + (gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
+        # A mix of backdrops: noisy grey paper, pastel-tinted paper, dark slate; grey line clutter.
+        style = int(rng.integers(3))
+        if style == 0:
+            base = rng.uniform(150, 215) + rng.uniform(-10, 10, size=3)
+        elif style == 1:
+            base = rng.uniform(175, 225) + rng.uniform(-25, 25, size=3)
+        else:
+            base = rng.uniform(55, 115) + rng.uniform(-8, 8, size=3)
+        img = _gradient(rng, size, base, 16)
         canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(0, 4)), colourful=False)
+        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(0, 4)), colourful=False, kinds=("line",))
     elif domain == "clean":
-        # Flat studio backdrop (lighter or darker), soft vignette, a few grey specks.
-        base = rng.uniform(105, 235) + rng.uniform(-6, 6, size=3)
+        # Flat studio backdrop (any grey), soft vignette, a few grey specks: never seen in pretraining.
+        yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+        base = rng.uniform(80, 225) + rng.uniform(-6, 6, size=3)
         r2 = (xx - 0.5) ** 2 + (yy - 0.5) ** 2
-        img = base[None, None, :] * (1 - rng.uniform(0.15, 0.35) * r2[..., None] * 2)
+        img = base[None, None, :] * (1 - rng.uniform(0.2, 0.5) * r2[..., None] * 2)
         canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
         _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(2, 7)), colourful=False, kinds=("dot",))
     elif domain == "shifted":
-        # Dark or coloured backdrop with a strong gradient, coarse blotches and colourful clutter.
-        base = rng.uniform(40, 120) + rng.uniform(-25, 25, size=3)
-        gx, gy = rng.uniform(-40, 40, size=2)
-        img = base[None, None, :] + (gx * (xx - 0.5) + gy * (yy - 0.5))[..., None]
-        blotch = rng.normal(0, 12, size=(size // 8, size // 8, 3)).astype(np.float32)
+        # Coloured backdrop with a strong gradient, coarse blotches and colourful clutter.
+        base = rng.uniform(70, 160) + rng.uniform(-25, 25, size=3)
+        img = _gradient(rng, size, base, 30)
+        blotch = rng.normal(0, 10, size=(size // 8, size // 8, 3)).astype(np.float32)
         img = img + np.kron(blotch, np.ones((8, 8, 1), np.float32))[:size, :size]
         canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(4, 10)), colourful=True)
+        _clutter(ImageDraw.Draw(canvas), rng, size, int(rng.integers(3, 7)), colourful=True)
     else:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     return np.asarray(canvas, dtype=np.float32)
@@ -303,6 +336,8 @@ def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, doma
     shift: different backdrop and clutter) or ``"shifted"`` (harder shift for test-time adaptation:
     dark or blotchy backgrounds, coloured lighting, colourful clutter).
     """
+    if domain == "negative":
+        return invert(render(spec, rng, image_size=image_size, domain="clean"))
     size = image_size
     img = _background(rng, size, domain)
 
@@ -313,7 +348,7 @@ def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, doma
         (fx + rng.uniform(-0.04, 0.04)) * size,
         (fy + rng.uniform(-0.04, 0.04)) * size,
     )
-    radius = (0.14 if spec.size == "small" else 0.26) * size * rng.uniform(0.9, 1.1)
+    radius = (0.17 if spec.size == "small" else 0.27) * size * rng.uniform(0.9, 1.1)
     angle = rng.uniform(-0.26, 0.26)
     mask = _shape_mask(spec.shape, centre, radius, angle, size)[..., None]
     tex = _texture(spec.texture, rgb, rng, size)
@@ -322,11 +357,11 @@ def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, doma
     if domain == "shifted":
         # Coloured, uneven lighting over the whole scene.
         yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
-        gx, gy = rng.uniform(-0.35, 0.35, size=2)
+        gx, gy = rng.uniform(-0.3, 0.3, size=2)
         light = 1.0 + gx * (xx - 0.5) + gy * (yy - 0.5)
-        cast = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
-        img = img * light[..., None] * cast[None, None, :] * rng.uniform(0.8, 1.1)
-        noise = 9.0
+        cast = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
+        img = img * light[..., None] * cast[None, None, :] * rng.uniform(0.85, 1.1)
+        noise = 7.0
     else:
         noise = 4.0 if domain == "pretrain" else 3.0
     img = img + rng.normal(0, noise, size=img.shape)
@@ -408,12 +443,31 @@ def caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
+#: Share of pretraining images that are photographic negatives, captioned as such.
+NEGATIVE_FRACTION = 0.35
+_NEGATIVE_CAPTIONS = ("negative image of {}", "{}, in negative", "inverted colours: {}", "a negative of {}")
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """The photographic negative of ``image`` (every channel ``v -> 255 - v``)."""
+    return Image.fromarray(255 - np.asarray(image, dtype=np.uint8), mode="RGB")
+
+
 def pretraining_sample(index: int, seed: int = 0, image_size: int = 64) -> tuple[Image.Image, str, ShapeSpec]:
-    """Pretraining example ``index``: image, caption and spec, never a held-out combination."""
+    """Pretraining example ``index``: image, caption and spec, never a held-out combination.
+
+    A share (:data:`NEGATIVE_FRACTION`) are negatives whose captions say so ("negative image of a
+    red star"): the colour words then name the colour *before* inversion, so the model has to
+    learn what "negative" does to colours. The downstream ``negative`` domain relies on it.
+    """
     rng = np.random.default_rng([seed, _STREAM_PRETRAIN, index])
-    spec = sample_spec(rng)
+    spec = sample_spec(rng, correlation=PRETRAIN_CORRELATION)
     image = render(spec, rng, image_size=image_size, domain="pretrain")
-    return image, caption(spec, rng), spec
+    text = caption(spec, rng)
+    if rng.random() < NEGATIVE_FRACTION:
+        image = invert(image)
+        text = _pick(rng, _NEGATIVE_CAPTIONS).format(text.rstrip("."))
+    return image, text, spec
 
 
 def pretraining_samples(n: int, seed: int = 0, start: int = 0, image_size: int = 64) -> Iterator[tuple[Image.Image, str, ShapeSpec]]:
