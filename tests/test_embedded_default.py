@@ -7,6 +7,7 @@ import functools
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.methods import PromptClassifier
@@ -45,10 +46,12 @@ def test_coop_beats_zero_shot_on_held_out_classes(embedded, tmp_path):
         embedded,
         functools.partial(CoOpPromptLearner, ctx_init="a photo of a"),
         dm.classnames,
-        optimizer=functools.partial(__import__("torch").optim.SGD, lr=0.02, momentum=0.9),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.02, momentum=0.9),
     )
     trainer = _trainer()
     trainer.fit(coop, datamodule=dm)
     coop_acc = trainer.test(coop, datamodule=dm, verbose=False)[0]["test/acc"]
-    assert zs_acc > 1.5 / len(CLASSNAMES)  # the pretrained model is far above chance...
-    assert coop_acc >= zs_acc + 0.10, f"CoOp {coop_acc:.3f} vs zero-shot {zs_acc:.3f}"  # ...and CoOp clearly better
+    negative = PromptClassifier(embedded, functools.partial(ZeroShotPrompt, templates="negative image of a {}"), dm.classnames)
+    assert _trainer().test(negative, datamodule=dm, verbose=False)[0]["test/acc"] > 0.4  # the model knows negatives
+    # The test images are negatives; "a photo of a" says nothing of that, a learned context can.
+    assert coop_acc >= zs_acc + 0.30, f"CoOp {coop_acc:.3f} vs zero-shot {zs_acc:.3f}"

@@ -209,7 +209,8 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
 
 def _data_name(cfg: FewShotEvaluation) -> str:
     cls, kwargs = cfg.data_module_class()
-    return kwargs.get("dataset") or f"{cls.__name__}({kwargs.get('root')})"
+    shown = ", ".join(f"{k}={kwargs[k]}" for k in ("dataset", "root", "domain") if kwargs.get(k))
+    return f"{cls.__name__}({shown})"
 
 
 def format_report(results: Sequence[Result]) -> str:
