@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ from PIL import Image
 from vlprompt.backbones import OpenCLIPBackbone
 
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns that random models have no weights
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N already runs N processes; more threads each would oversubscribe the cores.
+    torch.set_num_threads(1)
 
 # Text and vision widths differ on purpose, so nothing can confuse them.
 TINY_CLIP = {

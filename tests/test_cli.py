@@ -15,6 +15,12 @@ from vlprompt.cli import main
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI reads sys.argv too; pytest's own arguments must not reach it.
+    monkeypatch.setattr(sys, "argv", ["vlprompt"])
+
+
 def _backbone_yaml(tmp_path: Path, model_dir: Path) -> str:
     path = tmp_path / "backbone.yaml"
     path.write_text(yaml.safe_dump({"model": {"backbone": {
@@ -42,7 +48,10 @@ def test_fit_then_test_on_novel_classes(tmp_path, tiny_model_dir, dassl_folder):
               "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
               "--trainer.enable_progress_bar=false"]
     main(["fit", *common, *_data_args(dassl_folder), "--data.subset=base"])
-    ckpt = next(tmp_path.rglob("*.ckpt"))
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    # An interrupted fit resumes from last.ckpt and carries on to the new max_epochs.
+    main(["fit", *common, *_data_args(dassl_folder), "--data.subset=base", "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
+    assert len(list(tmp_path.rglob("last.ckpt"))) == 2
     main(["test", *common, *_data_args(dassl_folder), "--data.subset=novel", f"--ckpt_path={ckpt}"])
     main(["validate", *common, *_data_args(dassl_folder), f"--ckpt_path={ckpt}"])
 

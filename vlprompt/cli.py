@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from vlprompt.methods import PromptClassifier
@@ -28,6 +29,9 @@ class VLPromptCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
+        # Always keep last.ckpt, so an interrupted fit resumes with --ckpt_path last.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument(
             "--save_prompt",
             type=str | None,
