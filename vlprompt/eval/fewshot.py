@@ -217,7 +217,10 @@ def format_report(results: Sequence[Result]) -> str:
     """Short plain-text report for the terminal."""
     stats = summarise(results)
     lines = []
-    for (method, shots, setting), (mean, std, n) in sorted(stats.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+    order = {"all": 0, "base": 1, "novel": 2}
+    for (method, shots, setting), (mean, std, n) in sorted(
+        stats.items(), key=lambda kv: (order.get(kv[0][2], 3), kv[0][0] != "zeroshot", kv[0][0], kv[0][1])
+    ):
         label = "zero-shot" if method == "zeroshot" else f"{method} {shots}-shot"
         spread = f" ± {std:.1f} ({n} seeds)" if n > 1 else ""
         lines.append(f"  {setting:>5} classes | {label:<18} {mean:5.1f}%{spread}")
