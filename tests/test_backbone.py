@@ -108,3 +108,20 @@ def test_unknown_pretrained_tag_is_a_clear_error():
 def test_unknown_zoo_model_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="No embedded model"):
         OpenCLIPBackbone("zoo:does-not-exist")
+
+
+def test_pretrained_local_checkpoint_file(tmp_path, backbone):
+    """A built-in-style model name plus a local weights file, as users pass real checkpoints."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    (tmp_path / "vlprompt-test-tiny.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(tmp_path / "vlprompt-test-tiny.json")
+    weights = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.model.state_dict().items()}, str(weights))
+    loaded = OpenCLIPBackbone("vlprompt-test-tiny", pretrained=str(weights))
+    assert loaded.identity["fingerprint"] == backbone.identity["fingerprint"]
+    ids = backbone.tokenize(TEXTS)
+    assert torch.equal(loaded.encode_text(ids), backbone.encode_text(ids))
