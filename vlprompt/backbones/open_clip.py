@@ -94,7 +94,7 @@ class OpenCLIPBackbone(Backbone):
 
         resolved = resolve_model_name(model_name)
         if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")) and not os.path.isfile(pretrained):
-            known = [t for t in open_clip.list_pretrained_tags_by_model(resolved)]
+            known = list(open_clip.list_pretrained_tags_by_model(resolved))
             if pretrained not in known:
                 raise ValueError(
                     f"pretrained={pretrained!r} is neither a file nor a known open_clip tag for "

@@ -313,6 +313,3 @@ class PromptClassifier(pl.LightningModule):
             check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
         # The frozen encoder is not in the checkpoint; keep the one we were built with.
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
-
-    def trainable_parameters(self) -> list[str]:
-        return [n for n, p in self.named_parameters() if p.requires_grad]
