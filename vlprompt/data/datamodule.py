@@ -188,9 +188,8 @@ class FewShotDataModule(pl.LightningDataModule):
                 continue
             if not samples:
                 raise ValueError(f"the {split} split of {self.root} is empty (subset={self.subset})")
-            ds = ImageDataset(samples, self._transform(split), on_error=self.on_error)
-            ds.cache_key = f"{split}:{self.subset}:{self.shots}:{self.seed}"
-            self.datasets[split] = ds
+            key = f"{split}:{self.subset}:{self.shots}:{self.seed}"
+            self.datasets[split] = ImageDataset(samples, self._transform(split), on_error=self.on_error, cache_key=key)
             log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
@@ -210,9 +209,9 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.datasets and not self.split_samples("val"):
-            return []
-        return self._loader("val")
+        if "val" not in self.datasets:
+            self.setup("validate")
+        return self._loader("val") if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

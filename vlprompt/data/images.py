@@ -48,12 +48,20 @@ class ImageDataset(Dataset):
     cached image features).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None, on_error: OnError = "skip") -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable | None = None,
+        on_error: OnError = "skip",
+        cache_key: str = "",
+    ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.samples = list(samples)
         self.transform = transform
         self.on_error = on_error
+        #: Names this exact sample list, so cached image features are never reused across splits.
+        self.cache_key = cache_key
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -102,13 +102,10 @@ class _Runner:
         self.cfg = cfg
         self.output_dir = output_dir
         self.backbone: Backbone = OpenCLIPBackbone(**cfg.backbone)
-        self.template: str | None = None
 
     def datamodule(self, shots: int, seed: int, subset: str) -> FewShotDataModule:
         cls, kwargs = self.cfg.data_module_class()
-        dm = cls(**{**kwargs, "shots": shots, "seed": seed, "subset": subset})
-        self.template = self.template or dm.template
-        return dm
+        return cls(**{**kwargs, "shots": shots, "seed": seed, "subset": subset})
 
     def trainer(self, **overrides: Any) -> pl.Trainer:
         kwargs = {

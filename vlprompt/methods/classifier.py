@@ -172,7 +172,7 @@ class PromptClassifier(pl.LightningModule):
     def _cache_key(self, stage: str, dataloader_idx: int) -> str:
         dm = getattr(self._trainer, "datamodule", None)
         ds = getattr(dm, "datasets", {}).get({"train": "train", "val": "val"}.get(stage, "test")) if dm else None
-        return f"{stage}/{dataloader_idx}/{getattr(ds, 'cache_key', '')}"
+        return f"{stage}/{dataloader_idx}/{ds.cache_key if ds is not None else ''}"
 
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0):

@@ -82,22 +82,22 @@ class CoOpPromptLearner(PromptLearner):
 
     def _initial_ctx(self, lead: tuple[int, ...]) -> torch.Tensor:
         if self._init_vectors is not None:
-            return self._init_vectors.clone().expand(*lead, -1, -1).clone()
+            return self._init_vectors.expand(*lead, -1, -1).clone()
         ctx = torch.empty(*lead, self.n_ctx, self.backbone.text_width)
         return nn.init.normal_(ctx, std=self._init_std)
 
     # -- prompt layout -----------------------------------------------------------------------
-    def _prompt_text(self, name: str) -> tuple[str, list[int]]:
+    def _prompt_text(self, name: str) -> tuple[str, list[tuple[int, int]]]:
         """The template text for ``name`` with placeholders where the context goes, and the
-        offsets (within the text tokens) at which each run of context tokens starts."""
+        ``(offset within the text tokens, length)`` of each run of context tokens."""
         x = _PLACEHOLDER
         n, half = self.n_ctx, self.n_ctx // 2
         name_len = _token_count(self.backbone, name)
         if self.class_token_position == "end":
-            return " ".join([x] * n + [name]) + ".", [0]
+            return " ".join([x] * n + [name]) + ".", [(0, n)]
         if self.class_token_position == "front":
-            return " ".join([name] + [x] * n) + ".", [name_len]
-        return " ".join([x] * half + [name] + [x] * (n - half)) + ".", [0, half + name_len]
+            return " ".join([name] + [x] * n) + ".", [(name_len, n)]
+        return " ".join([x] * half + [name] + [x] * (n - half)) + ".", [(0, half), (half + name_len, n - half)]
 
     def _build_class_buffers(self, classnames: list[str]) -> None:
         if self.class_specific_ctx:
@@ -108,7 +108,7 @@ class CoOpPromptLearner(PromptLearner):
                         f"{self.ctx.shape[0]} to {len(classnames)} classes"
                     )
                 self.ctx = nn.Parameter(self._initial_ctx((len(classnames),)))
-        texts, starts = zip(*(self._prompt_text(c) for c in classnames))
+        texts, layouts = zip(*(self._prompt_text(c) for c in classnames))
         token_ids = self.backbone.tokenize(texts)
         pooled = self.backbone.pool_indices(token_ids)
         if (pooled >= token_ids.shape[1] - 1).any():
@@ -122,10 +122,9 @@ class CoOpPromptLearner(PromptLearner):
         token_ids = token_ids[:, :length]
         offset = self.backbone.text_start
         ctx_index = torch.full(token_ids.shape, -1, dtype=torch.long)
-        for c, runs in enumerate(starts):
+        for c, runs in enumerate(layouts):
             k = 0
-            run_lengths = [self.n_ctx] if len(runs) == 1 else [self.n_ctx // 2, self.n_ctx - self.n_ctx // 2]
-            for start, run in zip(runs, run_lengths):
+            for start, run in runs:
                 ctx_index[c, offset + start : offset + start + run] = torch.arange(k, k + run)
                 k += run
         placeholder = self.backbone.tokenize([_PLACEHOLDER])[0, offset]
