@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # Text and vision widths differ on purpose, so nothing can confuse them.
 TINY_CLIP = {
     "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 3},
 }
 

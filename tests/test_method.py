@@ -105,7 +105,7 @@ def test_feature_cache_is_exact(backbone, dassl_folder, tmp_path, factory):
     reference = trainer(tmp_path).test(plain, datamodule=dm, verbose=False)[0]["test/acc"]
     assert first == second == reference
     batch = next(iter(dm.test_dataloader()))
-    feats = cached._image_features(batch, "test")
+    feats = cached._cached_image_features(batch, "test")
     assert torch.equal(feats, backbone.encode_image(batch["image"]))
 
 

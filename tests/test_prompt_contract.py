@@ -10,7 +10,17 @@ from vlprompt.prompts import PROMPT_LEARNERS, load_prompt, save_prompt
 
 CLASSES = ["cat", "dog", "golden retriever", "car"]
 # Small, fast settings per learner; anything not listed uses its defaults.
-TINY_KWARGS = {"coop": {"n_ctx": 4}, "cocoop": {"n_ctx": 4, "ctx_init": None, "meta_reduction": 2}}
+# The tiny encoder has 3 text and 3 image layers.
+TINY_KWARGS = {
+    "coop": {"n_ctx": 4},
+    "cocoop": {"n_ctx": 4, "ctx_init": None, "meta_reduction": 2},
+    "vpt": {"n_tokens": 2, "depth": 2},
+    "ivlp": {"n_ctx": 2, "ctx_init": None, "text_depth": 2, "n_vision_tokens": 3, "vision_depth": 3},
+    "maple": {"depth": 3},
+    "upt": {"n_ctx": 3, "depth": 2, "heads": 2},
+    "promptsrc": {"text_depth": 3, "vision_depth": 2, "templates": "imagenet7", "gpa_mean": 2.0},
+    "kgcoop": {"ctx_init": None, "n_ctx": 3},
+}
 
 LEARNERS = sorted(PROMPT_LEARNERS)
 
@@ -25,15 +35,33 @@ def images(n=6, seed=0):
     return torch.randn(n, 3, 32, 32, generator=g)
 
 
-def logits_of(learner, imgs):
-    out = learner(images=imgs)
+def logits_of(learner, imgs, out=None):
+    out = out or learner(images=imgs)
+    if out.logits is not None:
+        return out.logits
     image = F.normalize(out.image_features, dim=-1)
     text = F.normalize(out.text_features, dim=-1)
     return 20 * (torch.einsum("bd,bcd->bc", image, text) if text.dim() == 3 else image @ text.t())
 
 
-def test_registry_lists_the_core_learners():
-    assert {"zeroshot", "coop", "cocoop"} <= set(PROMPT_LEARNERS)
+def test_registry_lists_every_method():
+    expected = {"zeroshot", "coop", "cocoop", "vpt", "ivlp", "maple", "upt", "promptsrc", "kgcoop"}
+    assert expected <= set(PROMPT_LEARNERS)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_extra_loss_is_finite_and_reaches_only_prompt_parameters(name, backbone):
+    learner = build(name, backbone)
+    learner.train()
+    out = learner(images=images())
+    logits = logits_of(learner, images(), out)
+    extra = learner.extra_loss(out, logits, torch.tensor([0, 1, 2, 3, 0, 1]))
+    if extra is None:
+        pytest.skip(f"{name} adds no loss of its own")
+    assert extra.dim() == 0 and torch.isfinite(extra)
+    extra.backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
 
 
 @pytest.mark.parametrize("name", LEARNERS)
@@ -107,7 +135,12 @@ def test_a_few_steps_lower_the_loss(name, backbone):
     optimizer = torch.optim.Adam(params, lr=0.05)
     losses = []
     for _ in range(25):
-        loss = F.cross_entropy(logits_of(learner, imgs), labels)
+        out = learner(images=imgs)
+        logits = logits_of(learner, imgs, out)
+        loss = F.cross_entropy(logits, labels)
+        extra = learner.extra_loss(out, logits, labels)
+        if extra is not None:
+            loss = loss + extra
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -2,5 +2,14 @@
 
 from vlprompt.backbones.base import Backbone, BackboneMismatchError, check_backbone_identity
 from vlprompt.backbones.open_clip import OpenCLIPBackbone
+from vlprompt.backbones.timm import TimmBackbone
+from vlprompt.backbones.vision import PromptPlacement
 
-__all__ = ["Backbone", "BackboneMismatchError", "OpenCLIPBackbone", "check_backbone_identity"]
+__all__ = [
+    "Backbone",
+    "BackboneMismatchError",
+    "OpenCLIPBackbone",
+    "PromptPlacement",
+    "TimmBackbone",
+    "check_backbone_identity",
+]

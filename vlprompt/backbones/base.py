@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlprompt.backbones.vision import PromptPlacement
+
 __all__ = ["Backbone", "BackboneMismatchError", "check_backbone_identity"]
 
 
@@ -28,14 +30,19 @@ class Backbone(nn.Module, ABC):
     Subclasses set these attributes, read from the wrapped model, never hard-coded:
     ``text_width`` (token-embedding width), ``vision_width``, ``embed_dim`` (joint space),
     ``context_length``, ``text_layers``, ``pool_type`` (``argmax``/``eos``/``last``/``first``)
-    and ``is_causal``.
+    and ``is_causal``; ``vision_layers`` when the image tower can take visual prompts.
+    Vision-only backbones set ``has_text = False``.
     """
+
+    #: False for vision-only encoders (timm): methods then need a learned classification head.
+    has_text: bool = True
 
     text_width: int
     vision_width: int
     embed_dim: int
     context_length: int
     text_layers: int
+    vision_layers: int | None = None
     pool_type: str
     is_causal: bool
 
@@ -102,8 +109,32 @@ class Backbone(nn.Module, ABC):
 
     # -- images ------------------------------------------------------------------------------
     @abstractmethod
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode preprocessed images ``[B, 3, H, W]`` into ``[B, embed_dim]`` features."""
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        visual_prompts: Sequence[torch.Tensor] | None = None,
+        placement: PromptPlacement = "after_cls",
+    ) -> torch.Tensor:
+        """Encode preprocessed images ``[B, 3, H, W]`` into ``[B, embed_dim]`` features.
+
+        Args:
+            images: preprocessed images.
+            visual_prompts: optional prompt tokens for a ViT image tower (VPT). Entry 0
+                (``[n, vision_width]`` or ``[B, n, vision_width]``) is inserted after the patch
+                embeddings; entry ``i >= 1`` replaces those tokens before layer ``i`` (deep
+                prompts). They are removed before the tower's own pooling.
+            placement: ``after_cls`` (VPT) or ``after_patches`` (MaPLe).
+        """
+
+    def check_visual_prompts(self, depth: int = 1) -> None:
+        """Raise a clear error unless the image tower takes ``depth`` layers of visual prompts."""
+        if self.vision_layers is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot take visual prompts")
+        if not 1 <= depth <= self.vision_layers:
+            raise ValueError(
+                f"visual prompt depth must be between 1 and the image tower's {self.vision_layers} "
+                f"layers, got {depth}"
+            )
 
     # -- scoring -----------------------------------------------------------------------------
     @property
@@ -145,7 +176,7 @@ class Backbone(nn.Module, ABC):
 def check_backbone_identity(saved: dict[str, Any], current: dict[str, Any], what: str = "prompt") -> None:
     """Raise :class:`BackboneMismatchError` with a readable message when ``saved`` (from a saved
     prompt's ``config.json``) does not describe the same encoder as ``current``."""
-    shape_keys = ("text_width", "vision_width", "embed_dim", "context_length", "text_layers")
+    shape_keys = ("text_width", "vision_width", "embed_dim", "context_length", "text_layers", "vision_layers")
     diffs = [
         f"{k}: saved {saved.get(k)!r}, current {current.get(k)!r}"
         for k in shape_keys

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones.base import Backbone
+from vlprompt.backbones.vision import PromptPlacement, ViTTower, vit_tower
 
 __all__ = ["OpenCLIPBackbone"]
 
@@ -124,7 +125,15 @@ class OpenCLIPBackbone(Backbone):
         self.pool_type = "last" if tower.cls_emb is not None else tower.pool_type
         self.is_causal = tower.attn_mask is not None
         self.embed_dim = self._infer_embed_dim()
-        self.vision_width = getattr(model.visual, "width", None) or self._infer_vision_width()
+        try:
+            self._vision: ViTTower | None = vit_tower(model.visual)
+            self._vision_error = ""
+        except NotImplementedError as err:  # e.g. ModifiedResNet: text-side methods still work
+            self._vision, self._vision_error = None, str(err)
+        if self._vision is not None:
+            self.vision_width, self.vision_layers = self._vision.width, self._vision.layers
+        else:
+            self.vision_width = getattr(model.visual, "width", None) or self._infer_vision_width()
         self._preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
         self.freeze()
 
@@ -252,8 +261,21 @@ class OpenCLIPBackbone(Backbone):
         return x
 
     # -- images ------------------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        visual_prompts: Sequence[torch.Tensor] | None = None,
+        placement: PromptPlacement = "after_cls",
+    ) -> torch.Tensor:
+        if visual_prompts is None:
+            return self.model.encode_image(images)
+        self.check_visual_prompts(len(visual_prompts))
+        return self._vision.encode(images, visual_prompts, placement)
+
+    def check_visual_prompts(self, depth: int = 1) -> None:
+        if self._vision is None:
+            raise NotImplementedError(self._vision_error)
+        super().check_visual_prompts(depth)
 
     # -- scoring, identity -------------------------------------------------------------------
     @property
@@ -280,8 +302,14 @@ class OpenCLIPBackbone(Backbone):
             "embed_dim": self.embed_dim,
             "context_length": self.context_length,
             "text_layers": self.text_layers,
+            "vision_layers": self.vision_layers,
             "fingerprint": self.fingerprint(
-                [tower.positional_embedding, tower.ln_final.weight, self.model.logit_scale]
+                [
+                    tower.positional_embedding,
+                    tower.ln_final.weight,
+                    self.model.logit_scale,
+                    list(self.model.visual.parameters())[-1],
+                ]
             ),
         }
 

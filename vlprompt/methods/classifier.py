@@ -135,6 +135,8 @@ class PromptClassifier(pl.LightningModule):
         return self.logits(self.prompt_learner(images=images, image_features=image_features))
 
     def logits(self, output: PromptOutput) -> torch.Tensor:
+        if output.logits is not None:  # a learned head
+            return output.logits.float()
         image = F.normalize(output.image_features.float(), dim=-1)
         text = F.normalize(output.text_features.float(), dim=-1)
         if text.dim() == 3:  # per-image classifiers
@@ -154,10 +156,8 @@ class PromptClassifier(pl.LightningModule):
             return self.cache_augmented_train or not getattr(dm, "train_augmentation", True)
         return True
 
-    def _image_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> torch.Tensor:
+    def _cached_image_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> torch.Tensor:
         images = batch["image"]
-        if not self._cacheable(stage) or "index" not in batch:
-            return self.prompt_learner.encode_images(images)
         key = self._cache_key(stage, dataloader_idx)
         cache = self._feature_cache.setdefault(key, {})
         indices = [int(i) for i in batch["index"]]
@@ -179,8 +179,10 @@ class PromptClassifier(pl.LightningModule):
         self.skipped_images += int(batch.get("skipped", 0))
         if batch["image"] is None:  # every image of the batch was unreadable
             return None, None, None
-        features = self._image_features(batch, stage, dataloader_idx)
-        output = self.prompt_learner(image_features=features)
+        if self._cacheable(stage) and "index" in batch:
+            output = self.prompt_learner(image_features=self._cached_image_features(batch, stage, dataloader_idx))
+        else:
+            output = self.prompt_learner(images=batch["image"])
         logits = self.logits(output)
         return output, logits, batch["label"]
 
@@ -276,7 +278,11 @@ class PromptClassifier(pl.LightningModule):
         self._log_skipped("test")
 
     def on_train_epoch_end(self) -> None:
+        self.prompt_learner.on_train_epoch_end(self.current_epoch, self.trainer.max_epochs)
         self._log_skipped("train")
+
+    def on_train_end(self) -> None:
+        self.prompt_learner.on_train_end()
 
     def _log_skipped(self, stage: str) -> None:
         if self.skipped_images:
@@ -305,11 +311,13 @@ class PromptClassifier(pl.LightningModule):
             "backbone": self.backbone.identity,
             "method": self.prompt_learner.name,
             "classnames": self.prompt_learner.classnames,
+            "learner_state": self.prompt_learner.training_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("vlprompt", {})
         if "backbone" in info:
             check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
+        self.prompt_learner.load_training_state(info.get("learner_state", {}))
         # The frozen encoder is not in the checkpoint; keep the one we were built with.
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})

@@ -11,16 +11,28 @@ from vlprompt.prompts.base import (
 from vlprompt.prompts.cocoop import CoCoOpPromptLearner
 from vlprompt.prompts.coop import CoOpPromptLearner, load_dassl_state_dict
 from vlprompt.prompts.io import load_prompt, read_prompt_config, save_prompt
+from vlprompt.prompts.ivlp import IVLPPromptLearner
+from vlprompt.prompts.kgcoop import KgCoOpPromptLearner
+from vlprompt.prompts.maple import MaPLePromptLearner
+from vlprompt.prompts.promptsrc import PromptSRCPromptLearner
 from vlprompt.prompts.templates import resolve_templates
+from vlprompt.prompts.upt import UPTPromptLearner
+from vlprompt.prompts.vpt import VPTPromptLearner
 from vlprompt.prompts.zeroshot import ZeroShotPrompt
 
 __all__ = [
     "PROMPT_LEARNERS",
     "CoCoOpPromptLearner",
     "CoOpPromptLearner",
+    "IVLPPromptLearner",
+    "KgCoOpPromptLearner",
+    "MaPLePromptLearner",
     "PromptLearner",
     "PromptLearnerFactory",
     "PromptOutput",
+    "PromptSRCPromptLearner",
+    "UPTPromptLearner",
+    "VPTPromptLearner",
     "ZeroShotPrompt",
     "get_prompt_learner",
     "load_dassl_state_dict",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -18,6 +18,7 @@ __all__ = [
     "PromptLearnerFactory",
     "PromptOutput",
     "get_prompt_learner",
+    "prompt_tokens",
     "register_prompt_learner",
 ]
 
@@ -29,11 +30,15 @@ class PromptOutput:
     """What a prompt learner hands the method: features in the joint space (not normalised).
 
     ``text_features`` is ``[C, D]`` (one classifier for the batch) or ``[B, C, D]``
-    (per-image classifiers, e.g. CoCoOp).
+    (per-image classifiers, e.g. CoCoOp). Learners with a learned head (VPT on a vision-only
+    encoder) give ``logits`` directly. ``extras`` carries what a learner's own loss needs
+    (e.g. PromptSRC's frozen image features).
     """
 
     image_features: torch.Tensor | None
-    text_features: torch.Tensor
+    text_features: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PromptLearner(nn.Module):
@@ -100,6 +105,21 @@ class PromptLearner(nn.Module):
         """Method-specific regulariser added to the cross-entropy (None when there is none)."""
         return None
 
+    # -- training-loop hooks (called by the method) ------------------------------------------
+    def on_train_epoch_end(self, epoch: int, max_epochs: int | None) -> None:
+        """Called after each training epoch (``epoch`` counts from 0)."""
+
+    def on_train_end(self) -> None:
+        """Called once training is over, before the prompt is saved or evaluated."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a resumed run needs besides the prompt itself (kept in training checkpoints,
+        never in a saved prompt)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned."""
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_learnable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -107,6 +127,12 @@ class PromptLearner(nn.Module):
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"classes={self.num_classes}, {args}"
+
+
+def prompt_tokens(*shape: int, std: float = 0.02) -> nn.Parameter:
+    """Learnable prompt tokens drawn from N(0, std^2), the initialisation of VPT-style prompts
+    in MaPLe/IVLP/PromptSRC."""
+    return nn.Parameter(torch.randn(*shape) * std)
 
 
 PromptLearnerFactory = Callable[[Backbone, Sequence[str]], PromptLearner]

@@ -30,7 +30,9 @@ class CoOpPromptLearner(PromptLearner):
     vectors are learned in the token-embedding space.
 
     Args:
-        n_ctx: number of context tokens (ignored when ``ctx_init`` is given: its token count wins).
+        n_ctx: number of context tokens. With ``ctx_init``, at most its token count: fewer
+            learns only the first ``n_ctx`` tokens and keeps the remaining words fixed before the
+            class name (MaPLe's ``n_ctx=2``: learned "a photo", fixed "of a").
         ctx_init: words to initialise the context from, e.g. ``"a photo of a"``; random
             (normal, std ``init_std``) when None.
         class_token_position: where the class name goes relative to the context:
@@ -52,12 +54,17 @@ class CoOpPromptLearner(PromptLearner):
     ) -> None:
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be end, middle or front, not {class_token_position!r}")
-        init_vectors = None
+        init_vectors, fixed_words = None, ""
         if ctx_init:
             ctx_init = ctx_init.strip().replace("_", " ")
             init_vectors = _word_embeddings(backbone, ctx_init)
-            if n_ctx != init_vectors.shape[0]:
+            if n_ctx > init_vectors.shape[0]:
                 log.info("ctx_init %r has %d tokens; using n_ctx=%d", ctx_init, len(init_vectors), len(init_vectors))
+            elif n_ctx < init_vectors.shape[0]:
+                if class_token_position != "end":
+                    raise ValueError("learning only part of ctx_init needs class_token_position='end'")
+                fixed_words = _words_after_tokens(backbone, ctx_init, n_ctx)
+                init_vectors = init_vectors[:n_ctx]
             n_ctx = init_vectors.shape[0]
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
@@ -75,6 +82,7 @@ class CoOpPromptLearner(PromptLearner):
         self.class_token_position = class_token_position
         self.class_specific_ctx = class_specific_ctx
         self._init_vectors = init_vectors
+        self._fixed_words = fixed_words
         self._init_std = init_std
         if not class_specific_ctx:
             self.ctx = nn.Parameter(self._initial_ctx(()))
@@ -94,7 +102,8 @@ class CoOpPromptLearner(PromptLearner):
         n, half = self.n_ctx, self.n_ctx // 2
         name_len = _token_count(self.backbone, name)
         if self.class_token_position == "end":
-            return " ".join([x] * n + [name]) + ".", [(0, n)]
+            fixed = [self._fixed_words] if self._fixed_words else []
+            return " ".join([x] * n + fixed + [name]) + ".", [(0, n)]
         if self.class_token_position == "front":
             return " ".join([name] + [x] * n) + ".", [(name_len, n)]
         return " ".join([x] * half + [name] + [x] * (n - half)) + ".", [(0, half), (half + name_len, n - half)]
@@ -153,17 +162,30 @@ class CoOpPromptLearner(PromptLearner):
         gathered = torch.gather(ctx, -2, gather_index)
         return torch.where((index >= 0)[..., None], gathered.to(fixed.dtype), fixed)
 
-    def encode_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Text features ``[..., C, D]`` for the given context (see :meth:`assemble`)."""
+    def encode_prompts(
+        self, ctx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Text features ``[..., C, D]`` for the given context (see :meth:`assemble`); optional
+        ``deep_prompts`` (``[n_ctx, D]`` each) replace the context tokens before text layers
+        ``1, 2, ...`` (IVLP/MaPLe deep prompting; needs ``class_token_position='end'``)."""
+        if deep_prompts and self.class_token_position != "end":
+            raise ValueError("deep text prompts need class_token_position='end'")
         prompts = self.assemble(ctx)
         lead = prompts.shape[:-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         token_ids = self.token_ids.repeat(flat.shape[0] // self.token_ids.shape[0], 1)
-        features = self.backbone.encode_text_embeddings(flat, token_ids, prompt_start=self.backbone.text_start)
+        features = self.backbone.encode_text_embeddings(
+            flat, token_ids, deep_prompts=deep_prompts, prompt_start=self.backbone.text_start
+        )
         return features.reshape(*lead, self.num_classes, -1)
 
+    def deep_text_prompts(self) -> list[torch.Tensor]:
+        """Context tokens for text layers 1, 2, ... (none for CoOp; deep-prompting methods
+        override this)."""
+        return []
+
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encode_prompts(self.ctx)
+        return self.encode_prompts(self.ctx, self.deep_text_prompts())
 
     # -- interoperability --------------------------------------------------------------------
     def load_dassl_checkpoint(self, path: str | Path) -> None:
@@ -199,6 +221,18 @@ def load_dassl_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _token_count(backbone: Backbone, text: str) -> int:
     ids = backbone.tokenize([text])
     return int(backbone.pool_indices(ids)[0]) - backbone.text_start
+
+
+def _words_after_tokens(backbone: Backbone, words: str, n_tokens: int) -> str:
+    """The words of ``words`` left after its first ``n_tokens`` tokens (which must end a word)."""
+    split = words.split()
+    for k in range(len(split) + 1):
+        covered = _token_count(backbone, " ".join(split[:k])) if k else 0
+        if covered == n_tokens:
+            return " ".join(split[k:])
+        if covered > n_tokens:
+            break
+    raise ValueError(f"n_ctx={n_tokens} splits a word of ctx_init {words!r}; choose n_ctx at a word boundary")
 
 
 def _word_embeddings(backbone: Backbone, words: str) -> torch.Tensor:

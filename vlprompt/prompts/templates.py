@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["TEMPLATE_SETS", "resolve_templates"]
+import torch
+import torch.nn.functional as F
+
+from vlprompt.backbones import Backbone
+
+__all__ = ["TEMPLATE_SETS", "FrozenClassFeatures", "encode_class_templates", "resolve_templates"]
 
 
 def _open_clip_templates(attr: str) -> list[str]:
@@ -39,3 +44,33 @@ def resolve_templates(templates: str | Sequence[str]) -> list[str]:
         if t.count("{}") != 1:
             raise ValueError(f"template {t!r} must contain exactly one '{{}}' for the class name")
     return out
+
+
+@torch.no_grad()
+def encode_class_templates(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Frozen class text features ``[C, D]`` from hand-written templates.
+
+    One template gives the raw features (exactly plain CLIP); several give the normalised mean
+    of the normalised per-template features (CLIP's prompt ensembling).
+    """
+    per_template = [backbone.encode_text([t.format(c) for c in classnames]) for t in templates]
+    if len(per_template) == 1:
+        return per_template[0]
+    return F.normalize(torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0), dim=-1)
+
+
+class FrozenClassFeatures:
+    """Normalised hand-written class features of the frozen model (the anchor of KgCoOp and
+    PromptSRC), computed once per class list and device."""
+
+    def __init__(self, templates: str | Sequence[str]) -> None:
+        self.templates = resolve_templates(templates)
+        self._key: tuple | None = None
+        self._features: torch.Tensor | None = None
+
+    def __call__(self, backbone: Backbone, classnames: Sequence[str]) -> torch.Tensor:
+        key = (tuple(classnames), backbone.device)
+        if self._key != key:
+            features = encode_class_templates(backbone, classnames, self.templates)
+            self._features, self._key = F.normalize(features.float(), dim=-1), key
+        return self._features

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from vlprompt.backbones import Backbone
 from vlprompt.prompts.base import PromptLearner, register_prompt_learner
-from vlprompt.prompts.templates import resolve_templates
+from vlprompt.prompts.templates import encode_class_templates, resolve_templates
 
 __all__ = ["ZeroShotPrompt"]
 
@@ -38,13 +37,7 @@ class ZeroShotPrompt(PromptLearner):
     def _build_class_buffers(self, classnames: list[str]) -> None:
         self._cache = None
 
-    @torch.no_grad()
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        device = self.backbone.device
-        if self._cache is None or self._cache.device != device:
-            per_template = [self.backbone.encode_text([t.format(c) for c in self.classnames]) for t in self.templates]
-            if len(per_template) == 1:  # the raw feature: exactly plain CLIP
-                self._cache = per_template[0]
-            else:
-                self._cache = F.normalize(torch.stack([F.normalize(f, dim=-1) for f in per_template]).mean(0), dim=-1)
+        if self._cache is None or self._cache.device != self.backbone.device:
+            self._cache = encode_class_templates(self.backbone, self.classnames, self.templates)
         return self._cache

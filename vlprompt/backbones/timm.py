@@ -1,0 +1,143 @@
+"""timm Vision Transformers as vision-only backbones (VPT with a learned head; segmentation)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import torch
+
+from vlprompt.backbones.base import Backbone
+from vlprompt.backbones.vision import PromptPlacement, vit_tower
+
+__all__ = ["TimmBackbone"]
+
+log = logging.getLogger(__name__)
+
+
+class TimmBackbone(Backbone):
+    """A frozen timm ViT image encoder without a text tower.
+
+    Prompt learners that need class text (CoOp, MaPLe, ...) refuse it with a clear error; VPT
+    runs on it with a learned linear head (the setting of the VPT paper).
+
+    Args:
+        model_name: a timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``.
+        pretrained: None (random weights), ``"timm"`` (timm's own pretrained weights; needs the
+            Hugging Face hub or its cache) or a local checkpoint file (safetensors or a
+            weights-only torch file) for ``model_name``.
+        model_kwargs: extra arguments for ``timm.create_model`` (``img_size``, ``depth`` ...).
+    """
+
+    has_text = False
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        pretrained: str | None = None,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        kwargs = dict(model_kwargs or {})
+        kwargs["num_classes"] = 0  # features, not the pre-training classifier
+        if pretrained and pretrained != "timm":
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"pretrained={pretrained!r}: no such checkpoint file")
+            kwargs["pretrained_cfg_overlay"] = {"file": pretrained}
+        try:
+            model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
+        except RuntimeError as err:
+            if pretrained == "timm":
+                raise RuntimeError(
+                    f"Could not fetch timm weights for {model_name!r}: {err}. Without internet, pass the "
+                    "path of a downloaded checkpoint as `pretrained`."
+                ) from err
+            raise
+        self.model = model
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model_kwargs = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+        self._vision = vit_tower(model)  # raises for non-ViT timm models
+        self.vision_width = self._vision.width
+        self.vision_layers = self._vision.layers
+        self.embed_dim = model.num_features
+        self._preprocess_cfg = self._read_preprocess_cfg()
+        self.freeze()
+
+    def _read_preprocess_cfg(self) -> dict[str, Any]:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=self.model)
+        size = cfg["input_size"][1:]
+        return {
+            "size": tuple(size) if size[0] != size[1] else size[0],
+            "mean": tuple(cfg["mean"]),
+            "std": tuple(cfg["std"]),
+            "interpolation": cfg.get("interpolation", "bicubic"),
+            "resize_mode": "shortest",
+        }
+
+    # -- no text tower ---------------------------------------------------------------------
+    def _no_text(self) -> NoReturn:
+        raise NotImplementedError(
+            f"{self.model_name!r} is a vision-only timm backbone: it has no text tower. Use a "
+            "method with a learned head (VPT with head='linear'), or an OpenCLIPBackbone for "
+            "methods that prompt text."
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        self._no_text()
+
+    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self._no_text()
+
+    def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self._no_text()
+
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None = None,
+        prompt_start: int = 1,
+    ) -> torch.Tensor:
+        self._no_text()
+
+    # -- images ------------------------------------------------------------------------------
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        visual_prompts: Sequence[torch.Tensor] | None = None,
+        placement: PromptPlacement = "after_cls",
+    ) -> torch.Tensor:
+        if visual_prompts is None:
+            return self.model(images)
+        self.check_visual_prompts(len(visual_prompts))
+        return self._vision.encode(images, visual_prompts, placement)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """1: a vision-only encoder has no contrastive temperature; learned heads give logits."""
+        return torch.ones((), device=self.device)
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        return dict(self._preprocess_cfg)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "name": self.model_name,
+            "pretrained": self.pretrained,
+            "vision_width": self.vision_width,
+            "vision_layers": self.vision_layers,
+            "embed_dim": self.embed_dim,
+            "fingerprint": self.fingerprint([p for i, p in enumerate(self.model.parameters()) if i in (0, 1)]),
+        }
+

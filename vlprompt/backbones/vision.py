@@ -1,0 +1,183 @@
+"""Visual prompts inside ViT image towers (open_clip's own ViT and timm ViTs).
+
+One loop runs the tower block by block so prompt tokens can be inserted after the embeddings
+(shallow, VPT) and replaced before later blocks (deep, VPT-deep/MaPLe/IVLP). The prompts are
+dropped again after the last block, so the tower's own pooling (class token, average, attention
+pooling) sees exactly the token layout it was trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = ["PromptPlacement", "ViTTower", "vit_tower"]
+
+#: ``after_cls``: right after the class (and register) tokens, as in VPT and MVLPT;
+#: ``after_patches``: appended after the patch tokens, as in MaPLe and IVLP.
+PromptPlacement = Literal["after_cls", "after_patches"]
+PLACEMENTS: tuple[str, ...] = ("after_cls", "after_patches")
+
+SUPPORTED_TOWERS = (
+    "open_clip VisionTransformer (every open_clip ViT-*)",
+    "timm VisionTransformer (timm vit_*, deit_*, also inside open_clip timm towers)",
+)
+
+
+class ViTTower:
+    """A ViT image tower split into the pieces prompting needs.
+
+    ``embed`` gives the token sequence after positional embeddings (before any pre-norm),
+    ``pre_norm`` the norm applied before the blocks, ``blocks`` the transformer blocks and
+    ``head`` turns the final tokens (prompts removed) into the tower's output features.
+    """
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        num_prefix_tokens: int,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        pre_norm: Callable[[torch.Tensor], torch.Tensor],
+        blocks: Sequence[nn.Module],
+        run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        head: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.width = width
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed, self.pre_norm, self.head = embed, pre_norm, head
+        self.blocks = list(blocks)
+        self.run_block = run_block
+
+    @property
+    def layers(self) -> int:
+        return len(self.blocks)
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[torch.Tensor],
+        placement: PromptPlacement = "after_cls",
+    ) -> torch.Tensor:
+        """Features of ``images`` with visual prompts.
+
+        ``prompts[0]`` (``[n, width]`` or ``[B, n, width]``) is inserted into the embedded
+        sequence; ``prompts[i]`` for ``i >= 1`` replaces those ``n`` tokens before block ``i``.
+        """
+        if placement not in PLACEMENTS:
+            raise ValueError(f"visual prompt placement must be one of {PLACEMENTS}, not {placement!r}")
+        if not prompts:
+            raise ValueError("visual prompts: give at least the input-layer prompt")
+        if len(prompts) > self.layers:
+            raise ValueError(
+                f"{len(prompts)} visual prompt layers given but the image tower has only {self.layers} layers"
+            )
+        n = prompts[0].shape[-2]
+        for i, p in enumerate(prompts):
+            if p.shape[-1] != self.width or p.shape[-2] != n:
+                raise ValueError(
+                    f"visual prompt {i} has shape {tuple(p.shape)}; expected [..., {n}, {self.width}] "
+                    f"(the image tower's width is {self.width})"
+                )
+        x = self.embed(images)
+        start = self.num_prefix_tokens if placement == "after_cls" else x.shape[1]
+        x = _insert_tokens(x, prompts[0].to(x.dtype), start)
+        x = self.pre_norm(x)
+        for i, block in enumerate(self.blocks):
+            if 1 <= i < len(prompts):
+                x = _insert_tokens(x, prompts[i].to(x.dtype), start, replace=True)
+            x = self.run_block(block, x)
+        x = torch.cat([x[:, :start], x[:, start + n :]], dim=1)
+        return self.head(x)
+
+
+def _insert_tokens(x: torch.Tensor, prompt: torch.Tensor, start: int, *, replace: bool = False) -> torch.Tensor:
+    if prompt.dim() == 2:
+        prompt = prompt.expand(x.shape[0], -1, -1)
+    end = start + prompt.shape[1] if replace else start
+    return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
+
+
+def vit_tower(visual: nn.Module) -> ViTTower:
+    """Adapt an image tower for prompting; raise ``NotImplementedError`` naming what is supported."""
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return _open_clip_vit(visual)
+    trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel wraps a timm model
+    if trunk is not None and _is_timm_vit(trunk):
+        return timm_vit_tower(trunk, post=visual.head)
+    if _is_timm_vit(visual):
+        return timm_vit_tower(visual)
+    inner = f" with a {type(trunk).__name__} trunk" if trunk is not None else ""
+    raise NotImplementedError(
+        f"visual prompts need a ViT image tower, but this model's is {type(visual).__name__}{inner}. "
+        f"Supported: {'; '.join(SUPPORTED_TOWERS)}. Text-only methods (CoOp, CoCoOp, KgCoOp, "
+        "zero-shot) work with any image tower."
+    )
+
+
+def _open_clip_vit(visual: nn.Module) -> ViTTower:
+    transformer = visual.transformer
+    batch_first = getattr(transformer, "batch_first", True)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        # open_clip's VisionTransformer._embeds without its final ln_pre, so prompts can join
+        # the sequence before the pre-norm (as MaPLe does).
+        x = visual.conv1(images.to(transformer.get_cast_dtype()))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.patch_dropout(x)
+
+    def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if batch_first:
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    return ViTTower(
+        width=visual.conv1.out_channels,
+        num_prefix_tokens=1,
+        embed=embed,
+        pre_norm=visual.ln_pre,
+        blocks=transformer.resblocks,
+        run_block=run_block,
+        head=head,
+    )
+
+
+def _is_timm_vit(model: nn.Module) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
+    """Adapt a timm ``VisionTransformer`` (``post`` is an extra head applied to its features)."""
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        x = model._pos_embed(model.patch_embed(images))
+        return model.patch_drop(x)
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        x = model.forward_head(model.norm(x), pre_logits=True)
+        return post(x) if post is not None else x
+
+    return ViTTower(
+        width=model.embed_dim,
+        num_prefix_tokens=model.num_prefix_tokens,
+        embed=embed,
+        pre_norm=model.norm_pre,
+        blocks=model.blocks,
+        run_block=lambda block, x: block(x),
+        head=head,
+    )
