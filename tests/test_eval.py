@@ -33,7 +33,9 @@ def test_tables_and_plot(tmp_path):
     assert "| coop | 80.0 | 40.0 | 53.3 |" in base_novel_table(results, ["zeroshot", "coop"])
     png = plot_accuracy_vs_shots(results, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "HM 53.3" in format_report(results)
+    report = format_report(results).splitlines()
+    assert "  coop                 80.0   40.0   53.3" in report
+    assert "  all classes | coop 4-shot         70.0%" in report
 
 
 def test_runner_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, dassl_folder):

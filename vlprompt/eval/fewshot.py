@@ -65,6 +65,7 @@ def instantiate_callable(spec: dict[str, Any] | None) -> Callable | None:
 class FewShotEvaluation:
     """What to run; see the module docstring for the YAML form."""
 
+    #: OpenCLIPBackbone arguments, or ``{class_path, init_args}`` (e.g. a TimmBackbone).
     backbone: dict[str, Any]
     #: FewShotDataModule arguments, or ``{class_path, init_args}`` for another data module.
     data: dict[str, Any]
@@ -75,6 +76,18 @@ class FewShotEvaluation:
     base_to_novel: dict[str, Any] | None = field(default_factory=lambda: {"shots": 16})
     trainer: dict[str, Any] = field(default_factory=dict)
     save_prompts: bool = False
+
+    def backbone_args(self) -> dict[str, Any]:
+        """The backbone's own arguments (``init_args`` when a ``class_path`` is given)."""
+        if "class_path" in self.backbone:
+            return self.backbone.setdefault("init_args", {})
+        return self.backbone
+
+    def build_backbone(self) -> Backbone:
+        """``OpenCLIPBackbone(**backbone)``, or ``{class_path, init_args}`` for another backbone."""
+        if "class_path" in self.backbone:
+            return instantiate_callable(self.backbone)()
+        return OpenCLIPBackbone(**self.backbone)
 
     def data_module_class(self) -> tuple[type[FewShotDataModule], dict[str, Any]]:
         if "class_path" in self.data:
@@ -101,7 +114,7 @@ class _Runner:
     def __init__(self, cfg: FewShotEvaluation, output_dir: Path) -> None:
         self.cfg = cfg
         self.output_dir = output_dir
-        self.backbone: Backbone = OpenCLIPBackbone(**cfg.backbone)
+        self.backbone: Backbone = cfg.build_backbone()
 
     def datamodule(self, shots: int, seed: int, subset: str) -> FewShotDataModule:
         cls, kwargs = self.cfg.data_module_class()
@@ -128,7 +141,7 @@ class _Runner:
     def zeroshot(self) -> list[Result]:
         if self.cfg.zeroshot is None:
             return []
-        settings = ["all"] + (["base", "novel"] if self.cfg.base_to_novel else [])
+        settings = (["all"] if self.cfg.shots else []) + (["base", "novel"] if self.cfg.base_to_novel else [])
         out = []
         for setting in settings:
             dm = self.datamodule(shots=-1, seed=1, subset=setting)
@@ -187,14 +200,12 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
     summary = [
         "# Few-shot evaluation",
         "",
-        f"Backbone: `{cfg.backbone.get('model_name')}` (pretrained: `{cfg.backbone.get('pretrained')}`); "
+        f"Backbone: `{cfg.backbone_args().get('model_name')}` (pretrained: `{cfg.backbone_args().get('pretrained')}`); "
         f"data: `{_data_name(cfg)}`; seeds: {cfg.seeds}; "
         f"time: {time.perf_counter() - started:.0f} s.",
-        "",
-        "## Accuracy (%) on all classes",
-        "",
-        shots_table(results, methods),
     ]
+    if cfg.shots:
+        summary += ["", "## Accuracy (%) on all classes", "", shots_table(results, methods)]
     if cfg.base_to_novel:
         summary += ["", f"## Base-to-novel ({cfg.base_to_novel.get('shots', 16)} shots on base classes)", "",
                     base_novel_table(results, methods)]
@@ -211,21 +222,26 @@ def _data_name(cfg: FewShotEvaluation) -> str:
 
 
 def format_report(results: Sequence[Result]) -> str:
-    """Short plain-text report for the terminal."""
+    """Short plain-text report for the terminal: accuracy over shots, then base-to-novel."""
     stats = summarise(results)
     lines = []
-    order = {"all": 0, "base": 1, "novel": 2}
     for (method, shots, setting), (mean, std, n) in sorted(
-        stats.items(), key=lambda kv: (order.get(kv[0][2], 3), kv[0][0] != "zeroshot", kv[0][0], kv[0][1])
+        stats.items(), key=lambda kv: (kv[0][0] != "zeroshot", kv[0][0], kv[0][1])
     ):
+        if setting != "all":
+            continue
         label = "zero-shot" if method == "zeroshot" else f"{method} {shots}-shot"
         spread = f" ± {std:.1f} ({n} seeds)" if n > 1 else ""
-        lines.append(f"  {setting:>5} classes | {label:<18} {mean:5.1f}%{spread}")
+        lines.append(f"  all classes | {label:<18} {mean:5.1f}%{spread}")
     bases = {m: v[0] for (m, _, s), v in stats.items() if s == "base"}
     novels = {m: v[0] for (m, _, s), v in stats.items() if s == "novel"}
-    for m in bases:
-        if m in novels:
-            lines.append(f"  base-to-novel | {m:<18} base {bases[m]:.1f}  novel {novels[m]:.1f}  HM {harmonic_mean(bases[m], novels[m]):.1f}")
+    paired = [m for m in bases if m in novels]
+    if paired:
+        lines.append(f"  {'base-to-novel':<18} {'base':>6} {'novel':>6} {'HM':>6}")
+        for m in sorted(paired, key=lambda m: m != "zeroshot"):
+            label = "zero-shot" if m == "zeroshot" else m
+            hm = harmonic_mean(bases[m], novels[m])
+            lines.append(f"  {label:<18} {bases[m]:6.1f} {novels[m]:6.1f} {hm:6.1f}")
     return "\n".join(lines)
 
 
@@ -249,9 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.root:
         (cfg.data.setdefault("init_args", {}) if "class_path" in cfg.data else cfg.data)["root"] = args.root
     if args.model_name:
-        cfg.backbone["model_name"] = args.model_name
+        cfg.backbone_args()["model_name"] = args.model_name
     if args.pretrained:
-        cfg.backbone["pretrained"] = args.pretrained
+        cfg.backbone_args()["pretrained"] = args.pretrained
     if args.shots:
         cfg.shots = args.shots
     if args.seeds:

@@ -74,7 +74,7 @@ class CoCoOpPromptLearner(CoOpPromptLearner):
     def load_dassl_checkpoint(self, path: str | Path) -> None:
         """Load ``ctx`` and the meta-net from a CoCoOp reference checkpoint."""
         state = load_dassl_state_dict(path)
-        super().load_dassl_checkpoint(path)
+        self._copy_ctx(state, path)
         meta = {k.removeprefix("meta_net."): v for k, v in state.items() if k.startswith("meta_net.")}
         if not meta:
             raise KeyError(f"{path}: no meta_net weights in the checkpoint; is it a CoOp checkpoint?")

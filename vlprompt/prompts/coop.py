@@ -191,12 +191,18 @@ class CoOpPromptLearner(PromptLearner):
     def load_dassl_checkpoint(self, path: str | Path) -> None:
         """Load ``ctx`` from a checkpoint saved by the CoOp/Dassl reference code
         (``prompt_learner/model.pth.tar-N``)."""
-        state = load_dassl_state_dict(path)
-        if "ctx" not in state:
-            raise KeyError(f"{path}: no 'ctx' tensor in the checkpoint (keys: {sorted(state)[:10]})")
-        self._copy_ctx(state["ctx"], path)
+        others = sorted(set(self.state_dict()) - {"ctx"})
+        if others:
+            raise ValueError(
+                f"a CoOp checkpoint holds only the context, but this {self.name} prompt also learns "
+                f"{others}; it would start half-initialised. Start from a saved vlprompt prompt instead."
+            )
+        self._copy_ctx(load_dassl_state_dict(path), path)
 
-    def _copy_ctx(self, ctx: torch.Tensor, source: str | Path) -> None:
+    def _copy_ctx(self, state: dict[str, torch.Tensor], source: str | Path) -> None:
+        if "ctx" not in state:
+            raise KeyError(f"{source}: no 'ctx' tensor in the checkpoint (keys: {sorted(state)[:10]})")
+        ctx = state["ctx"]
         if ctx.shape != self.ctx.shape:
             raise ValueError(
                 f"{source}: context shape {tuple(ctx.shape)} does not match this prompt's "

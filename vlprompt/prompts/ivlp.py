@@ -10,7 +10,15 @@ from vlprompt.backbones import Backbone, PromptPlacement
 from vlprompt.prompts.base import prompt_tokens, register_prompt_learner
 from vlprompt.prompts.coop import CoOpPromptLearner
 
-__all__ = ["IVLPPromptLearner", "check_text_depth"]
+__all__ = ["IVLPPromptLearner", "PAPER_DEPTH", "check_text_depth", "resolve_depth"]
+
+#: Prompted layers in MaPLe, IVLP and PromptSRC (of ViT-B/16's 12).
+PAPER_DEPTH = 9
+
+
+def resolve_depth(depth: int | None, *layers: int) -> int:
+    """``depth``, or when None the papers' depth of 9 capped at the shallowest tower given."""
+    return min(PAPER_DEPTH, *layers) if depth is None else depth
 
 
 def check_text_depth(backbone: Backbone, depth: int) -> None:
@@ -30,9 +38,10 @@ class IVLPPromptLearner(CoOpPromptLearner):
 
     Args:
         n_ctx, ctx_init: the text context, as for :class:`CoOpPromptLearner`.
-        text_depth: text layers with prompts (1 = the input only, i.e. CoOp).
+        text_depth: text layers with prompts (1 = the input only, i.e. CoOp); None = the
+            paper's 9, or every layer of a shallower tower.
         n_vision_tokens: visual prompt tokens per layer.
-        vision_depth: image layers with prompts (0 = none).
+        vision_depth: image layers with prompts (0 = none); None as for ``text_depth``.
         placement: where visual tokens go (``after_patches`` as in the reference code).
         init_std: std of the normal initialisation of deep and visual prompts.
     """
@@ -46,12 +55,16 @@ class IVLPPromptLearner(CoOpPromptLearner):
         *,
         n_ctx: int = 4,
         ctx_init: str | None = "a photo of a",
-        text_depth: int = 9,
+        text_depth: int | None = None,
         n_vision_tokens: int = 4,
-        vision_depth: int = 9,
+        vision_depth: int | None = None,
         placement: PromptPlacement = "after_patches",
         init_std: float = 0.02,
     ) -> None:
+        if vision_depth != 0:
+            backbone.check_visual_prompts()  # a clear error for towers without visual prompts
+        text_depth = resolve_depth(text_depth, backbone.text_layers)
+        vision_depth = resolve_depth(vision_depth, backbone.vision_layers or 0)
         check_text_depth(backbone, text_depth)
         if vision_depth:
             backbone.check_visual_prompts(vision_depth)

@@ -12,7 +12,7 @@ from torch import nn
 from vlprompt.backbones import Backbone, PromptPlacement
 from vlprompt.prompts.base import prompt_tokens, register_prompt_learner
 from vlprompt.prompts.coop import CoOpPromptLearner, load_dassl_state_dict
-from vlprompt.prompts.ivlp import check_text_depth
+from vlprompt.prompts.ivlp import check_text_depth, resolve_depth
 
 __all__ = ["MaPLePromptLearner"]
 
@@ -29,7 +29,8 @@ class MaPLePromptLearner(CoOpPromptLearner):
     Args:
         n_ctx, ctx_init: as for :class:`CoOpPromptLearner`; the paper learns the first two
             tokens of "a photo of a" and keeps "of a" fixed.
-        depth: layers of both towers that get prompts (9 in the paper).
+        depth: layers of both towers that get prompts; None = the paper's 9, or every layer of
+            a shallower tower.
         placement: where visual tokens go (after the patches, as in the paper's code).
         init_std: std of the normal initialisation of the deep language prompts.
     """
@@ -43,10 +44,12 @@ class MaPLePromptLearner(CoOpPromptLearner):
         *,
         n_ctx: int = 2,
         ctx_init: str | None = "a photo of a",
-        depth: int = 9,
+        depth: int | None = None,
         placement: PromptPlacement = "after_patches",
         init_std: float = 0.02,
     ) -> None:
+        backbone.check_visual_prompts()  # a clear error for towers without visual prompts
+        depth = resolve_depth(depth, backbone.text_layers, backbone.vision_layers)
         check_text_depth(backbone, depth)
         backbone.check_visual_prompts(depth)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)

@@ -24,7 +24,12 @@ log = logging.getLogger("vlprompt.demo")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vlprompt demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(bundled_dir("configs") / "eval" / "shapeworld_demo.yaml"))
+    parser.add_argument(
+        "--config",
+        default="shapeworld_demo",
+        help="an evaluation YAML, or the name of one shipped in configs/eval/ (shapeworld_demo: "
+        "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel)",
+    )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
     parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
     parser.add_argument("--shots", type=int, nargs="+")
@@ -34,7 +39,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if "shapeworld-clip-tiny" not in available_models():
         raise SystemExit("the embedded model is missing; build it with `python tools/build_embedded_model.py`")
-    cfg = load_eval_config(args.config)
+    config = Path(args.config)
+    if not config.is_file():
+        config = bundled_dir("configs") / "eval" / f"{args.config.removesuffix('.yaml')}.yaml"
+        if not config.is_file():
+            known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml"))
+            raise SystemExit(f"--config {args.config!r}: no such file, and not a shipped config ({', '.join(known)})")
+    cfg = load_eval_config(config)
     if args.data_root:
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
     cfg.shots = args.shots or cfg.shots
@@ -45,10 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     started = time.perf_counter()
     results = run_fewshot_eval(cfg, output_dir)
+    plot = output_dir / "accuracy_vs_shots.png"
     log.info(
-        "ShapeWorld held-out classes, embedded tiny CLIP (%.0f s):\n%s\nTables: %s\nPlot:   %s",
+        "ShapeWorld held-out classes, embedded tiny CLIP (%.0f s):\n%s\nTables: %s%s",
         time.perf_counter() - started,
         format_report(results),
         output_dir / "summary.md",
-        output_dir / "accuracy_vs_shots.png",
+        f"\nPlot:   {plot}" if plot.exists() else "",
     )

@@ -1,0 +1,163 @@
+"""Visual prompts in the backbones: exactness, depth semantics, placement, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_CLIP, make_backbone
+from vlprompt.backbones import TimmBackbone
+
+TIMM_TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+
+
+def _vision_cfg(**changes):
+    return {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], **changes}}
+
+
+TOWERS = {
+    "class-token": TINY_CLIP,
+    "average-pool": _vision_cfg(pool_type="avg"),
+    "attention-pool": _vision_cfg(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2),
+    "ln-after-pool": _vision_cfg(final_ln_after_pool=True, no_ln_pre=True),
+}
+
+
+def images(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def timm_backbone():
+    torch.manual_seed(0)
+    return TimmBackbone("vit_tiny_patch16_224", model_kwargs={**TIMM_TINY, "reg_tokens": 2})
+
+
+@pytest.mark.parametrize("tower", sorted(TOWERS))
+@pytest.mark.parametrize("placement", ["after_cls", "after_patches"])
+def test_empty_prompts_reproduce_the_plain_tower_exactly(tower, placement, tmp_path):
+    backbone = make_backbone(tmp_path, TOWERS[tower])
+    x = images()
+    empty = [torch.zeros(0, backbone.vision_width)] * 2
+    assert torch.equal(backbone.encode_image(x, empty, placement), backbone.encode_image(x))
+    prompted = backbone.encode_image(x, [torch.randn(2, backbone.vision_width)], placement)
+    assert prompted.shape == (3, backbone.embed_dim)
+    assert not torch.allclose(prompted, backbone.encode_image(x))
+
+
+def test_timm_towers_inside_open_clip_and_alone(tmp_path, timm_backbone):
+    cfg = {**TINY_CLIP, "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                       "image_size": 160, "timm_pool": "", "timm_proj": "linear"}}
+    wrapped = make_backbone(tmp_path, cfg)
+    x = images(2, 160)
+    assert torch.equal(wrapped.encode_image(x, [torch.zeros(0, wrapped.vision_width)]), wrapped.encode_image(x))
+    assert wrapped.vision_layers == len(wrapped.model.visual.trunk.blocks)
+    x = images(2)
+    assert torch.equal(timm_backbone.encode_image(x, [torch.zeros(0, 32)]), timm_backbone.encode_image(x))
+    assert timm_backbone.vision_layers == 3 and timm_backbone.embed_dim == 32
+
+
+def _block_inputs(backbone, x, prompts, placement="after_cls"):
+    """Inputs of every image block (prompts included) for one forward pass."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+             for b in backbone._vision.blocks]
+    try:
+        backbone.encode_image(x, prompts, placement)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("which", ["open_clip", "timm"])
+def test_a_deep_prompt_at_layer_k_only_affects_layers_from_k(which, backbone, timm_backbone):
+    bb = backbone if which == "open_clip" else timm_backbone
+    x = images()
+    prompts = [torch.randn(2, bb.vision_width) for _ in range(3)]
+    base = _block_inputs(bb, x, prompts)
+    for k in (1, 2):
+        changed = list(prompts)
+        changed[k] = prompts[k] + 1.0
+        after = _block_inputs(bb, x, changed)
+        for layer in range(3):
+            same = torch.equal(after[layer], base[layer])
+            assert same == (layer < k), f"prompt {k} changed the input of layer {layer}: {not same}"
+
+
+def test_placement_puts_tokens_after_the_class_token_or_after_the_patches(backbone):
+    x, p = images(), torch.randn(2, backbone.vision_width)
+    first = _block_inputs(backbone, x, [p], "after_cls")[0]
+    last = _block_inputs(backbone, x, [p], "after_patches")[0]
+    assert first.shape == last.shape == (3, 1 + 16 + 2, backbone.vision_width)
+    ln_pre = backbone.model.visual.ln_pre
+    assert torch.allclose(first[:, 1:3], ln_pre(p).expand(3, -1, -1), atol=1e-6)
+    assert torch.allclose(last[:, -2:], ln_pre(p).expand(3, -1, -1), atol=1e-6)
+
+
+def test_per_image_prompts_match_shared_prompts(backbone):
+    x, p = images(), torch.randn(2, backbone.vision_width)
+    shared = backbone.encode_image(x, [p, p])
+    per_image = backbone.encode_image(x, [p.expand(3, -1, -1), p.expand(3, -1, -1)])
+    assert torch.allclose(shared, per_image, atol=1e-6)
+
+
+def test_gradients_reach_the_prompts_and_not_the_encoder(backbone):
+    p = torch.randn(2, backbone.vision_width, requires_grad=True)
+    backbone.encode_image(images(), [p, p * 2]).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(q.grad is None for q in backbone.parameters())
+
+
+def test_bad_visual_prompts_get_clear_errors(backbone, tmp_path):
+    w = backbone.vision_width
+    with pytest.raises(ValueError, match="only 3 layers"):
+        backbone.encode_image(images(), [torch.zeros(1, w)] * 4)
+    with pytest.raises(ValueError, match="tower's width is 32"):
+        backbone.encode_image(images(), [torch.zeros(1, w + 1)])
+    with pytest.raises(ValueError, match="placement"):
+        backbone.encode_image(images(), [torch.zeros(1, w)], "before_everything")
+    resnet = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+              "text_cfg": TINY_CLIP["text_cfg"]}
+    rn = make_backbone(tmp_path, resnet)
+    with pytest.raises(NotImplementedError, match="ModifiedResNet.*Supported: open_clip VisionTransformer"):
+        rn.encode_image(torch.randn(1, 3, 32, 32), [torch.zeros(1, 16)])
+    assert rn.encode_text(["a photo of a cat."]).shape == (1, 24)  # text-side methods still work
+
+
+def test_visual_prompt_methods_refuse_a_resnet_but_text_methods_run(tmp_path):
+    from vlprompt.prompts import PROMPT_LEARNERS
+
+    resnet = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+              "text_cfg": TINY_CLIP["text_cfg"]}
+    rn = make_backbone(tmp_path, resnet)
+    for name, cls in PROMPT_LEARNERS.items():
+        if cls.uses_image_tower:
+            with pytest.raises(NotImplementedError, match="visual prompts need a ViT image tower"):
+                cls(rn, ["cat", "dog"])
+        else:
+            out = cls(rn, ["cat", "dog"])(images=torch.randn(2, 3, 32, 32))
+            assert out.image_features.shape == (2, 24)
+
+
+def test_timm_backbone_has_no_text_tower(timm_backbone):
+    from vlprompt.prompts import CoOpPromptLearner
+
+    with pytest.raises(NotImplementedError, match="vision-only timm backbone.*VPT with head='linear'"):
+        CoOpPromptLearner(timm_backbone, ["cat", "dog"])
+    assert timm_backbone.preprocess_cfg["size"] == 32
+    assert set(timm_backbone.identity) >= {"vision_width", "vision_layers", "fingerprint"}
+
+
+def test_timm_backbone_loads_a_local_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TIMM_TINY)
+    save_file(source.state_dict(), str(tmp_path / "vit.safetensors"))
+    loaded = TimmBackbone("vit_tiny_patch16_224", str(tmp_path / "vit.safetensors"), model_kwargs=TIMM_TINY)
+    x = images(2)
+    assert torch.allclose(loaded.encode_image(x), source.eval()(x), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        TimmBackbone("vit_tiny_patch16_224", str(tmp_path / "missing.pt"), model_kwargs=TIMM_TINY)
