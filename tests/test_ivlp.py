@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Perturbations are random: a constant shift of a token is invisible through LayerNorm.
+
 from vlprompt.prompts import IVLPPromptLearner
 from vlprompt.prompts.ivlp import PAPER_DEPTH
 
@@ -14,11 +16,11 @@ def test_towers_are_prompted_independently(backbone):
     x = torch.randn(2, 3, 32, 32)
     text, image = ivlp.text_features().detach(), ivlp.encode_images(x).detach()
     with torch.no_grad():
-        ivlp.vision_prompts.add_(0.5)
+        ivlp.vision_prompts.add_(torch.randn_like(ivlp.vision_prompts))
     assert torch.equal(ivlp.text_features(), text) and not torch.allclose(ivlp.encode_images(x), image)
     image = ivlp.encode_images(x).detach()
     with torch.no_grad():
-        ivlp.text_prompts[1].add_(0.5)  # the prompt before text layer 2
+        ivlp.text_prompts[1].add_(torch.randn_like(ivlp.text_prompts[1]))  # the prompt before text layer 2
     assert torch.equal(ivlp.encode_images(x), image) and not torch.allclose(ivlp.text_features(), text)
 
 

@@ -14,13 +14,13 @@ def test_vision_prompts_follow_the_language_prompts(backbone):
     before_prompts = [p.detach().clone() for p in maple.visual_prompts()]
     before_images = maple.encode_images(x).detach()
     with torch.no_grad():
-        maple.compound_prompts_text[1].add_(0.5)  # a language prompt only
+        maple.compound_prompts_text[1].add_(torch.randn_like(maple.compound_prompts_text[1]))  # a language prompt only
     after = maple.visual_prompts()
     assert torch.equal(after[0], before_prompts[0]) and torch.equal(after[1], before_prompts[1])
     assert not torch.allclose(after[2], before_prompts[2])
     assert not torch.allclose(maple.encode_images(x), before_images)
     with torch.no_grad():
-        maple.ctx.add_(0.5)  # the input context drives the first visual prompt
+        maple.ctx.add_(torch.randn_like(maple.ctx))  # the input context drives the first visual prompt
     assert not torch.allclose(maple.visual_prompts()[0], before_prompts[0])
 
 

@@ -111,7 +111,7 @@ def test_gradients_reach_the_prompts_and_not_the_encoder(backbone):
 
 def test_bad_visual_prompts_get_clear_errors(backbone, tmp_path):
     w = backbone.vision_width
-    with pytest.raises(ValueError, match="only 3 layers"):
+    with pytest.raises(ValueError, match="image tower.s 3 layers, got 4"):
         backbone.encode_image(images(), [torch.zeros(1, w)] * 4)
     with pytest.raises(ValueError, match="tower's width is 32"):
         backbone.encode_image(images(), [torch.zeros(1, w + 1)])
@@ -143,7 +143,7 @@ def test_visual_prompt_methods_refuse_a_resnet_but_text_methods_run(tmp_path):
 def test_timm_backbone_has_no_text_tower(timm_backbone):
     from vlprompt.prompts import CoOpPromptLearner
 
-    with pytest.raises(NotImplementedError, match="vision-only timm backbone.*VPT with head='linear'"):
+    with pytest.raises(NotImplementedError, match="vision-only backbone.*VPT with head='linear'"):
         CoOpPromptLearner(timm_backbone, ["cat", "dog"])
     assert timm_backbone.preprocess_cfg["size"] == 32
     assert set(timm_backbone.identity) >= {"vision_width", "vision_layers", "fingerprint"}

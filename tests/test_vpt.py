@@ -36,7 +36,7 @@ def timm_backbone():
 def test_linear_head_on_a_vision_only_backbone_trains_saves_and_loads(timm_backbone, dassl_folder, tmp_path):
     from vlprompt.data import FewShotDataModule
 
-    dm = FewShotDataModule(dassl_folder, shots=4, batch_size=8, num_workers=0, train_augmentation=False)
+    dm = FewShotDataModule(dassl_folder, shots=4, batch_size=8, num_workers=0, augment=False)
     dm.set_preprocess(timm_backbone.preprocess_cfg)
     model = PromptClassifier(
         timm_backbone, lambda b, c: VPTPromptLearner(b, c, n_tokens=2), dm.classnames,

@@ -58,6 +58,16 @@ class Backbone(nn.Module, ABC):
         return super().train(False)
 
     # -- text --------------------------------------------------------------------------------
+    def require_text(self) -> None:
+        """Raise a clear error when this backbone has no text tower (prompt learners that need
+        class text call this first)."""
+        if not self.has_text:
+            raise NotImplementedError(
+                f"{type(self).__name__} {getattr(self, 'model_name', '')!r} is a vision-only backbone: it has "
+                "no text tower. Use a method with a learned head (VPT with head='linear'), or an "
+                "OpenCLIPBackbone for methods that prompt text."
+            )
+
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[N, context_length]`` for ``texts``."""

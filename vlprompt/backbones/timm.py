@@ -73,7 +73,8 @@ class TimmBackbone(Backbone):
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({}, model=self.model)
-        size = cfg["input_size"][1:]
+        # The size the model was built for (img_size=...), which its pretrained config may not know.
+        size = tuple(getattr(self.model.patch_embed, "img_size", None) or cfg["input_size"][1:])
         return {
             "size": tuple(size) if size[0] != size[1] else size[0],
             "mean": tuple(cfg["mean"]),
@@ -84,11 +85,8 @@ class TimmBackbone(Backbone):
 
     # -- no text tower ---------------------------------------------------------------------
     def _no_text(self) -> NoReturn:
-        raise NotImplementedError(
-            f"{self.model_name!r} is a vision-only timm backbone: it has no text tower. Use a "
-            "method with a learned head (VPT with head='linear'), or an OpenCLIPBackbone for "
-            "methods that prompt text."
-        )
+        self.require_text()
+        raise AssertionError("unreachable: TimmBackbone has no text tower")
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         self._no_text()

@@ -52,6 +52,7 @@ class CoOpPromptLearner(PromptLearner):
         class_specific_ctx: bool = False,
         init_std: float = 0.02,
     ) -> None:
+        backbone.require_text()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"class_token_position must be end, middle or front, not {class_token_position!r}")
         init_vectors, fixed_words = None, ""

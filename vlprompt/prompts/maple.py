@@ -16,6 +16,9 @@ from vlprompt.prompts.ivlp import check_text_depth, resolve_depth
 
 __all__ = ["MaPLePromptLearner"]
 
+# Fixed token embeddings the reference code keeps in its prompt learner's state.
+_REFERENCE_BUFFERS = {"token_prefix", "token_suffix"}
+
 
 @register_prompt_learner("maple")
 class MaPLePromptLearner(CoOpPromptLearner):
@@ -85,8 +88,12 @@ class MaPLePromptLearner(CoOpPromptLearner):
         state = load_dassl_state_dict(path)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
-        if missing:
-            raise KeyError(f"{path}: not a MaPLe checkpoint for depth {self.hparams['depth']} (missing {missing[:4]})")
+        unexpected = sorted(set(state) - set(own) - _REFERENCE_BUFFERS)
+        if missing or unexpected:
+            raise KeyError(
+                f"{path}: not a MaPLe checkpoint for depth {self.hparams['depth']} "
+                f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
         for key, value in own.items():
             if state[key].shape != value.shape:
                 raise ValueError(

@@ -29,6 +29,7 @@ class ZeroShotPrompt(PromptLearner):
     def __init__(
         self, backbone: Backbone, classnames: Sequence[str], *, templates: str | list[str] = "photo"
     ) -> None:
+        backbone.require_text()
         super().__init__(backbone, classnames, templates=templates)
         self.templates = resolve_templates(templates)
         self._cache: torch.Tensor | None = None
