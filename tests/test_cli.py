@@ -41,6 +41,10 @@ def test_fit_fast_dev_run_and_save_prompt(method, tmp_path, tiny_model_dir, dass
           f"--trainer.default_root_dir={tmp_path}", f"--save_prompt={target}"])
     assert (target / "prompt.safetensors").is_file()
     assert yaml.safe_load((target / "config.json").read_text())["method"] == method
+    # The saved prompt loads back through the same CLI and evaluates, here on the novel classes.
+    main(["test", "--config", str(CONFIGS / "methods" / f"{method}.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),
+          *_data_args(dassl_folder), "--data.subset=novel", f"--model.init_prompt={target}",
+          "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
 
 
 def test_fit_then_test_on_novel_classes(tmp_path, tiny_model_dir, dassl_folder):

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from vlprompt.backbones import OpenCLIPBackbone
+from vlprompt.eval.fewshot import instantiate_callable, load_eval_config
 from vlprompt.methods import PromptClassifier
 from vlprompt.prompts import CoOpPromptLearner, ZeroShotPrompt
+from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models, model_dir
 from vlprompt.zoo.shapeworld import ShapeWorldDataModule
 from vlprompt.zoo.world import CLASSNAMES
@@ -55,3 +57,22 @@ def test_coop_beats_zero_shot_on_held_out_classes(embedded, tmp_path):
     assert _trainer().test(negative, datamodule=dm, verbose=False)[0]["test/acc"] > 0.4  # the model knows negatives
     # The test images are negatives; "a photo of a" says nothing of that, a learned context can.
     assert coop_acc >= zs_acc + 0.30, f"CoOp {coop_acc:.3f} vs zero-shot {zs_acc:.3f}"
+
+
+BASE_TO_NOVEL = load_eval_config(bundled_dir("configs") / "eval" / "shapeworld_base_to_novel.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(set(BASE_TO_NOVEL.methods) - {"coop"}))
+def test_every_method_of_the_demo_learns_the_base_classes(method, embedded, tmp_path):
+    spec = BASE_TO_NOVEL.methods[method]
+    dm = ShapeWorldDataModule(str(tmp_path / "shapeworld"), shots=16, seed=1, subset="base", num_workers=0, batch_size=32)
+    zero_shot = PromptClassifier(embedded, functools.partial(ZeroShotPrompt, templates="a photo of a {}."), dm.classnames)
+    zs_acc = _trainer().test(zero_shot, datamodule=dm, verbose=False)[0]["test/acc"]
+    pl.seed_everything(1)
+    model = PromptClassifier(embedded, instantiate_callable(spec["prompt_learner"]), dm.classnames,
+                             optimizer=instantiate_callable(spec["optimizer"]))
+    trainer = _trainer()
+    trainer.fit(model, datamodule=dm)
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert acc >= zs_acc + 0.30, f"{method} {acc:.3f} vs zero-shot {zs_acc:.3f} on the base classes"
