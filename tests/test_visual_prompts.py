@@ -57,6 +57,15 @@ def test_timm_towers_inside_open_clip_and_alone(tmp_path, timm_backbone):
     assert timm_backbone.vision_layers == 3 and timm_backbone.embed_dim == 32
 
 
+@pytest.mark.parametrize("pool", ["map", "avg", "token"])
+def test_timm_pooling_modes(pool):
+    torch.manual_seed(0)
+    bb = TimmBackbone("vit_tiny_patch16_224", model_kwargs={**TIMM_TINY, "global_pool": pool})
+    x = images(2)
+    assert torch.equal(bb.encode_image(x, [torch.zeros(0, 32)], "after_patches"), bb.encode_image(x))
+    assert not torch.allclose(bb.encode_image(x, [torch.randn(2, 32)]), bb.encode_image(x))
+
+
 def _block_inputs(backbone, x, prompts, placement="after_cls"):
     """Inputs of every image block (prompts included) for one forward pass."""
     seen = []

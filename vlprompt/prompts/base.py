@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,8 +46,8 @@ class PromptLearner(nn.Module):
     """Base class: owns learnable prompt tensors, builds prompts, asks the backbone to encode.
 
     Subclasses take ``(backbone, classnames)`` positionally and their hyper-parameters as
-    keyword-only arguments, passing those to ``super().__init__`` so they are recorded in
-    :attr:`hparams` (saved with the prompt). Fixed token buffers are non-persistent: the
+    keyword-only arguments, passing those to ``super().__init__`` (or adding them to
+    :attr:`hparams`) so they are saved with the prompt. Fixed token buffers are non-persistent: the
     state dict holds only the learnable tensors.
     """
 
@@ -62,7 +63,10 @@ class PromptLearner(nn.Module):
         # Held by reference, not registered: the frozen encoder belongs to the method and must
         # never end up in a saved prompt.
         object.__setattr__(self, "backbone", backbone)
-        self.hparams: dict[str, Any] = dict(hparams)
+        # A subclass that passes its parent's arguments on records only those its own
+        # constructor takes, so a saved prompt rebuilds with exactly its arguments.
+        accepted = inspect.signature(type(self).__init__).parameters
+        self.hparams: dict[str, Any] = {k: v for k, v in hparams.items() if k in accepted}
         self.classnames: list[str] = []
 
     # -- class names ---------------------------------------------------------------------------

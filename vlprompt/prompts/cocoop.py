@@ -53,7 +53,6 @@ class CoCoOpPromptLearner(CoOpPromptLearner):
             init_std=init_std,
         )
         self.hparams["meta_reduction"] = meta_reduction
-        self.hparams.pop("class_specific_ctx")
         hidden = max(1, backbone.embed_dim // meta_reduction)
         # Layer names follow the reference implementation so its checkpoints load as they are.
         self.meta_net = nn.Sequential(

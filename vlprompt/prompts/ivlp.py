@@ -69,8 +69,6 @@ class IVLPPromptLearner(CoOpPromptLearner):
         if vision_depth:
             backbone.check_visual_prompts(vision_depth)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        for unused in ("class_token_position", "class_specific_ctx"):
-            self.hparams.pop(unused)
         self.hparams.update(
             text_depth=text_depth, n_vision_tokens=n_vision_tokens, vision_depth=vision_depth, placement=placement
         )

@@ -46,8 +46,6 @@ class KgCoOpPromptLearner(CoOpPromptLearner):
     ) -> None:
         self.frozen_text = FrozenClassFeatures(templates)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        for unused in ("class_token_position", "class_specific_ctx"):
-            self.hparams.pop(unused)
         self.hparams.update(templates=templates, weight=weight)
         self.weight = weight
 

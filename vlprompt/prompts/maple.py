@@ -56,8 +56,6 @@ class MaPLePromptLearner(CoOpPromptLearner):
         check_text_depth(backbone, depth)
         backbone.check_visual_prompts(depth)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        for unused in ("class_token_position", "class_specific_ctx"):
-            self.hparams.pop(unused)
         self.hparams.update(depth=depth, placement=placement)
         self.placement = placement
         text_width, vision_width = backbone.text_width, backbone.vision_width

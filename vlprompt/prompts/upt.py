@@ -54,8 +54,6 @@ class UPTPromptLearner(CoOpPromptLearner):
         if backbone.text_width % heads:
             raise ValueError(f"heads={heads} must divide the text width {backbone.text_width}")
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        for unused in ("class_token_position", "class_specific_ctx"):
-            self.hparams.pop(unused)
         self.hparams.update(depth=depth, placement=placement, heads=heads)
         self.placement = placement
         width = backbone.text_width
