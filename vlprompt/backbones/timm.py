@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -13,8 +12,6 @@ from vlprompt.backbones.base import Backbone
 from vlprompt.backbones.vision import PromptPlacement, vit_tower
 
 __all__ = ["TimmBackbone"]
-
-log = logging.getLogger(__name__)
 
 
 class TimmBackbone(Backbone):
@@ -51,7 +48,7 @@ class TimmBackbone(Backbone):
             kwargs["pretrained_cfg_overlay"] = {"file": pretrained}
         try:
             model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:
             if pretrained == "timm":
                 raise RuntimeError(
                     f"Could not fetch timm weights for {model_name!r}: {err}. Without internet, pass the "
@@ -136,6 +133,5 @@ class TimmBackbone(Backbone):
             "vision_width": self.vision_width,
             "vision_layers": self.vision_layers,
             "embed_dim": self.embed_dim,
-            "fingerprint": self.fingerprint([p for i, p in enumerate(self.model.parameters()) if i in (0, 1)]),
+            "fingerprint": self.fingerprint(list(self.model.parameters())[:2]),
         }
-

@@ -66,7 +66,8 @@ class PromptLearner(nn.Module):
         # A subclass that passes its parent's arguments on records only those its own
         # constructor takes, so a saved prompt rebuilds with exactly its arguments.
         accepted = inspect.signature(type(self).__init__).parameters
-        self.hparams: dict[str, Any] = {k: v for k, v in hparams.items() if k in accepted}
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        self.hparams: dict[str, Any] = {k: v for k, v in hparams.items() if takes_any or k in accepted}
         self.classnames: list[str] = []
 
     # -- class names ---------------------------------------------------------------------------
