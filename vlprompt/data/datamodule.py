@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,7 @@ class FewShotDataModule(pl.LightningDataModule):
         _, self.classnames = subset_classes([], self.samples.classnames, subset)
         self.preprocess_cfg: dict[str, Any] = dict(DEFAULT_PREPROCESS)
         self.datasets: dict[str, ImageDataset] = {}
+        self.eval_transform: Callable | None = None
 
     # -- reading -------------------------------------------------------------------------------
     def _read(self, dataset, fmt, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file) -> SplitSamples:
@@ -156,7 +158,16 @@ class FewShotDataModule(pl.LightningDataModule):
         for split, ds in self.datasets.items():
             ds.transform = self._transform(split)
 
+    def set_eval_transform(self, transform: Callable | None) -> None:
+        """Replace the evaluation transform of the test split, e.g. by test-time views (TPT);
+        None goes back to the backbone's preprocessing."""
+        self.eval_transform = transform
+        if "test" in self.datasets:
+            self.datasets["test"].transform = self._transform("test")
+
     def _transform(self, split: str):
+        if split == "test" and self.eval_transform is not None:
+            return self.eval_transform
         if split == "train" and self.augment:
             return build_train_transform(self.preprocess_cfg, scale=self.crop_scale)
         return build_eval_transform(self.preprocess_cfg)

@@ -1,0 +1,74 @@
+"""Augmented views of a test image and TPT's objective over them (Shu et al., NeurIPS 2022,
+"Test-Time Prompt Tuning for Zero-Shot Generalization in Vision-Language Models")."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from vlprompt.data.images import _INTERPOLATION, build_eval_transform
+
+__all__ = ["TestTimeViews", "confident_views", "marginal_entropy"]
+
+
+class TestTimeViews:
+    """Turn one image into ``[n_views, 3, H, W]``: the original (the backbone's own evaluation
+    preprocessing) followed by ``n_views - 1`` random views (random resized crop + flip of the
+    full image, optionally followed by AugMix, as in TPT).
+
+    The views of an image depend only on ``seed`` and the image's pixels, never on which images
+    came before, so predictions are reproducible and order-independent.
+    """
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    def __init__(self, preprocess_cfg: dict[str, Any], n_views: int = 64, augmix: bool = False, seed: int = 0) -> None:
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        self.n_views, self.augmix, self.seed = n_views, augmix, seed
+        self.original = build_eval_transform(preprocess_cfg)
+        size = preprocess_cfg.get("size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        interpolation = _INTERPOLATION.get(preprocess_cfg.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
+        steps: list[Any] = [
+            T.RandomResizedCrop(size, interpolation=interpolation, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
+        if augmix:
+            steps.append(T.AugMix(severity=1))
+        steps += [
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(preprocess_cfg["mean"]), std=list(preprocess_cfg["std"])),
+        ]
+        self.augment = T.Compose(steps)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        digest = hashlib.sha1(image.tobytes()).digest()
+        image_seed = (int.from_bytes(digest[:8], "little") ^ self.seed) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(image_seed)
+            views = [self.original(image)] + [self.augment(image) for _ in range(self.n_views - 1)]
+        return torch.stack(views)
+
+
+def confident_views(logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices of the ``int(ratio * N)`` views (at least one) with the lowest prediction entropy."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"the selection ratio must be in (0, 1], got {ratio}")
+    log_probs = logits.float().log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    keep = max(1, int(ratio * logits.shape[0]))
+    return entropy.argsort()[:keep]
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the prediction averaged over views (the mean of the views' probabilities)."""
+    log_probs = logits.float().log_softmax(-1)
+    mean_log_prob = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])
+    return -(mean_log_prob.exp() * mean_log_prob).sum()
