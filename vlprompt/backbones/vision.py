@@ -71,10 +71,6 @@ class ViTTower:
             raise ValueError(f"visual prompt placement must be one of {PLACEMENTS}, not {placement!r}")
         if not prompts:
             raise ValueError("visual prompts: give at least the input-layer prompt")
-        if len(prompts) > self.layers:
-            raise ValueError(
-                f"{len(prompts)} visual prompt layers given but the image tower has only {self.layers} layers"
-            )
         n = prompts[0].shape[-2]
         for i, p in enumerate(prompts):
             if p.shape[-1] != self.width or p.shape[-2] != n:

@@ -60,11 +60,13 @@ def encode_class_templates(backbone: Backbone, classnames: Sequence[str], templa
 
 
 class FrozenClassFeatures:
-    """Normalised hand-written class features of the frozen model (the anchor of KgCoOp and
-    PromptSRC), computed once per class list and device."""
+    """Hand-written class features of the frozen model (zero-shot's classifier, the anchor of
+    KgCoOp and PromptSRC), computed once per class list and device; L2-normalised unless
+    ``normalize=False`` (raw single-template features are exactly plain CLIP's)."""
 
-    def __init__(self, templates: str | Sequence[str]) -> None:
+    def __init__(self, templates: str | Sequence[str], normalize: bool = True) -> None:
         self.templates = resolve_templates(templates)
+        self.normalize = normalize
         self._key: tuple | None = None
         self._features: torch.Tensor | None = None
 
@@ -72,5 +74,6 @@ class FrozenClassFeatures:
         key = (tuple(classnames), backbone.device)
         if self._key != key:
             features = encode_class_templates(backbone, classnames, self.templates)
-            self._features, self._key = F.normalize(features.float(), dim=-1), key
+            self._features = F.normalize(features.float(), dim=-1) if self.normalize else features
+            self._key = key
         return self._features

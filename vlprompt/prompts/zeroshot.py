@@ -8,7 +8,7 @@ import torch
 
 from vlprompt.backbones import Backbone
 from vlprompt.prompts.base import PromptLearner, register_prompt_learner
-from vlprompt.prompts.templates import encode_class_templates, resolve_templates
+from vlprompt.prompts.templates import FrozenClassFeatures
 
 __all__ = ["ZeroShotPrompt"]
 
@@ -31,14 +31,8 @@ class ZeroShotPrompt(PromptLearner):
     ) -> None:
         backbone.require_text()
         super().__init__(backbone, classnames, templates=templates)
-        self.templates = resolve_templates(templates)
-        self._cache: torch.Tensor | None = None
+        self.class_features = FrozenClassFeatures(templates, normalize=False)
         self.set_classnames(classnames)
 
-    def _build_class_buffers(self, classnames: list[str]) -> None:
-        self._cache = None
-
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        if self._cache is None or self._cache.device != self.backbone.device:
-            self._cache = encode_class_templates(self.backbone, self.classnames, self.templates)
-        return self._cache
+        return self.class_features(self.backbone, self.classnames)

@@ -9,9 +9,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as T
-
-from vlprompt.data.images import _INTERPOLATION, build_eval_transform
+from vlprompt.data.images import build_eval_transform, build_train_transform
 
 __all__ = ["TestTimeViews", "confident_views", "marginal_entropy"]
 
@@ -32,21 +30,7 @@ class TestTimeViews:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
         self.n_views, self.augmix, self.seed = n_views, augmix, seed
         self.original = build_eval_transform(preprocess_cfg)
-        size = preprocess_cfg.get("size", 224)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        interpolation = _INTERPOLATION.get(preprocess_cfg.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
-        steps: list[Any] = [
-            T.RandomResizedCrop(size, interpolation=interpolation, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.PILToTensor(),
-        ]
-        if augmix:
-            steps.append(T.AugMix(severity=1))
-        steps += [
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(preprocess_cfg["mean"]), std=list(preprocess_cfg["std"])),
-        ]
-        self.augment = T.Compose(steps)
+        self.augment = build_train_transform(preprocess_cfg, augmix=augmix)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         digest = hashlib.sha1(image.tobytes()).digest()
