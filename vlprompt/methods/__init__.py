@@ -1,6 +1,6 @@
 """LightningModules: training and evaluation procedures, generic over prompt learners."""
 
 from vlprompt.methods.classifier import PromptClassifier, warmup_cosine
-from vlprompt.methods.tta import TestTimePromptTuning
+from vlprompt.methods.tta import DiffTPT, Episode, TestTimePromptTuning
 
-__all__ = ["PromptClassifier", "TestTimePromptTuning", "warmup_cosine"]
+__all__ = ["DiffTPT", "Episode", "PromptClassifier", "TestTimePromptTuning", "warmup_cosine"]

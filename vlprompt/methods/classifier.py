@@ -71,6 +71,9 @@ class PromptClassifier(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
     """
 
+    #: Constructor arguments that are objects, not settings: kept out of saved hyper-parameters.
+    _not_hyperparameters: tuple[str, ...] = ("backbone", "prompt_learner", "optimizer")
+
     def __init__(
         self,
         backbone: Backbone,
@@ -92,7 +95,7 @@ class PromptClassifier(pl.LightningModule):
                 "PromptClassifier needs class names: pass classnames=[...] or let the CLI link them "
                 "from the data module"
             )
-        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optimizer"])
+        self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.backbone = backbone
         factory = prompt_learner or ZeroShotPrompt
         self.prompt_learner: PromptLearner = factory(backbone, list(classnames))

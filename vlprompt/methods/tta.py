@@ -1,4 +1,7 @@
-"""``TestTimePromptTuning``: TPT, episodic prompt tuning on each test image without labels."""
+"""Test-time prompt tuning: episodic prompt tuning on each test image without labels.
+
+``TestTimePromptTuning`` is TPT; ``DiffTPT`` adds diffusion-generated views filtered by cosine
+similarity to the original."""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ import copy
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -14,9 +18,10 @@ from torch.optim import Optimizer
 from vlprompt.backbones import Backbone
 from vlprompt.methods.classifier import PromptClassifier
 from vlprompt.prompts import CoOpPromptLearner, PromptLearnerFactory
-from vlprompt.tta.views import TestTimeViews, confident_views, marginal_entropy
+from vlprompt.tta.diffusion import DiffusionViews, ViewCache, ViewGenerator
+from vlprompt.tta.views import TestTimeViews, confident_views, marginal_entropy, similar_views
 
-__all__ = ["TestTimePromptTuning"]
+__all__ = ["DiffTPT", "Episode", "TestTimePromptTuning"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,16 @@ log = logging.getLogger(__name__)
 def _default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     # TPT's recipe: AdamW, lr 5e-3.
     return torch.optim.AdamW(params, lr=5e-3)
+
+
+@dataclass
+class Episode:
+    """What one test-time episode did: the adapted prediction of the original image, the
+    prediction before adaptation (the starting prompt's), and the views the loss used."""
+
+    logits: torch.Tensor
+    start_logits: torch.Tensor
+    kept: torch.Tensor
 
 
 class TestTimePromptTuning(PromptClassifier):
@@ -82,7 +97,11 @@ class TestTimePromptTuning(PromptClassifier):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "set_eval_transform"):
             raise ValueError("TestTimePromptTuning needs a data module with set_eval_transform (e.g. FewShotDataModule)")
-        dm.set_eval_transform(TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed))
+        dm.set_eval_transform(self.view_transform())
+
+    def view_transform(self) -> Callable:
+        """Image -> ``[n, 3, H, W]`` views, the original first (handed to the data module)."""
+        return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed)
 
     def teardown(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -107,9 +126,13 @@ class TestTimePromptTuning(PromptClassifier):
             return self.logits(self.prompt_learner(image_features=image_features))
         return self.logits(self.prompt_learner(images=views))
 
-    def adapt_and_predict(self, views: torch.Tensor) -> torch.Tensor:
-        """Run one TPT episode on the views of one image (``views[0]`` is the original) and
-        return the logits of the original image with the adapted prompt, ``[C]``."""
+    def select_views(self, views: torch.Tensor, features: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        """Indices of the views the entropy loss uses: the most confident ones."""
+        del views, features
+        return confident_views(logits, self.selection_ratio)
+
+    def run_episode(self, views: torch.Tensor) -> Episode:
+        """Run one episode on the views of one image (``views[0]`` is the original)."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "test-time prompt tuning takes gradient steps: run the trainer with inference_mode=False"
@@ -120,44 +143,61 @@ class TestTimePromptTuning(PromptClassifier):
         if not self.prompt_learner.uses_image_tower:
             with torch.no_grad():
                 features = self.prompt_learner.encode_images(views)
+        with torch.no_grad():
+            start_logits = self._episode_logits(views, features)
+        keep = self.select_views(views, features, start_logits)
         if self.steps:
+            kept_views = views[keep]
+            kept_features = features[keep] if features is not None else None
             with torch.enable_grad():
-                with torch.no_grad():
-                    keep = confident_views(self._episode_logits(views, features), self.selection_ratio)
-                kept_views = views[keep]
-                kept_features = features[keep] if features is not None else None
                 for _ in range(self.steps):
                     loss = marginal_entropy(self._episode_logits(kept_views, kept_features))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
         with torch.no_grad():
-            return self._episode_logits(views[:1], features[:1] if features is not None else None)[0]
+            logits = self._episode_logits(views[:1], features[:1] if features is not None else None)[0]
+        return Episode(logits=logits, start_logits=start_logits[0], kept=keep)
 
-    def _tta_step(self, batch: dict[str, Any]) -> torch.Tensor | None:
+    def adapt_and_predict(self, views: torch.Tensor) -> torch.Tensor:
+        """The logits ``[C]`` of the original image (``views[0]``) after one episode."""
+        return self.run_episode(views).logits
+
+    def _tta_step(self, batch: dict[str, Any]) -> list[Episode] | None:
         self.skipped_images += int(batch.get("skipped", 0))
         if batch["image"] is None:
             return None
         images = batch["image"]
         if images.dim() != 5:
             raise ValueError(f"expected views [B, n_views, 3, H, W], got {tuple(images.shape)}")
-        return torch.stack([self.adapt_and_predict(views) for views in images])
+        return [self.run_episode(views) for views in images]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self._tta_step(batch)
-        if logits is None:
+        episodes = self._tta_step(batch)
+        if episodes is None:
             return
+        logits = torch.stack([e.logits for e in episodes])
         labels = batch["label"]
         self.test_acc(logits.argmax(-1), labels)
         self.test_per_class.update(logits.argmax(-1), labels)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=len(labels))
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor] | None:
-        logits = self._tta_step(batch)
-        if logits is None:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+        """Per image: ``prediction`` and ``confidence`` after adaptation, the same before it
+        (``start_*``), and the indices of the views the loss used (``kept``)."""
+        episodes = self._tta_step(batch)
+        if episodes is None:
             return None
-        confidence, prediction = logits.softmax(-1).max(-1)
-        return {"index": batch["index"], "prediction": prediction, "confidence": confidence}
+        confidence, prediction = torch.stack([e.logits for e in episodes]).softmax(-1).max(-1)
+        start_confidence, start_prediction = torch.stack([e.start_logits for e in episodes]).softmax(-1).max(-1)
+        return {
+            "index": batch["index"],
+            "prediction": prediction,
+            "confidence": confidence,
+            "start_prediction": start_prediction,
+            "start_confidence": start_confidence,
+            "kept": [e.kept.cpu() for e in episodes],
+        }
 
     def on_test_start(self) -> None:
         super().on_test_start()
@@ -177,3 +217,89 @@ class TestTimePromptTuning(PromptClassifier):
     def _restore_start(self) -> None:
         if self._episode_start is not None:
             self.prompt_learner.load_state_dict(self._episode_start[0])
+
+
+class DiffTPT(TestTimePromptTuning):
+    """DiffTPT (Feng et al., ICCV 2023, "Diverse Data Augmentation with Diffusions for Effective
+    Test-time Prompt Tuning"): TPT whose views also include images from a diffusion model.
+
+    Per image: the ``n_views`` conventional views (the original first) and the generator's views
+    are encoded in one batch; generated views are filtered by cosine similarity to the original
+    (keeping the ``filter_ratio`` most similar), then the ``selection_ratio`` most confident views
+    among the original, the conventional and the kept generated views drive ``steps`` entropy steps.
+
+    The paper filters on image features; the reference code filters on logits and over all views,
+    conventional ones included (``filter_on="logits", filter_scope="all"``). Defaults follow the
+    reference scripts otherwise: 4 steps, filter ratio 0.8, selection ratio 0.3.
+
+    Args:
+        generator: the diffusion view generator (:class:`~vlprompt.tta.SDEditGenerator`,
+            :class:`~vlprompt.tta.ImageVariationGenerator`); its ``n_views`` is the number of
+            generated views, ``n_views`` here the number of conventional ones (the mix).
+        cache_dir: where generated views are cached (None: not cached).
+        filter_on: cosine similarity on ``features`` (frozen image features) or ``logits``.
+        filter_ratio: share of the filtered views kept.
+        filter_scope: filter the ``generated`` views only, or ``all`` views but the original.
+        Other arguments as for :class:`TestTimePromptTuning`.
+    """
+
+    _not_hyperparameters = (*TestTimePromptTuning._not_hyperparameters, "generator")
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompt_learner: PromptLearnerFactory | None = None,
+        classnames: list[str] | None = None,
+        *,
+        generator: ViewGenerator,
+        cache_dir: str | None = "outputs/diffusion-views",
+        n_views: int = 64,
+        augmix: bool = False,
+        filter_on: Literal["features", "logits"] = "features",
+        filter_ratio: float = 0.8,
+        filter_scope: Literal["generated", "all"] = "generated",
+        selection_ratio: float = 0.3,
+        steps: int = 4,
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer] = _default_optimizer,
+        init_prompt: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            backbone, prompt_learner, classnames, n_views=n_views, augmix=augmix, selection_ratio=selection_ratio,
+            steps=steps, optimizer=optimizer, init_prompt=init_prompt, seed=seed,
+        )
+        if filter_on not in ("features", "logits"):
+            raise ValueError(f"filter_on must be 'features' or 'logits', got {filter_on!r}")
+        if filter_scope not in ("generated", "all"):
+            raise ValueError(f"filter_scope must be 'generated' or 'all', got {filter_scope!r}")
+        if not 0 < filter_ratio <= 1:
+            raise ValueError(f"filter_ratio must be in (0, 1], got {filter_ratio}")
+        self.generator, self.cache = generator, ViewCache(generator, cache_dir)
+        self.filter_on, self.filter_ratio, self.filter_scope = filter_on, filter_ratio, filter_scope
+
+    def view_transform(self) -> Callable:
+        return DiffusionViews(super().view_transform(), self.cache, self.backbone.preprocess_cfg)
+
+    def select_views(self, views: torch.Tensor, features: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        first = 1 if self.filter_scope == "all" else self.n_views
+        if self.filter_on == "logits":
+            embeddings = logits
+        elif features is not None:
+            embeddings = features
+        else:
+            with torch.no_grad():
+                embeddings = self.backbone.encode_image(views)
+        similar = similar_views(embeddings, torch.arange(first, len(views), device=views.device), self.filter_ratio)
+        candidates = torch.cat([torch.arange(first, device=views.device), similar])
+        return candidates[confident_views(logits[candidates], self.selection_ratio)]
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        self._log_cache()
+
+    def on_predict_end(self) -> None:
+        super().on_predict_end()
+        self._log_cache()
+
+    def _log_cache(self) -> None:
+        log.info("diffusion views: %d images read from the cache, %d generated", self.cache.hits, self.cache.misses)

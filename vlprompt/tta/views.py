@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from vlprompt.data.images import build_eval_transform, build_train_transform
 
-__all__ = ["TestTimeViews", "confident_views", "marginal_entropy"]
+__all__ = ["TestTimeViews", "confident_views", "marginal_entropy", "similar_views"]
 
 
 class TestTimeViews:
@@ -56,3 +56,15 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     log_probs = logits.float().log_softmax(-1)
     mean_log_prob = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])
     return -(mean_log_prob.exp() * mean_log_prob).sum()
+
+
+def similar_views(embeddings: torch.Tensor, candidates: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The ``int(ratio * len(candidates))`` (at least one) of ``candidates`` whose rows of
+    ``embeddings`` are most cosine-similar to row 0, the original image (DiffTPT's filter)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"the filter ratio must be in (0, 1], got {ratio}")
+    if len(candidates) == 0:
+        return candidates
+    similarity = torch.nn.functional.cosine_similarity(embeddings[candidates].float(), embeddings[:1].float(), dim=-1)
+    keep = max(1, int(ratio * len(candidates)))
+    return candidates[similarity.argsort(descending=True)[:keep]]

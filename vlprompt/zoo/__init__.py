@@ -1,15 +1,17 @@
 """Embedded default models that ship inside the package, so everything runs offline.
 
-Each model is a folder in this package with ``open_clip_config.json`` and
+Each CLIP model is a folder in this package with ``open_clip_config.json`` and
 ``open_clip_model.safetensors`` (open_clip's ``local-dir:`` format) plus ``BUILD.json``
-recording how ``tools/build_embedded_model.py`` made it. Refer to one as ``zoo:NAME``.
+recording how ``tools/build_embedded_model.py`` made it. Diffusion models (for DiffTPT) are
+diffusers pipeline folders (``model_index.json``, ``unet/``, ``scheduler/``) made by
+``tools/build_diffusion_model.py``. Refer to either as ``zoo:NAME``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ZOO_DIR", "available_models", "model_dir", "resolve_model_name"]
+__all__ = ["ZOO_DIR", "available_models", "diffusion_model_dir", "model_dir", "resolve_model_name"]
 
 ZOO_DIR = Path(__file__).resolve().parent
 _PREFIX = "zoo:"
@@ -37,3 +39,16 @@ def resolve_model_name(model_name: str) -> str:
     if model_name.startswith(_PREFIX):
         return f"local-dir:{model_dir(model_name)}"
     return model_name
+
+
+def diffusion_model_dir(name: str) -> Path:
+    """Folder of the embedded diffusers pipeline ``name`` (with or without the ``zoo:`` prefix)."""
+    name = name.removeprefix(_PREFIX)
+    path = ZOO_DIR / name
+    if not (path / "model_index.json").is_file():
+        found = sorted(p.parent.name for p in ZOO_DIR.glob("*/model_index.json"))
+        raise FileNotFoundError(
+            f"No embedded diffusion model {name!r} in {ZOO_DIR}. Available: {found or 'none'}. "
+            "Build it with `python tools/build_diffusion_model.py`."
+        )
+    return path
