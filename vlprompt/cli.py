@@ -3,7 +3,8 @@
 ``vlprompt fit|validate|test|predict`` is a LightningCLI over :class:`PromptClassifier` and any
 LightningDataModule (composable YAMLs in ``configs/``). ``vlprompt demo`` runs the offline demo on
 the embedded default; ``vlprompt eval-fewshot`` runs the few-shot transfer evaluation
-(zero-shot vs tuned over shots x seeds, and base-to-novel).
+(zero-shot vs tuned over shots x seeds, and base-to-novel); ``vlprompt tta`` runs test-time
+prompt tuning (TPT, DiffTPT) on a folder of images or a dataset.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         from vlprompt.zoo.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "tta":
+        from vlprompt.eval.tta import main as tta_main
+
+        return tta_main(argv[1:])
     if argv and argv[0] == "eval-fewshot":
         from vlprompt.eval.fewshot import main as fewshot_main
 

@@ -4,6 +4,7 @@ from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+from vlprompt.data.test_images import TestImagesDataModule
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -11,6 +12,7 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "SplitSamples",
+    "TestImagesDataModule",
     "build_eval_transform",
     "build_train_transform",
     "collate_skipping",

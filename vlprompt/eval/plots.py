@@ -1,13 +1,16 @@
-"""Pictures of results: accuracy against the number of shots."""
+"""Pictures of results: accuracy against the number of shots; the views of test-time tuning."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from vlprompt.eval.tables import Result, summarise
 
-__all__ = ["plot_accuracy_vs_shots"]
+__all__ = ["plot_accuracy_vs_shots", "plot_views"]
 
 
 def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path, title: str = "Few-shot accuracy") -> Path:
@@ -36,6 +39,44 @@ def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_views(views: torch.Tensor, preprocess_cfg: dict[str, Any], kept: Sequence[int], n_conventional: int,
+               title: str, path: str | Path, max_views: int = 32) -> Path:
+    """A grid of the views of one test image (normalised tensors ``[N, 3, H, W]``, the original
+    first): the views the entropy loss used are outlined in green, diffusion-generated views
+    (index ``>= n_conventional``) are labelled "gen"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Show the original, then kept views first, so the picture says what drove the update.
+    kept_set = set(kept)
+    order = [0] + sorted(range(1, len(views)), key=lambda i: (i not in kept_set, i))
+    order = order[:max_views]
+    mean = torch.tensor(preprocess_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"]).view(3, 1, 1)
+    cols = min(8, len(order))
+    rows = (len(order) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows + 0.4), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        image = (views[i].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        ax.imshow(image)
+        label = "original" if i == 0 else ("gen" if i >= n_conventional else "aug") + f" {i}"
+        ax.set_title(label, fontsize=6, color="green" if i in kept_set else "black")
+        if i in kept_set:
+            ax.add_patch(matplotlib.patches.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False,
+                                                      edgecolor="limegreen", linewidth=3))
+    fig.suptitle(title + f"\n{len(kept_set)} of {len(views)} views kept (green)", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,248 @@
+"""``vlprompt tta``: test-time prompt tuning (TPT or DiffTPT) on a folder of images or a dataset.
+
+Writes ``predictions.csv`` and ``predictions.json`` (per image: the class predicted after
+adaptation and its confidence, the prediction of the starting prompt, and the label when the
+folder names it), a summary with the accuracies when labels are known, and optionally pictures of
+the views of a few images (``views/``). ``--generate_views_only`` fills DiffTPT's view cache for
+the data and stops: the command that pre-generates the cache for a dataset.
+
+Examples::
+
+    vlprompt tta --config configs/backbones/shapeworld_tiny.yaml --config configs/tta/tpt.yaml \\
+        --images path/to/images --classnames_file classes.txt --out outputs/tta
+    vlprompt tta --config configs/eval/shapeworld_tta.yaml --model.class_path vlprompt.methods.DiffTPT ...
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningCLI
+
+from vlprompt.data.images import UnreadableImageError, load_rgb
+from vlprompt.data.test_images import UNLABELLED
+from vlprompt.methods import DiffTPT, TestTimePromptTuning
+
+__all__ = ["TTACLI", "compare_tta", "format_comparison", "main", "write_predictions"]
+
+log = logging.getLogger(__name__)
+
+_OUTPUTS = ("predictions.csv", "predictions.json")
+
+
+class TTACLI(LightningCLI):
+    """LightningCLI over :class:`TestTimePromptTuning` and its subclasses (``--model.class_path
+    vlprompt.methods.DiffTPT``) with the data from ``--images`` or ``--data``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+        parser.add_argument("--images", type=str | None, default=None,
+                            help="Folder of images: root/<class>/* (labels known) or root/* (unlabelled).")
+        parser.add_argument("--classnames", type=list[str] | None, default=None, help="Class names, for --images.")
+        parser.add_argument("--classnames_file", type=str | None, default=None,
+                            help="File with one class name per line, for --images.")
+        parser.add_argument("--out", type=str, default="outputs/tta", help="Where predictions are written.")
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace predictions already in --out.")
+        parser.add_argument("--pictures", type=int, default=4, help="Save a picture of the views of this many images.")
+        parser.add_argument("--generate_views_only", type=bool, default=False,
+                            help="DiffTPT: fill the view cache for the data, then stop.")
+        parser.add_argument("--generate_batch_images", type=int, default=8,
+                            help="Test images per generation call with --generate_views_only.")
+        parser.set_defaults({
+            "trainer.inference_mode": False,  # TPT takes gradient steps at test time
+            "trainer.logger": False,
+            "trainer.enable_checkpointing": False,
+            "trainer.enable_model_summary": False,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.get("images") is None:
+            if config.get("data") is None:
+                raise ValueError("give the images to classify: --images DIR (with class names) or --data CONFIG")
+            return
+        if config.get("data") is not None:
+            raise ValueError("give --images or --data, not both")
+        config["data"] = Namespace(
+            class_path="vlprompt.data.TestImagesDataModule",
+            init_args=Namespace(root=config["images"], classnames=config.get("classnames"),
+                                classnames_file=config.get("classnames_file"), batch_size=1, num_workers=0,
+                                on_error="skip"),
+        )
+
+
+def _samples(datamodule) -> list:
+    datamodule.setup("predict")
+    return datamodule.datasets["test"].samples
+
+
+def generate_views(model: DiffTPT, datamodule, batch_images: int) -> None:
+    """Fill ``model``'s view cache for every readable image of the data's test split."""
+    from tqdm.auto import tqdm
+
+    samples, skipped = _samples(datamodule), 0
+
+    def images():
+        nonlocal skipped
+        for sample in tqdm(samples, desc="generating views", unit="image"):
+            try:
+                yield load_rgb(sample.path)
+            except UnreadableImageError as err:
+                skipped += 1
+                log.warning("skipping %s", err)
+
+    model.cache.pregenerate(images(), batch_images=batch_images)
+    log.info("view cache %s: %d images already there, %d generated, %d unreadable skipped",
+             model.cache.root, model.cache.hits, model.cache.misses, skipped)
+
+
+def write_predictions(out: Path, samples: list, classnames: list[str], outputs: list[dict[str, Any] | None],
+                      summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write ``predictions.csv`` / ``.json`` and return the rows; fills the accuracies in
+    ``summary``. Images that produced no prediction (unreadable) are listed as skipped."""
+    done: dict[int, dict[str, Any]] = {}
+    for batch in outputs:
+        if batch is None:
+            continue
+        for j, index in enumerate(batch["index"].tolist()):
+            done[index] = {k: batch[k][j] for k in ("prediction", "confidence", "start_prediction", "start_confidence")}
+    rows = []
+    for index, sample in enumerate(samples):
+        row: dict[str, Any] = {"path": sample.path, "label": sample.classname if sample.label != UNLABELLED else ""}
+        result = done.get(index)
+        if result is None:
+            row |= {"status": "unreadable", "prediction": "", "confidence": "", "start_prediction": "",
+                    "start_confidence": "", "correct": ""}
+        else:
+            pred, start = int(result["prediction"]), int(result["start_prediction"])
+            row |= {
+                "status": "ok",
+                "prediction": classnames[pred],
+                "confidence": round(float(result["confidence"]), 5),
+                "start_prediction": classnames[start],
+                "start_confidence": round(float(result["start_confidence"]), 5),
+                "correct": "" if sample.label == UNLABELLED else int(pred == sample.label),
+                "_start_correct": None if sample.label == UNLABELLED else int(start == sample.label),
+            }
+        rows.append(row)
+    scored = [r for r in rows if r["status"] == "ok" and r["correct"] != ""]
+    summary["predicted"] = sum(r["status"] == "ok" for r in rows)
+    summary["skipped"] = [r["path"] for r in rows if r["status"] != "ok"]
+    summary["labelled"] = len(scored)
+    if scored:
+        summary["accuracy"] = round(100.0 * sum(r["correct"] for r in scored) / len(scored), 2)
+        summary["start_accuracy"] = round(100.0 * sum(r["_start_correct"] for r in scored) / len(scored), 2)
+    for r in rows:
+        r.pop("_start_correct", None)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["path", "status", "prediction", "confidence", "start_prediction", "start_confidence", "label", "correct"]
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "predictions.json").write_text(json.dumps({"summary": summary, "predictions": rows}, indent=1) + "\n")
+    return rows
+
+
+def save_view_pictures(model: TestTimePromptTuning, samples: list, outputs: list[dict[str, Any] | None],
+                       classnames: list[str], out: Path, count: int) -> list[Path]:
+    """Pictures of the views of the first ``count`` predicted images, kept views outlined."""
+    from vlprompt.eval.plots import plot_views
+
+    transform = model.view_transform()
+    n_conventional = model.n_views
+    saved = []
+    for batch in outputs:
+        if batch is None:
+            continue
+        for j, index in enumerate(batch["index"].tolist()):
+            if len(saved) == count:
+                return saved
+            sample = samples[index]
+            views = transform(load_rgb(sample.path))
+            title = (f"{Path(sample.path).name}: {classnames[int(batch['start_prediction'][j])]} -> "
+                     f"{classnames[int(batch['prediction'][j])]} ({float(batch['confidence'][j]):.2f})"
+                     + (f", label {sample.classname}" if sample.label != UNLABELLED else ""))
+            path = out / "views" / f"{index:05d}_{Path(sample.path).stem}.png"
+            plot_views(views, model.backbone.preprocess_cfg, batch["kept"][j].tolist(), n_conventional, title, path)
+            saved.append(path)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """``vlprompt tta`` / ``tools/tta.py``; returns the summary of the run."""
+    cli = TTACLI(TestTimePromptTuning, subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
+                 save_config_callback=None)
+    model, datamodule, trainer, config = cli.model, cli.datamodule, cli.trainer, cli.config
+    out = Path(config["out"]).expanduser()
+    if config["generate_views_only"]:
+        if not isinstance(model, DiffTPT):
+            raise ValueError("--generate_views_only needs --model.class_path vlprompt.methods.DiffTPT (a view generator)")
+        return generate_views(model, datamodule, config["generate_batch_images"])
+    existing = [name for name in _OUTPUTS if (out / name).exists()]
+    if existing and not config["overwrite"]:
+        raise FileExistsError(f"{out} already holds {existing}; pass --overwrite true or another --out")
+    start = time.time()
+    outputs = trainer.predict(model, datamodule=datamodule)
+    seconds = time.time() - start
+    samples = datamodule.datasets["test"].samples
+    summary: dict[str, Any] = {
+        "method": type(model).__name__,
+        "learner": model.prompt_learner.name,
+        "images": len(samples),
+        "classnames": model.prompt_learner.classnames,
+        "seconds": round(seconds, 2),
+        "seconds_per_image": round(seconds / max(1, len(samples)), 4),
+        "settings": {k: v for k, v in dict(model.hparams).items()
+                     if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    write_predictions(out, samples, model.prompt_learner.classnames, outputs, summary)
+    if config["pictures"] > 0:
+        save_view_pictures(model, samples, outputs, model.prompt_learner.classnames, out, config["pictures"])
+    line = f"{summary['predicted']} images classified in {seconds:.1f} s"
+    if "accuracy" in summary:
+        line += f"; accuracy {summary['accuracy']:.1f}% (starting prompt {summary['start_accuracy']:.1f}%)"
+    if summary["skipped"]:
+        line += f"; {len(summary['skipped'])} unreadable images skipped"
+    log.info("%s; predictions in %s", line, out)
+    return summary
+
+
+def compare_tta(config: dict[str, Any], output_dir: str | Path, extra_args: list[str] = ()) -> dict[str, dict[str, Any]]:
+    """Run every method of a comparison config on the same data and return their summaries.
+
+    ``config`` has ``backbone`` (``{class_path, init_args}``), ``data`` (``{class_path,
+    init_args}``), ``methods`` (name -> ``{class_path, init_args}`` of a test-time method) and
+    optionally ``trainer`` (trainer options). The first method's starting prompt gives the
+    zero-shot accuracy.
+    """
+    unknown = set(config) - {"backbone", "data", "methods", "trainer", "pictures"}
+    if unknown:
+        raise ValueError(f"unknown keys in the TTA comparison config: {sorted(unknown)}")
+    output_dir = Path(output_dir)
+    summaries = {}
+    for name, method in config["methods"].items():
+        model = {"class_path": method["class_path"],
+                 "init_args": {"backbone": config["backbone"], **(method.get("init_args") or {})}}
+        argv = ["--model", json.dumps(model), "--data", json.dumps(config["data"]), "--out", str(output_dir / name),
+                "--pictures", str(config.get("pictures", 2))]
+        for key, value in (config.get("trainer") or {}).items():
+            argv += [f"--trainer.{key}", json.dumps(value) if not isinstance(value, str) else value]
+        log.info("test-time tuning with %s", name)
+        summaries[name] = main(argv + list(extra_args))
+    return summaries
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """A table: zero-shot (the starting prompt) and each method's accuracy and time per image."""
+    first = next(iter(summaries.values()))
+    lines = [f"{'method':<10} {'accuracy':>9} {'s/image':>8}", f"{'zero-shot':<10} {first.get('start_accuracy', float('nan')):>8.1f}% {'':>8}"]
+    for name, summary in summaries.items():
+        lines.append(f"{name:<10} {summary.get('accuracy', float('nan')):>8.1f}% {summary['seconds_per_image']:>8.3f}")
+    return "\n".join(lines)
