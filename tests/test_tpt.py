@@ -115,3 +115,17 @@ def test_lightning_test_and_predict_on_a_folder(backbone, image_folder, tmp_path
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                    default_root_dir=tmp_path).test(model, datamodule=dm, verbose=False)
+
+
+def test_a_non_finite_loss_keeps_the_starting_prediction_and_is_counted(backbone, monkeypatch):
+    import vlprompt.methods.tta as tta
+
+    views = _views()
+    zero_step = _model(backbone, steps=0).adapt_and_predict(views)
+    model = _model(backbone, steps=2)
+    start = model.prompt_learner.ctx.detach().clone()
+    monkeypatch.setattr(tta, "marginal_entropy", lambda logits: logits.sum() * float("nan"))
+    logits = model.adapt_and_predict(views)
+    assert model.unadapted_images == 1
+    assert torch.allclose(logits, zero_step, atol=1e-5)  # the starting prompt's prediction
+    assert torch.equal(model.prompt_learner.ctx, start)  # no step was taken

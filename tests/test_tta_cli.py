@@ -98,3 +98,17 @@ def test_folder_errors_are_clear(tmp_path, image_folder):
     with pytest.raises(ValueError, match="distinct"):
         TestImagesDataModule(str(image_folder), classnames=["red square", "Red square", "green square", "blue square",
                                                              "yellow square"])
+
+
+def test_tta_on_a_dataset_config_with_the_shipped_method_config(tmp_path, tiny_model_dir, dassl_folder):
+    import yaml
+
+    backbone = tmp_path / "backbone.yaml"
+    backbone.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
+        "class_path": "vlprompt.backbones.OpenCLIPBackbone", "init_args": {"model_name": f"local-dir:{tiny_model_dir}"}}}}}))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    summary = main(["tta", "--config", str(configs / "tta" / "tpt.yaml"), "--config", str(backbone),
+                    "--model.init_args.n_views=4", "--data", "vlprompt.data.FewShotDataModule", f"--data.root={dassl_folder}",
+                    "--data.num_workers=0", "--out", str(tmp_path / "out"), "--pictures=0", "--trainer.accelerator=cpu",
+                    "--trainer.enable_progress_bar=false"])
+    assert summary["predicted"] == summary["labelled"] == 24 and "accuracy" in summary

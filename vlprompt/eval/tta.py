@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "settings": {k: v for k, v in dict(model.hparams).items()
                      if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
     }
+    summary["unadapted_nonfinite_loss"] = model.unadapted_images
     write_predictions(out, samples, model.prompt_learner.classnames, outputs, summary)
     if config["pictures"] > 0:
         save_view_pictures(model, samples, outputs, model.prompt_learner.classnames, out, config["pictures"])

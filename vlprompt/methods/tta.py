@@ -90,6 +90,8 @@ class TestTimePromptTuning(PromptClassifier):
         self.n_views, self.augmix, self.seed = n_views, augmix, seed
         self.selection_ratio, self.steps = selection_ratio, steps
         self._episode_start: tuple[dict[str, torch.Tensor], dict[str, Any], Optimizer] | None = None
+        #: Images whose loss was not finite: they keep the starting prompt's prediction.
+        self.unadapted_images = 0
 
     # -- views come from the data module ------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -152,6 +154,12 @@ class TestTimePromptTuning(PromptClassifier):
             with torch.enable_grad():
                 for _ in range(self.steps):
                     loss = marginal_entropy(self._episode_logits(kept_views, kept_features))
+                    if not torch.isfinite(loss):
+                        # Never predict from a broken prompt: keep the starting one for this image.
+                        self.unadapted_images += 1
+                        log.warning("non-finite TPT loss (%s); this image keeps the starting prompt's prediction "
+                                    "(%d so far)", loss.item(), self.unadapted_images)
+                        return Episode(logits=start_logits[0], start_logits=start_logits[0], kept=keep)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -4,6 +4,9 @@ Generates the ShapeWorld classification dataset (16 (colour, shape) classes held
 embedded CLIP's pretraining), then evaluates zero-shot CLIP against few-shot prompt learning
 (CoOp by default) over a few shot counts and in the base-to-novel setting, and prints the
 accuracies. Results, tables and a plot land in ``outputs/demo/<timestamp>/``.
+
+A config with a top-level ``tta`` section (``shapeworld_tta``) instead compares zero-shot, TPT
+and DiffTPT on a shifted test split, with no training.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import argparse
 import logging
 import time
 from pathlib import Path
+
+import yaml
 
 from vlprompt.eval.fewshot import format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
@@ -28,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         "--config",
         default="shapeworld_demo",
         help="an evaluation YAML, or the name of one shipped in configs/eval/ (shapeworld_demo: "
-        "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel)",
+        "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel; "
+        "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split)",
     )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
     parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
@@ -45,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         if not config.is_file():
             known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml"))
             raise SystemExit(f"--config {args.config!r}: no such file, and not a shipped config ({', '.join(known)})")
+    output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
+    raw = yaml.safe_load(config.read_text()) or {}
+    if "tta" in raw:
+        return _tta_demo(raw["tta"], args, output_dir)
     cfg = load_eval_config(config)
     if args.data_root:
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
@@ -53,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_epochs:
         for spec in cfg.methods.values():
             spec["max_epochs"] = args.max_epochs
-    output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     started = time.perf_counter()
     results = run_fewshot_eval(cfg, output_dir)
     plot = output_dir / "accuracy_vs_shots.png"
@@ -63,4 +72,20 @@ def main(argv: list[str] | None = None) -> None:
         format_report(results),
         output_dir / "summary.md",
         f"\nPlot:   {plot}" if plot.exists() else "",
+    )
+
+
+def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path) -> None:
+    from vlprompt.eval.tta import compare_tta, format_comparison
+
+    if args.data_root:
+        config["data"].setdefault("init_args", {})["root"] = args.data_root
+    started = time.perf_counter()
+    summaries = compare_tta(config, output_dir)
+    first = next(iter(summaries.values()))
+    log.info(
+        "Test-time prompt tuning, ShapeWorld %s test split (%d images, no labels used), embedded tiny CLIP "
+        "(%.0f s):\n%s\nPredictions and view pictures: %s",
+        config["data"].get("init_args", {}).get("domain", ""), first["predicted"], time.perf_counter() - started,
+        format_comparison(summaries), output_dir,
     )
