@@ -133,3 +133,20 @@ def test_train_loader_yields_augmented_batches(dassl_folder):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert dm.train_augmentation
+
+
+def test_test_per_class_draws_a_seeded_subset_of_the_test_split(dassl_folder):
+    from collections import Counter
+
+    from vlprompt.data import FewShotDataModule
+
+    def test_paths(seed):
+        dm = FewShotDataModule(str(dassl_folder), shots=2, seed=seed, test_per_class=3, num_workers=0)
+        dm.setup("test")
+        return [s.path for s in dm.datasets["test"].samples], dm
+
+    paths, dm = test_paths(1)
+    assert Counter(s.label for s in dm.datasets["test"].samples) == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert test_paths(1)[0] == paths and test_paths(2)[0] != paths
+    with pytest.raises(ValueError, match="test_per_class"):
+        FewShotDataModule(str(dassl_folder), test_per_class=0)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from vlprompt.data.fewshot import ClassSubset, load_or_sample_few_shot, subset_classes
+from vlprompt.data.fewshot import ClassSubset, load_or_sample_few_shot, sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
 
@@ -52,6 +52,8 @@ class FewShotDataModule(pl.LightningDataModule):
         classnames_file: ``<folder> <name>`` lines mapping ImageFolder folders to class names.
         shots: images per class for training (``-1``: all).
         seed: seed of the few-shot draw.
+        test_per_class: test on this many images per class, drawn with ``seed`` (all when None):
+            quicker evaluations, e.g. of test-time tuning.
         subset: ``all``, ``base`` or ``novel`` classes.
         augment: random resized crop + flip for training (CoOp); off gives eval preprocessing.
         crop_scale: scale range of the random resized crop.
@@ -82,10 +84,14 @@ class FewShotDataModule(pl.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         on_error: OnError = "skip",
         fewshot_dir: str | None = None,
+        test_per_class: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.shots, self.seed, self.subset = shots, seed, subset
+        if test_per_class is not None and test_per_class < 1:
+            raise ValueError(f"test_per_class must be >= 1 or None, got {test_per_class}")
+        self.test_per_class = test_per_class
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.crop_scale, self.on_error = augment, tuple(crop_scale), on_error
         self.template: str | None = None
@@ -185,6 +191,8 @@ class FewShotDataModule(pl.LightningDataModule):
             shots = self.shots if split == "train" else min(self.shots, 4)
             cache = self.fewshot_dir / f"shot_{self.shots}-seed_{self.seed}.json"
             samples = load_or_sample_few_shot(samples, shots, self.seed, cache, split)
+        if split == "test" and self.test_per_class is not None:
+            samples = sample_few_shot(samples, self.test_per_class, self.seed)
         samples, _ = subset_classes(samples, self.samples.classnames, self.subset)
         return samples
 
@@ -199,7 +207,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 continue
             if not samples:
                 raise ValueError(f"the {split} split of {self.root} is empty (subset={self.subset})")
-            key = f"{split}:{self.subset}:{self.shots}:{self.seed}"
+            key = f"{split}:{self.subset}:{self.shots}:{self.seed}:{self.test_per_class}"
             self.datasets[split] = ImageDataset(samples, self._transform(split), on_error=self.on_error, cache_key=key)
             log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
 
