@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+from timing import timed
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.prompts import CoOpPromptLearner
 
@@ -35,20 +34,6 @@ def step(learner, backbone, images, labels, image_features, optimizer, autocast)
     loss.backward()
     optimizer.step()
     return loss.item()
-
-
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
-    fn()  # warm-up
-    times, loss = [], 0.0
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), loss
 
 
 def main() -> None:

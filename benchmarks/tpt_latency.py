@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import statistics
 import tempfile
 import time
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+from timing import timed
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.methods import TestTimePromptTuning
 from vlprompt.prompts import CoOpPromptLearner
@@ -60,20 +60,6 @@ def plain_tpt(learner: CoOpPromptLearner, backbone: OpenCLIPBackbone, views: tor
         optimizer.step()
     with torch.no_grad():
         return int(logits(views[:1]).argmax())
-
-
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
-    fn()  # warm-up
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def tpt_latency(args: argparse.Namespace, device: torch.device) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ if str(REPO) not in sys.path:
 import diffusers  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
+from build_embedded_model import sha256_file  # noqa: E402
 from vlprompt.zoo import world  # noqa: E402
 
 log = logging.getLogger("build_diffusion_model")
@@ -120,14 +120,6 @@ def train(args: argparse.Namespace) -> tuple[UNet2DModel, DDPMScheduler, float]:
         if step % 100 == 0 or step == args.steps - 1:
             log.info("step %d/%d loss %.4f (%.0f s)", step, args.steps, smoothed, time.time() - start)
     return ema, scheduler, smoothed
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

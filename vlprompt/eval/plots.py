@@ -13,6 +13,17 @@ from vlprompt.eval.tables import Result, summarise
 __all__ = ["plot_accuracy_vs_shots", "plot_views"]
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path, title: str = "Few-shot accuracy") -> Path:
     """Mean accuracy (error bars: std over seeds) against shots per class, one line per method;
     zero-shot as a dashed horizontal line."""
@@ -39,12 +50,7 @@ def plot_accuracy_vs_shots(results: Sequence[Result], path: str | Path, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_views(views: torch.Tensor, preprocess_cfg: dict[str, Any], kept: Sequence[int], n_conventional: int,
@@ -77,9 +83,4 @@ def plot_views(views: torch.Tensor, preprocess_cfg: dict[str, Any], kept: Sequen
             ax.add_patch(matplotlib.patches.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False,
                                                       edgecolor="limegreen", linewidth=3))
     fig.suptitle(title + f"\n{len(kept_set)} of {len(views)} views kept (green)", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
