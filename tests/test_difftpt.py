@@ -249,3 +249,11 @@ def test_difftpt_runs_in_lightning_and_reuses_its_cache(backbone, image_folder, 
     again = trainer.predict(model, datamodule=dm)
     assert CountingSDEdit.calls == 3 * n  # the second run reads every view from disk
     assert torch.equal(torch.cat([p["prediction"] for p in again]), torch.cat([p["prediction"] for p in preds]))
+
+
+def test_sdedit_with_a_multistep_solver():
+    from diffusers import DPMSolverMultistepScheduler
+
+    gen = tiny_sdedit(scheduler=DPMSolverMultistepScheduler(num_train_timesteps=100), n_views=2)
+    views = gen.generate([_image(0)])[0]
+    assert len(views) == 2 and views[0].size == (16, 16)

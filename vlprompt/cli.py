@@ -59,6 +59,8 @@ def _setup_logging() -> None:
     logging.getLogger("vlprompt").setLevel(logging.INFO)
     # The frozen encoder is in eval mode on purpose; Lightning's reminder about it is noise here.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # `vlprompt demo` runs `vlprompt tta` in-process with its own arguments, on purpose.
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
 
 
 def main(argv: list[str] | None = None) -> None:

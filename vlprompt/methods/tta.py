@@ -60,6 +60,8 @@ class TestTimePromptTuning(PromptClassifier):
         classnames: class names by label.
         n_views: views per image, the original included (64 in the paper).
         augmix: AugMix on the random views (the paper does so except on ImageNet and variants).
+        crop_scale: area range of the random resized crops (TPT's default 0.08-1; objects that
+            fill little of the frame want more of it).
         selection_ratio: share of views kept by confidence (0.1 in the paper).
         steps: optimiser steps per image (1 in the paper).
         optimizer: factory over the prompt parameters (AdamW, lr 5e-3).
@@ -77,6 +79,7 @@ class TestTimePromptTuning(PromptClassifier):
         *,
         n_views: int = 64,
         augmix: bool = False,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
         selection_ratio: float = 0.1,
         steps: int = 1,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer] = _default_optimizer,
@@ -87,7 +90,7 @@ class TestTimePromptTuning(PromptClassifier):
         super().__init__(backbone, factory, classnames, optimizer=optimizer, init_prompt=init_prompt)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
-        self.n_views, self.augmix, self.seed = n_views, augmix, seed
+        self.n_views, self.augmix, self.seed, self.crop_scale = n_views, augmix, seed, tuple(crop_scale)
         self.selection_ratio, self.steps = selection_ratio, steps
         self._episode_start: tuple[dict[str, torch.Tensor], dict[str, Any], Optimizer] | None = None
         #: Images whose loss was not finite: they keep the starting prompt's prediction.
@@ -103,7 +106,7 @@ class TestTimePromptTuning(PromptClassifier):
 
     def view_transform(self) -> Callable:
         """Image -> ``[n, 3, H, W]`` views, the original first (handed to the data module)."""
-        return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed)
+        return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed, self.crop_scale)
 
     def teardown(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -263,6 +266,7 @@ class DiffTPT(TestTimePromptTuning):
         cache_dir: str | None = "outputs/diffusion-views",
         n_views: int = 64,
         augmix: bool = False,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
         filter_on: Literal["features", "logits"] = "features",
         filter_ratio: float = 0.8,
         filter_scope: Literal["generated", "all"] = "generated",
@@ -273,7 +277,8 @@ class DiffTPT(TestTimePromptTuning):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            backbone, prompt_learner, classnames, n_views=n_views, augmix=augmix, selection_ratio=selection_ratio,
+            backbone, prompt_learner, classnames, n_views=n_views, augmix=augmix, crop_scale=crop_scale,
+            selection_ratio=selection_ratio,
             steps=steps, optimizer=optimizer, init_prompt=init_prompt, seed=seed,
         )
         if filter_on not in ("features", "logits"):

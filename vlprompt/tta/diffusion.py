@@ -309,7 +309,10 @@ class SDEditGenerator(ViewGenerator):
         n_run = min(int(round(self.steps * self.strength)), self.steps)
         if n_run == 0:
             return [_square(image, self.size) for image in images]
-        timesteps = self.scheduler.timesteps[(self.steps - n_run) * self.scheduler.order :]
+        begin = (self.steps - n_run) * self.scheduler.order
+        timesteps = self.scheduler.timesteps[begin:]
+        if hasattr(self.scheduler, "set_begin_index"):  # multistep solvers count their steps from here
+            self.scheduler.set_begin_index(begin)
         x = pixels
         if self.vae is not None:
             x = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor

@@ -16,8 +16,8 @@ __all__ = ["TestTimeViews", "confident_views", "marginal_entropy", "similar_view
 
 class TestTimeViews:
     """Turn one image into ``[n_views, 3, H, W]``: the original (the backbone's own evaluation
-    preprocessing) followed by ``n_views - 1`` random views (random resized crop + flip of the
-    full image, optionally followed by AugMix, as in TPT).
+    preprocessing) followed by ``n_views - 1`` random views (random resized crop of ``crop_scale``
+    of the image + flip, optionally followed by AugMix, as in TPT).
 
     The views of an image depend only on ``seed`` and the image's pixels, never on which images
     came before, so predictions are reproducible and order-independent.
@@ -25,12 +25,13 @@ class TestTimeViews:
 
     __test__ = False  # not a pytest test class, despite its name
 
-    def __init__(self, preprocess_cfg: dict[str, Any], n_views: int = 64, augmix: bool = False, seed: int = 0) -> None:
+    def __init__(self, preprocess_cfg: dict[str, Any], n_views: int = 64, augmix: bool = False, seed: int = 0,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
         self.n_views, self.augmix, self.seed = n_views, augmix, seed
         self.original = build_eval_transform(preprocess_cfg)
-        self.augment = build_train_transform(preprocess_cfg, augmix=augmix)
+        self.augment = build_train_transform(preprocess_cfg, scale=tuple(crop_scale), augmix=augmix)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         digest = hashlib.sha1(image.tobytes()).digest()
