@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                      if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
     }
     summary["unadapted_nonfinite_loss"] = model.unadapted_images
+    if isinstance(model, DiffTPT):
+        summary["view_cache"] = {"root": str(model.cache.root), "read": model.cache.hits, "generated": model.cache.misses}
     write_predictions(out, samples, model.prompt_learner.classnames, outputs, summary)
     if config["pictures"] > 0:
         save_view_pictures(model, samples, outputs, model.prompt_learner.classnames, out, config["pictures"])
