@@ -178,7 +178,7 @@ def save_view_pictures(model: TestTimePromptTuning, samples: list, outputs: list
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``vlprompt tta`` / ``tools/tta.py``; returns the summary of the run."""
     cli = TTACLI(TestTimePromptTuning, subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
-                 save_config_callback=None)
+                 save_config_callback=None, auto_configure_optimizers=False)
     model, datamodule, trainer, config = cli.model, cli.datamodule, cli.trainer, cli.config
     out = Path(config["out"]).expanduser()
     if config["generate_views_only"]:

@@ -278,8 +278,7 @@ class DiffTPT(TestTimePromptTuning):
     ) -> None:
         super().__init__(
             backbone, prompt_learner, classnames, n_views=n_views, augmix=augmix, crop_scale=crop_scale,
-            selection_ratio=selection_ratio,
-            steps=steps, optimizer=optimizer, init_prompt=init_prompt, seed=seed,
+            selection_ratio=selection_ratio, steps=steps, optimizer=optimizer, init_prompt=init_prompt, seed=seed,
         )
         if filter_on not in ("features", "logits"):
             raise ValueError(f"filter_on must be 'features' or 'logits', got {filter_on!r}")

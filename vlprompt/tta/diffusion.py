@@ -145,13 +145,13 @@ class ViewGenerator(ABC):
         return views
 
 
-
 class ImageVariationGenerator(ViewGenerator):
     """Stable Diffusion image variations, the generator of DiffTPT.
 
     Args:
         model: a diffusers ``StableDiffusionImageVariationPipeline`` or its path / hub id (e.g.
-            ``lambdalabs/sd-image-variations-diffusers``, read from the local cache when offline).
+            ``lambdalabs/sd-image-variations-diffusers``: a local folder, or a hub id already in
+            the Hugging Face cache when offline).
         n_views: images generated per test image.
         steps: denoising steps.
         guidance_scale: classifier-free guidance on the image embedding.
@@ -180,16 +180,15 @@ class ImageVariationGenerator(ViewGenerator):
         self.device = device or _default_device()
         self.dtype = _dtype(dtype, self.device)
         if isinstance(model, str):
-            self.model_name = model
             model = StableDiffusionImageVariationPipeline.from_pretrained(
                 load_diffusion_model(model), torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False
             )
-        else:
-            self.model_name = type(model).__name__
         self.pipeline = _place(model, self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
         self.steps, self.guidance_scale, self.size = steps, guidance_scale, size
-        self._fingerprint = module_fingerprint(self.pipeline.unet) + module_fingerprint(self.pipeline.image_encoder)
+        self._fingerprint = "".join(
+            module_fingerprint(part) for part in (self.pipeline.unet, self.pipeline.image_encoder, self.pipeline.vae)
+        )
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -261,7 +260,6 @@ class SDEditGenerator(ViewGenerator):
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.device = device or _default_device()
         self.dtype = _dtype(dtype, self.device)
-        self.model_name = model if isinstance(model, str) else type(model).__name__
         if isinstance(model, str):
             path = load_diffusion_model(model)
             model = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
