@@ -129,3 +129,14 @@ def test_a_non_finite_loss_keeps_the_starting_prediction_and_is_counted(backbone
     assert model.unadapted_images == 1
     assert torch.allclose(logits, zero_step, atol=1e-5)  # the starting prompt's prediction
     assert torch.equal(model.prompt_learner.ctx, start)  # no step was taken
+
+
+def test_mixed_precision_comes_from_lightning(backbone, image_folder, tmp_path):
+    dm = FewShotDataModule(str(image_folder), shots=-1, batch_size=2, eval_batch_size=4, num_workers=0)
+    model = TestTimePromptTuning(backbone, classnames=dm.classnames, n_views=4, selection_ratio=0.5)
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", inference_mode=False, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    preds = trainer.predict(model, datamodule=dm)
+    confidence = torch.cat([p["confidence"] for p in preds])
+    assert len(confidence) == len(dm.datasets["test"]) and torch.isfinite(confidence).all()
+    assert model.unadapted_images == 0

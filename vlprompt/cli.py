@@ -57,6 +57,8 @@ def _setup_logging() -> None:
     # open_clip reports every model build on the root logger; keep that at warnings and ours at info.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("vlprompt").setLevel(logging.INFO)
+    # bitsandbytes (pulled in by diffusers/transformers) warns about optional CPU kernels we never use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # The frozen encoder is in eval mode on purpose; Lightning's reminder about it is noise here.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # `vlprompt demo` runs `vlprompt tta` in-process with its own arguments, on purpose.
