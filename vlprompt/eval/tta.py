@@ -77,16 +77,12 @@ class TTACLI(LightningCLI):
         )
 
 
-def _samples(datamodule) -> list:
-    datamodule.setup("predict")
-    return datamodule.datasets["test"].samples
-
-
 def generate_views(model: DiffTPT, datamodule, batch_images: int) -> None:
     """Fill ``model``'s view cache for every readable image of the data's test split."""
     from tqdm.auto import tqdm
 
-    samples, skipped = _samples(datamodule), 0
+    datamodule.setup("predict")
+    samples, skipped = datamodule.datasets["test"].samples, 0
 
     def images():
         nonlocal skipped
@@ -112,7 +108,8 @@ def write_predictions(out: Path, samples: list, classnames: list[str], outputs: 
             continue
         for j, index in enumerate(batch["index"].tolist()):
             done[index] = {k: batch[k][j] for k in ("prediction", "confidence", "start_prediction", "start_confidence")}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    scored: list[tuple[bool, bool]] = []  # (adapted correct, starting prompt correct) per labelled image
     for index, sample in enumerate(samples):
         row: dict[str, Any] = {"path": sample.path, "label": sample.classname if sample.label != UNLABELLED else ""}
         result = done.get(index)
@@ -128,18 +125,16 @@ def write_predictions(out: Path, samples: list, classnames: list[str], outputs: 
                 "start_prediction": classnames[start],
                 "start_confidence": round(float(result["start_confidence"]), 5),
                 "correct": "" if sample.label == UNLABELLED else int(pred == sample.label),
-                "_start_correct": None if sample.label == UNLABELLED else int(start == sample.label),
             }
+            if sample.label != UNLABELLED:
+                scored.append((pred == sample.label, start == sample.label))
         rows.append(row)
-    scored = [r for r in rows if r["status"] == "ok" and r["correct"] != ""]
     summary["predicted"] = sum(r["status"] == "ok" for r in rows)
     summary["skipped"] = [r["path"] for r in rows if r["status"] != "ok"]
     summary["labelled"] = len(scored)
     if scored:
-        summary["accuracy"] = round(100.0 * sum(r["correct"] for r in scored) / len(scored), 2)
-        summary["start_accuracy"] = round(100.0 * sum(r["_start_correct"] for r in scored) / len(scored), 2)
-    for r in rows:
-        r.pop("_start_correct", None)
+        summary["accuracy"] = round(100.0 * sum(a for a, _ in scored) / len(scored), 2)
+        summary["start_accuracy"] = round(100.0 * sum(b for _, b in scored) / len(scored), 2)
     out.mkdir(parents=True, exist_ok=True)
     fields = ["path", "status", "prediction", "confidence", "start_prediction", "start_confidence", "label", "correct"]
     with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:

@@ -44,7 +44,7 @@ __all__ = [
     "ViewCache",
     "ViewGenerator",
     "image_digest",
-    "load_diffusion_model",
+    "resolve_diffusion_model",
     "module_fingerprint",
 ]
 
@@ -97,8 +97,8 @@ def _place(module: Any, device: str, dtype: torch.dtype) -> Any:
     return module
 
 
-def load_diffusion_model(path: str) -> str:
-    """Resolve ``zoo:NAME`` to the embedded diffusers folder; other paths and hub ids pass through."""
+def resolve_diffusion_model(path: str) -> str:
+    """``zoo:NAME`` -> the embedded diffusers folder; other paths and hub ids pass through."""
     from vlprompt.zoo import diffusion_model_dir
 
     return str(diffusion_model_dir(path)) if path.startswith("zoo:") else path
@@ -181,7 +181,7 @@ class ImageVariationGenerator(ViewGenerator):
         self.dtype = _dtype(dtype, self.device)
         if isinstance(model, str):
             model = StableDiffusionImageVariationPipeline.from_pretrained(
-                load_diffusion_model(model), torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False
+                resolve_diffusion_model(model), torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False
             )
         self.pipeline = _place(model, self.device, self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -261,7 +261,7 @@ class SDEditGenerator(ViewGenerator):
         self.device = device or _default_device()
         self.dtype = _dtype(dtype, self.device)
         if isinstance(model, str):
-            path = load_diffusion_model(model)
+            path = resolve_diffusion_model(model)
             model = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
             if scheduler is None:
                 scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
@@ -302,11 +302,11 @@ class SDEditGenerator(ViewGenerator):
         return pixels.to(self.device, self.dtype)
 
     def _generate(self, images: list[Image.Image], seeds: list[int]) -> list[Image.Image]:
-        pixels = self._to_tensor(images)
-        self.scheduler.set_timesteps(self.steps)
         n_run = min(int(round(self.steps * self.strength)), self.steps)
         if n_run == 0:
             return [_square(image, self.size) for image in images]
+        pixels = self._to_tensor(images)
+        self.scheduler.set_timesteps(self.steps)
         begin = (self.steps - n_run) * self.scheduler.order
         timesteps = self.scheduler.timesteps[begin:]
         if hasattr(self.scheduler, "set_begin_index"):  # multistep solvers count their steps from here
@@ -428,10 +428,6 @@ class DiffusionViews:
     def __init__(self, conventional: TestTimeViews, cache: ViewCache, preprocess_cfg: dict[str, Any]) -> None:
         self.conventional, self.cache = conventional, cache
         self.preprocess: Callable = build_eval_transform(preprocess_cfg)
-
-    @property
-    def n_generated(self) -> int:
-        return self.cache.generator.n_views
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         generated = self.cache.views([image])[0]
