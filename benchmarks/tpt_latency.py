@@ -100,7 +100,7 @@ def tpt_latency(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def generation_cost(args: argparse.Namespace, device: torch.device) -> None:
-    from vlprompt.zoo.world import CLASSNAMES, class_spec, render, sample_spec
+    from vlprompt.data.world import CLASSNAMES, class_spec, render, sample_spec
 
     images = []
     for i in range(args.gen_images):

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from vlprompt.backbones import OpenCLIPBackbone
-from vlprompt.eval.fewshot import instantiate_callable, load_eval_config
+from vlprompt.apps.fewshot import instantiate_callable, load_eval_config
 from vlprompt.methods import PromptClassifier
 from vlprompt.prompts import CoOpPromptLearner, ZeroShotPrompt
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models, model_dir
-from vlprompt.zoo.shapeworld import ShapeWorldDataModule
-from vlprompt.zoo.world import CLASSNAMES
+from vlprompt.data.shapeworld import ShapeWorldDataModule
+from vlprompt.data.world import CLASSNAMES
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import yaml
 from vlprompt.resources import bundled_dir
 from vlprompt.tta import SDEditGenerator
 from vlprompt.zoo import diffusion_model_dir
-from vlprompt.zoo.world import CLASSNAMES, class_spec, render, sample_spec
+from vlprompt.data.world import CLASSNAMES, class_spec, render, sample_spec
 
 
 def _shifted(index: int):
@@ -35,7 +35,7 @@ def test_embedded_diffusion_model_ships_and_sdedit_keeps_the_scene():
 
 @pytest.mark.slow
 def test_tta_demo_prints_zero_shot_tpt_and_difftpt_and_reuses_its_view_cache(tmp_path, monkeypatch):
-    from vlprompt.eval.tta import compare_tta, format_comparison
+    from vlprompt.apps.compare_tta import compare_tta, format_comparison
 
     monkeypatch.setattr(sys, "argv", ["vlprompt"])
     config = yaml.safe_load((bundled_dir("configs") / "eval" / "shapeworld_tta.yaml").read_text())["tta"]

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from vlprompt.eval.fewshot import FewShotEvaluation, format_report, run_fewshot_eval
+from vlprompt.apps.fewshot import FewShotEvaluation, format_report, run_fewshot_eval
 from vlprompt.eval.plots import plot_accuracy_vs_shots
 from vlprompt.eval.tables import Result, base_novel_table, harmonic_mean, shots_table, summarise
 

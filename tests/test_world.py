@@ -1,4 +1,4 @@
-"""ShapeWorld (vlprompt.zoo.world) and the determinism of tools/build_embedded_model.py."""
+"""ShapeWorld (vlprompt.data.world) and the determinism of tools/build_embedded_model.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlprompt.zoo import world
+from vlprompt.data import world
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -41,7 +41,7 @@ import diffusers  # noqa: E402
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from build_embedded_model import sha256_file  # noqa: E402
-from vlprompt.zoo import world  # noqa: E402
+from vlprompt.data import world  # noqa: E402
 
 log = logging.getLogger("build_diffusion_model")
 

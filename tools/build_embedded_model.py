@@ -2,7 +2,7 @@
 """Pretrain the embedded ``shapeworld-clip-tiny`` open_clip model on procedural ShapeWorld data.
 
 Trains a tiny open_clip ``CLIP`` (standard layout, standard BPE tokenizer) contrastively on
-image-caption pairs from :mod:`vlprompt.zoo.world`, generated on the fly from seeded generators and
+image-caption pairs from :mod:`vlprompt.data.world`, generated on the fly from seeded generators and
 never showing the 16 held-out (colour, shape) combinations. Writes an open_clip ``local-dir:``
 folder (``open_clip_config.json``, fp16 ``open_clip_model.safetensors``) and ``BUILD.json`` with the
 build arguments, weight hash, versions, timing, final loss, and zero-shot / 16-shot linear-probe
@@ -48,7 +48,7 @@ import open_clip  # noqa: E402
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from vlprompt.zoo import world  # noqa: E402
+from vlprompt.data import world  # noqa: E402
 
 log = logging.getLogger("build_embedded_model")
 

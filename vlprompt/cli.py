@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv and argv[0] == "demo":
-        from vlprompt.zoo.demo import main as demo_main
+        from vlprompt.apps.demo import main as demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "tta":
-        from vlprompt.eval.tta import main as tta_main
+        from vlprompt.apps.tta import main as tta_main
 
         return tta_main(argv[1:])
     if argv and argv[0] == "eval-fewshot":
-        from vlprompt.eval.fewshot import main as fewshot_main
+        from vlprompt.apps.fewshot import main as fewshot_main
 
         return fewshot_main(argv[1:])
     VLPromptCLI(

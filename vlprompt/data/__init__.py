@@ -1,6 +1,7 @@
 """Data: dataset formats, few-shot sampling and the Lightning data modules."""
 
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
+from vlprompt.data.shapeworld import ShapeWorldDataModule, ensure_shapeworld
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
@@ -11,11 +12,13 @@ __all__ = [
     "FewShotDataModule",
     "ImageDataset",
     "Sample",
+    "ShapeWorldDataModule",
     "SplitSamples",
     "TestImagesDataModule",
     "build_eval_transform",
     "build_train_transform",
     "collate_skipping",
+    "ensure_shapeworld",
     "read_csv_splits",
     "read_dassl_split",
     "read_imagefolder",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from vlprompt.eval.fewshot import format_report, load_eval_config, run_fewshot_eval
+from vlprompt.apps.fewshot import format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path) -> None:
-    from vlprompt.eval.tta import compare_tta, format_comparison
+    from vlprompt.apps.compare_tta import compare_tta, format_comparison
 
     if args.data_root:
         config["data"].setdefault("init_args", {})["root"] = args.data_root

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vlprompt.data import FewShotDataModule
-from vlprompt.zoo import world
+from vlprompt.data.datamodule import FewShotDataModule
+from vlprompt.data import world
 
 __all__ = ["ShapeWorldDataModule", "ensure_shapeworld"]
 
