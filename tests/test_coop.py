@@ -40,7 +40,8 @@ def test_random_init_and_class_specific_contexts(backbone):
     with torch.no_grad():
         csc.ctx[1].add_(1.0)
     after = csc.text_features().detach()
-    assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
+    # (allclose: a batched matmul may round a row differently when other rows change)
+    assert torch.allclose(before[0], after[0], atol=1e-6) and torch.allclose(before[2], after[2], atol=1e-6)
     assert not torch.allclose(before[1], after[1])
     with pytest.raises(ValueError, match="class-specific"):
         csc.set_classnames(["a", "b"])

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from vlprompt.backbones import OpenCLIPBackbone
-from vlprompt.apps.fewshot import instantiate_callable, load_eval_config
+from vlprompt.apps.fewshot import load_eval_config
 from vlprompt.methods import PromptClassifier
 from vlprompt.prompts import CoOpPromptLearner, ZeroShotPrompt
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models, model_dir
-from vlprompt.data.shapeworld import ShapeWorldDataModule
+from vlprompt.data import ShapeWorldDataModule
 from vlprompt.data.world import CLASSNAMES
 
 
@@ -32,9 +32,10 @@ def test_embedded_model_ships_and_loads_offline(embedded):
     assert embedded.identity["fingerprint"] == OpenCLIPBackbone("zoo:shapeworld-clip-tiny").identity["fingerprint"]
 
 
-def _trainer():
-    return pl.Trainer(accelerator="cpu", max_epochs=20, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+def _trainer(**kwargs):
+    return pl.Trainer(**{"accelerator": "cpu", "max_epochs": 20, "logger": False, "enable_checkpointing": False,
+                         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                         "limit_val_batches": 0, **kwargs})
 
 
 @pytest.mark.slow
@@ -65,14 +66,12 @@ BASE_TO_NOVEL = load_eval_config(bundled_dir("configs") / "eval" / "shapeworld_b
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(set(BASE_TO_NOVEL.methods) - {"coop"}))
 def test_every_method_of_the_demo_learns_the_base_classes(method, embedded, tmp_path):
-    spec = BASE_TO_NOVEL.methods[method]
     dm = ShapeWorldDataModule(str(tmp_path / "shapeworld"), shots=16, seed=1, subset="base", num_workers=0, batch_size=32)
     zero_shot = PromptClassifier(embedded, functools.partial(ZeroShotPrompt, templates="a photo of a {}."), dm.classnames)
     zs_acc = _trainer().test(zero_shot, datamodule=dm, verbose=False)[0]["test/acc"]
     pl.seed_everything(1)
-    model = PromptClassifier(embedded, instantiate_callable(spec["prompt_learner"]), dm.classnames,
-                             optimizer=instantiate_callable(spec["optimizer"]))
-    trainer = _trainer()
+    model, trainer_args = BASE_TO_NOVEL.recipe(method).build(embedded, dm.classnames)
+    trainer = _trainer(callbacks=trainer_args.get("callbacks"))  # e.g. PromptSRC's prompt aggregation
     trainer.fit(model, datamodule=dm)
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert acc >= zs_acc + 0.30, f"{method} {acc:.3f} vs zero-shot {zs_acc:.3f} on the base classes"

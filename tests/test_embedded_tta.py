@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import sys
 
 import numpy as np
@@ -38,20 +39,24 @@ def test_tta_demo_prints_zero_shot_tpt_and_difftpt_and_reuses_its_view_cache(tmp
     from vlprompt.apps.compare_tta import compare_tta, format_comparison
 
     monkeypatch.setattr(sys, "argv", ["vlprompt"])
-    config = yaml.safe_load((bundled_dir("configs") / "eval" / "shapeworld_tta.yaml").read_text())["tta"]
-    config = copy.deepcopy(config)
+    path = bundled_dir("configs") / "eval" / "shapeworld_tta.yaml"
+    config = copy.deepcopy(yaml.safe_load(path.read_text())["tta"])
     config["data"]["init_args"] |= {"test_per_class": 1, "root": str(tmp_path / "shifted")}
-    config["methods"]["difftpt"]["init_args"]["cache_dir"] = str(tmp_path / "views")
-    config["methods"]["difftpt"]["init_args"]["generator"]["init_args"]["n_views"] = 8
+    difftpt = config["methods"]["difftpt"]["model"]["init_args"]
+    difftpt["cache_dir"] = str(tmp_path / "views")
+    difftpt["generator"]["init_args"]["n_views"] = 8
     config["trainer"]["enable_progress_bar"] = False
-    summaries = compare_tta(config, tmp_path / "run1")
+    summaries = compare_tta(config, tmp_path / "run1", path.parent)
     table = format_comparison(summaries)
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["zero-shot", "tpt", "difftpt"]
     assert summaries["tpt"]["start_accuracy"] == summaries["difftpt"]["start_accuracy"]  # same starting prompt
-    assert all(s["predicted"] == 16 and 0 <= s["accuracy"] <= 100 for s in summaries.values())
+    for name, summary in summaries.items():  # the reported accuracy is that of the written predictions
+        rows = list(csv.DictReader((tmp_path / "run1" / name / "predictions.csv").open()))
+        assert summary["predicted"] == len(rows) == 16
+        assert summary["accuracy"] == pytest.approx(100 * sum(int(r["correct"]) for r in rows) / 16, abs=0.01)
     assert len(list((tmp_path / "run1" / "difftpt" / "views").glob("*.png"))) == config["pictures"]
     assert len(list((tmp_path / "views").glob("*/*/settings.json"))) == 16
     assert summaries["difftpt"]["view_cache"]["generated"] == 16
-    again = compare_tta({**config, "methods": {"difftpt": config["methods"]["difftpt"]}}, tmp_path / "run2")
+    again = compare_tta({**config, "methods": {"difftpt": config["methods"]["difftpt"]}}, tmp_path / "run2", path.parent)
     assert again["difftpt"]["view_cache"]["generated"] == 0  # every view read back from the cache
     assert again["difftpt"]["accuracy"] == summaries["difftpt"]["accuracy"]

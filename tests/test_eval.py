@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-
+import lightning.pytorch as pl
 import pytest
+import torch
+import yaml
 
-from vlprompt.apps.fewshot import FewShotEvaluation, format_report, run_fewshot_eval
+from vlprompt.apps.fewshot import EvaluationConfig, TransferProtocol, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.eval.plots import plot_accuracy_vs_shots
-from vlprompt.eval.tables import Result, base_novel_table, harmonic_mean, shots_table, summarise
+from vlprompt.eval.tables import Result, base_novel_table, harmonic_mean, read_csv, shots_table, summarise, transfer_table
+from vlprompt.resources import bundled_dir
 
 
 def test_harmonic_mean_and_summary():
@@ -33,17 +35,31 @@ def test_tables_and_plot(tmp_path):
     assert "| coop | 80.0 | 40.0 | 53.3 |" in base_novel_table(results, ["zeroshot", "coop"])
     png = plot_accuracy_vs_shots(results, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    transfer = [Result("coop", 16, seed, "transfer", acc, data) for seed, accs in ((1, (90, 60, 40)), (2, (80, 50, 30)))
+                for data, acc in zip(("source", "t1", "t2"), accs)]
+    assert "| coop | 85.0 ± 7.1 | 55.0 ± 7.1 | 35.0 ± 7.1 | 45.0 ± 7.1 |" in transfer_table(transfer, ["coop"], ["t1", "t2"])
     report = format_report(results).splitlines()
     assert "  coop                 80.0   40.0   53.3" in report
     assert "  all classes | coop 4-shot         70.0%" in report
 
 
+def _backbone(model_dir):
+    return {"class_path": "vlprompt.backbones.OpenCLIPBackbone", "init_args": {"model_name": f"local-dir:{model_dir}"}}
+
+
+def _data(root, **init_args):
+    return {"class_path": "vlprompt.data.FewShotDataModule",
+            "init_args": {"root": str(root), "num_workers": 0, "batch_size": 4, **init_args}}
+
+
+COOP = {"config": "methods/coop.yaml", "model": {"prompt_learner": {"init_args": {"n_ctx": 2}}}, "trainer": {"max_epochs": 1}}
+
+
 def test_runner_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, dassl_folder):
-    cfg = FewShotEvaluation(
-        backbone={"model_name": f"local-dir:{tiny_model_dir}"},
-        data={"root": str(dassl_folder), "num_workers": 0, "batch_size": 4},
-        methods={"coop": {"prompt_learner": {"class_path": "vlprompt.prompts.CoOpPromptLearner", "init_args": {"n_ctx": 2}},
-                          "max_epochs": 1}},
+    cfg = EvaluationConfig(
+        backbone=_backbone(tiny_model_dir),
+        data=_data(dassl_folder),
+        methods={"coop": COOP},
         shots=[1, 2],
         seeds=[1, 2],
         base_to_novel={"shots": 2},
@@ -53,9 +69,71 @@ def test_runner_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, dassl_folde
     settings = sorted({(r.method, r.shots, r.setting) for r in results})
     assert ("zeroshot", 0, "novel") in settings and ("coop", 2, "novel") in settings and ("coop", 1, "all") in settings
     assert len([r for r in results if r.method == "coop"]) == 2 * 2 + 2 * 2  # shots x seeds + (base, novel) x seeds
-    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-    assert len(rows) == len(results)
+    assert read_csv(tmp_path / "out" / "results.csv") == results
     assert "Base-to-novel" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "accuracy_vs_shots.png").is_file()
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_fewshot_eval(cfg, tmp_path / "out")
+
+
+def test_method_recipe_is_the_method_yaml_with_overrides(backbone):
+    recipe = EvaluationConfig(backbone=_backbone("x"), data=_data("x"), methods={"coop": COOP}).recipe("coop")
+    model, trainer_args = recipe.build(backbone, ["a", "b"])
+    assert model.prompt_learner.n_ctx == 2 and trainer_args == {"max_epochs": 1}
+    optimizer = model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.002  # from configs/methods/coop.yaml
+    with pytest.raises(ValueError, match="config"):
+        EvaluationConfig(backbone=_backbone("x"), data=_data("x"), methods={"coop": {"prompt_learner": {}}})
+    with pytest.raises(ValueError, match="class_path"):
+        EvaluationConfig(backbone={"model_name": "x"}, data=_data("x"), methods={})
+
+
+def test_transfer_protocol_tests_each_target_with_its_own_classes(tmp_path, tiny_model_dir, dassl_folder, image_folder):
+    from vlprompt.backbones import OpenCLIPBackbone
+    from vlprompt.data import FewShotDataModule
+    from vlprompt.methods import PromptClassifier
+    from vlprompt.prompts import load_prompt
+
+    cfg = EvaluationConfig(
+        backbone=_backbone(tiny_model_dir),
+        data=_data(dassl_folder),
+        methods={"coop": COOP},
+        shots=[],
+        seeds=[1, 2],
+        base_to_novel=None,
+        transfer=TransferProtocol(name="cross-dataset", shots=2, subset="base",
+                                  targets={"folder": _data(image_folder, shots=-1)}),
+        trainer={"accelerator": "cpu"},
+        save_prompts=True,
+    )
+    torch.manual_seed(0)  # the runner's random tiny backbone, built again below with the same weights
+    results = run_fewshot_eval(cfg, tmp_path / "out")
+    transfer = [r for r in results if r.setting == "transfer"]
+    assert sorted({(r.method, r.dataset) for r in transfer}) == [
+        ("coop", "folder"), ("coop", "source"), ("zeroshot", "folder"), ("zeroshot", "source")]
+    assert len([r for r in transfer if r.method == "coop"]) == 2 * 2  # (source, target) x seeds
+    # The target's number is the learned prompt evaluated on the target with the target's classes.
+    torch.manual_seed(0)
+    prompt = load_prompt(tmp_path / "out" / "prompts" / "coop_transfer_2shot_seed2", OpenCLIPBackbone(f"local-dir:{tiny_model_dir}"))
+    assert prompt.classnames == ["red square", "green square"]  # the source's base classes
+    target = FewShotDataModule(str(image_folder), shots=-1, num_workers=0)
+    model = PromptClassifier(prompt.backbone, lambda b, c: prompt, prompt.classnames)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = 100 * trainer.test(model, datamodule=target, verbose=False)[0]["test/acc"]
+    got = [r.accuracy for r in transfer if r.method == "coop" and r.seed == 2 and r.dataset == "folder"]
+    assert got == [pytest.approx(expected)]
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| method | source | folder | target mean |" in table
+    targets = [r.accuracy for r in transfer if r.method == "coop" and r.dataset == "folder"]
+    assert f"{sum(targets) / 2:.1f}" in table.split("| coop |")[1].splitlines()[0]
+
+
+def test_shipped_evaluation_configs_parse():
+    """Every evaluation YAML in configs/eval/ refers to method YAMLs that parse with the CLI's types."""
+    for path in sorted((bundled_dir("configs") / "eval").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if "tta" in raw:
+            continue
+        cfg = load_eval_config(path)
+        for name in cfg.methods:
+            cfg.recipe(name)

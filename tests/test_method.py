@@ -100,12 +100,15 @@ def test_feature_cache_is_exact(backbone, dassl_folder, tmp_path, factory):
     plain = PromptClassifier(backbone, factory, dm.classnames, cache_image_features=False)
     plain.prompt_learner.load_state_dict(cached.prompt_learner.state_dict())
     first = trainer(tmp_path).test(cached, datamodule=dm, verbose=False)[0]["test/acc"]
-    assert len(next(iter(cached._feature_cache.values()))) == 24  # every test image cached
-    second = trainer(tmp_path).test(cached, datamodule=dm, verbose=False)[0]["test/acc"]  # from cache
+    assert len(cached.feature_cache) == 24  # every test image cached
+    encode = cached.prompt_learner.encode_images
+    cached.prompt_learner.encode_images = None  # a second test must not encode anything
+    second = trainer(tmp_path).test(cached, datamodule=dm, verbose=False)[0]["test/acc"]
+    cached.prompt_learner.encode_images = encode
     reference = trainer(tmp_path).test(plain, datamodule=dm, verbose=False)[0]["test/acc"]
     assert first == second == reference
     batch = next(iter(dm.test_dataloader()))
-    feats = cached._cached_image_features(batch, "test")
+    feats = cached.feature_cache.features(dm.dataset("test").fingerprint, batch["index"], batch["image"], None)
     assert torch.equal(feats, backbone.encode_image(batch["image"]))
 
 
@@ -113,10 +116,114 @@ def test_training_cache_only_without_augmentation(backbone, dassl_folder, tmp_pa
     dm = datamodule(dassl_folder, augment=True)
     model = PromptClassifier(backbone, COOP, dm.classnames)
     trainer(tmp_path).fit(model, datamodule=dm)
-    assert not any(k.startswith("train") for k in model._feature_cache)
+    train, val = dm.dataset("train").fingerprint, dm.dataset("val").fingerprint
+    assert train not in model.feature_cache.datasets() and val in model.feature_cache.datasets()
     model = PromptClassifier(backbone, COOP, dm.classnames, cache_augmented_train=True)
     trainer(tmp_path).fit(model, datamodule=dm)
-    assert any(k.startswith("train") for k in model._feature_cache)
+    assert train in model.feature_cache.datasets()
+
+
+def _copy_with_classes_rotated(source, target):
+    """The same class names, each now shown with the next class's images (other files)."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    split = json.loads((target / "split_zhou_Colours.json").read_text())
+    names = {label: name for rows in split.values() for _, label, name in rows}
+    for rows in split.values():
+        for row in rows:
+            row[1] = (row[1] + 1) % len(names)
+            row[2] = names[row[1]]
+    (target / "split_zhou_Colours.json").write_text(json.dumps(split))
+    return target
+
+
+def test_cached_features_follow_the_data_not_its_class_names(backbone, dassl_folder, tmp_path):
+    """ImageNet and ImageNet-V2 share class names: testing one after the other with one model must
+    not reuse the first one's image features for the second."""
+    pl.seed_everything(0)
+    first = datamodule(dassl_folder)
+    model = PromptClassifier(backbone, COOP, first.classnames, optimizer=adam, lr_scheduler="constant")
+    trainer(tmp_path, max_epochs=15).fit(model, datamodule=first)
+    second = datamodule(_copy_with_classes_rotated(dassl_folder, tmp_path / "rotated"))
+    assert second.classnames == first.classnames
+    acc_first = trainer(tmp_path).test(model, datamodule=first, verbose=False)[0]["test/acc"]
+    acc_second = trainer(tmp_path).test(model, datamodule=second, verbose=False)[0]["test/acc"]
+    uncached = PromptClassifier(backbone, COOP, first.classnames, cache_image_features=False)
+    uncached.prompt_learner.load_state_dict(model.prompt_learner.state_dict())
+    assert acc_second == trainer(tmp_path).test(uncached, datamodule=second, verbose=False)[0]["test/acc"]
+    assert acc_first > 0.9 and acc_second < 0.5  # each got its own accuracy
+    assert len(model.feature_cache.datasets()) >= 2
+
+
+def test_per_class_mean_leaves_out_classes_without_test_images(backbone, dassl_folder, tmp_path):
+    import json
+
+    split_file = dassl_folder / "split_zhou_Colours.json"
+    split = json.loads(split_file.read_text())
+    split["test"] = [row for row in split["test"] if row[1] != 3]
+    split_file.write_text(json.dumps(split))
+    dm = datamodule(dassl_folder)
+    model = PromptClassifier(backbone, COOP, dm.classnames)
+    metrics = trainer(tmp_path).test(model, datamodule=dm, verbose=False)[0]
+    per_class = model.per_class_accuracy
+    assert per_class[dm.classnames[3]] is None and metrics["test/images"] == 18
+    scored = [a for a in per_class.values() if a is not None]
+    assert metrics["test/acc_per_class_mean"] == pytest.approx(sum(scored) / 3)
+
+
+def test_resumed_fit_equals_an_uninterrupted_one(backbone, dassl_folder, tmp_path):
+    """Shuffling and random augmentation continue where they stopped: the random state is saved in
+    the checkpoint and restored."""
+    class InterruptAfterTwoEpochs(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch >= 1
+
+    def run(callbacks=(), ckpt_path=None):
+        dm = datamodule(dassl_folder, augment=True, batch_size=4)
+        pl.seed_everything(3)
+        model = PromptClassifier(backbone, COOP, dm.classnames, cache_image_features=False)
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+        trainer(tmp_path, max_epochs=4, callbacks=callbacks, enable_checkpointing=True,
+                limit_val_batches=0).fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model.prompt_learner.ctx.detach().clone()
+
+    interrupted = run([InterruptAfterTwoEpochs()])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # no pickle needed
+    assert any("RandomStateCheckpoint" in key for key in state["callbacks"]) and state["epoch"] == 1
+    resumed = run(ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    uninterrupted = run()
+    assert not torch.equal(interrupted, uninterrupted)
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_unreadable_images_are_counted_once(backbone, dassl_folder, tmp_path):
+    broken = sorted((dassl_folder / "images").rglob("test_*.png"))[:2]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    dm = datamodule(dassl_folder, eval_batch_size=5)
+    model = PromptClassifier(backbone, COOP, dm.classnames)
+    for _ in range(2):  # the same bad files met again are not counted again
+        metrics = trainer(tmp_path).test(model, datamodule=dm, verbose=False)[0]
+    assert model.unreadable.count("test") == 2 and metrics["test/unreadable_images"] == 2
+    assert metrics["test/images"] == 22
+
+
+def test_scoring_is_clip_zero_shot(backbone):
+    """The shared scorer gives exactly open_clip's zero-shot logits for the hand-written prompt."""
+    from vlprompt.methods.scoring import prompt_logits
+    from vlprompt.prompts import ZeroShotPrompt
+
+    names = ["red square", "green square", "blue square"]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    learner = ZeroShotPrompt(backbone, names, templates="a photo of a {}.")
+    clip = backbone.model
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(clip.encode_image(images), dim=-1)
+        text = torch.nn.functional.normalize(clip.encode_text(backbone.tokenize([f"a photo of a {n}." for n in names])), dim=-1)
+        expected = clip.logit_scale.exp() * image @ text.t()
+        assert torch.allclose(prompt_logits(learner(images=images), backbone), expected, atol=1e-5)
 
 
 def test_test_on_novel_classes_repoints_the_prompt(backbone, dassl_folder, tmp_path):
@@ -127,6 +234,7 @@ def test_test_on_novel_classes_repoints_the_prompt(backbone, dassl_folder, tmp_p
     trainer(tmp_path).test(model, datamodule=novel, verbose=False)
     assert model.prompt_learner.classnames == novel.classnames
     assert set(model.per_class_accuracy) == set(novel.classnames)
+    assert len(model.test_counts.correct) == len(novel.classnames) == 2
 
 
 def test_init_prompt_and_save_never_overwrites(backbone, dassl_folder, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlprompt.methods.scoring import prompt_logits
 from vlprompt.prompts import PROMPT_LEARNERS, load_prompt, save_prompt
 
 CLASSES = ["cat", "dog", "golden retriever", "car"]
@@ -18,7 +19,7 @@ TINY_KWARGS = {
     "ivlp": {"n_ctx": 2, "ctx_init": None, "text_depth": 2, "n_vision_tokens": 3, "vision_depth": 3},
     "maple": {"depth": 3},
     "upt": {"n_ctx": 3, "depth": 2, "heads": 2},
-    "promptsrc": {"text_depth": 3, "vision_depth": 2, "templates": "imagenet7", "gpa_mean": 2.0},
+    "promptsrc": {"text_depth": 3, "vision_depth": 2, "templates": "imagenet7"},
     "kgcoop": {"ctx_init": None, "n_ctx": 3},
 }
 
@@ -36,12 +37,8 @@ def images(n=6, seed=0):
 
 
 def logits_of(learner, imgs, out=None):
-    out = out or learner(images=imgs)
-    if out.logits is not None:
-        return out.logits
-    image = F.normalize(out.image_features, dim=-1)
-    text = F.normalize(out.text_features, dim=-1)
-    return 20 * (torch.einsum("bd,bcd->bc", image, text) if text.dim() == 3 else image @ text.t())
+    """The logits every method trains and evaluates with (the methods' own scorer)."""
+    return prompt_logits(out or learner(images=imgs), learner.backbone)
 
 
 def test_registry_lists_every_method():
@@ -152,3 +149,18 @@ def test_empty_class_list_is_an_error(backbone):
     for name in LEARNERS:
         with pytest.raises(ValueError, match="class name"):
             PROMPT_LEARNERS[name](backbone, [], **TINY_KWARGS.get(name, {}))
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_hyperparameters_are_the_concrete_constructor_arguments(name, backbone):
+    import inspect
+
+    learner = build(name, backbone)
+    signature = inspect.signature(type(learner).__init__)
+    expected = {k: p.default for k, p in signature.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    expected.update(TINY_KWARGS.get(name, {}))
+    assert learner.hparams == expected
+    # and exactly those rebuild the learner
+    rebuilt = type(learner)(backbone, CLASSES, **learner.hparams)
+    assert rebuilt.hparams == learner.hparams
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in learner.state_dict().items()}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.prompts import PromptOutput, PromptSRCPromptLearner
-from vlprompt.prompts.promptsrc import gaussian_epoch_weights
+from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
 
 SMALL = {"text_depth": 2, "vision_depth": 2, "templates": "imagenet7"}
 
@@ -46,46 +46,46 @@ def test_frozen_image_features_only_in_training(backbone):
     assert torch.equal(out.extras["frozen_image_features"], backbone.encode_image(x))
 
 
-def test_aggregation_replaces_the_prompt_by_the_weighted_average(backbone):
-    src = PromptSRCPromptLearner(backbone, ["cat"], **SMALL, gpa_mean=2.0, gpa_std=1.0)
-    snapshots = []
-    for epoch in range(3):
-        with torch.no_grad():
-            for p in src.parameters():
-                p.normal_()
-        snapshots.append({n: p.detach().clone() for n, p in src.named_parameters()})
-        src.on_train_epoch_end(epoch, 3)
-    state = src.training_state()  # what a checkpoint keeps for resuming
-    src.on_train_end()
-    w = gaussian_epoch_weights(3, 2.0, 1.0)
-    for name, p in src.named_parameters():
-        expected = sum(wi * s[name] for wi, s in zip(w, snapshots))
-        assert torch.allclose(p, expected, atol=1e-6)
-    resumed = PromptSRCPromptLearner(backbone, ["cat"], **SMALL, gpa_mean=2.0, gpa_std=1.0)
-    resumed.load_training_state(state)
-    resumed.on_train_end()
-    assert all(torch.allclose(a, b) for a, b in zip(resumed.parameters(), src.parameters()))
-
-
-def test_fit_applies_the_aggregate_and_checkpoints_keep_it(backbone, dassl_folder, tmp_path):
+def test_fit_applies_the_aggregate_and_an_interrupted_fit_keeps_it(backbone, dassl_folder, tmp_path):
+    """GPA is a callback: the prompt after fit is the Gaussian-weighted average of the per-epoch
+    prompts; its running sums live in the checkpoint, so a resumed fit ends with the same prompt."""
     from vlprompt.data import FewShotDataModule
     from vlprompt.methods import PromptClassifier
 
-    dm = FewShotDataModule(dassl_folder, shots=2, batch_size=4, num_workers=0)
-    model = PromptClassifier(backbone, lambda b, c: PromptSRCPromptLearner(b, c, **SMALL), dm.classnames,
-                             lr_scheduler="constant")
-    seen = []
-
     class Snapshot(pl.Callback):
-        def on_train_epoch_end(self, trainer, module):
-            seen.append(module.prompt_learner.ctx.detach().clone())
+        def __init__(self):
+            self.seen = []
 
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                         callbacks=[Snapshot(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
-    trainer.fit(model, datamodule=dm)
+        def on_train_epoch_end(self, trainer, module):
+            self.seen.append(module.prompt_learner.ctx.detach().clone())
+
+    class Interrupt(pl.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            trainer.should_stop = trainer.current_epoch >= 1
+
+    def fit(*callbacks, ckpt_path=None, dirpath=None):
+        dm = FewShotDataModule(dassl_folder, shots=2, batch_size=4, num_workers=0, augment=False)
+        pl.seed_everything(0)
+        model = PromptClassifier(backbone, lambda b, c: PromptSRCPromptLearner(b, c, **SMALL), dm.classnames,
+                                 lr_scheduler="constant")
+        frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                             callbacks=[*callbacks, GaussianPromptAggregation(),
+                                        pl.callbacks.ModelCheckpoint(dirpath=dirpath or tmp_path / "other",
+                                                                     save_last=True)])
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        assert all(torch.equal(v, frozen[k]) for k, v in backbone.state_dict().items())  # prompt only
+        return model.prompt_learner.ctx.detach().clone()
+
+    snapshot = Snapshot()
+    final = fit(snapshot)
     w = gaussian_epoch_weights(3, 0.75 * 3, 1.0)
-    expected = sum(wi * s for wi, s in zip(w, seen))
-    assert torch.allclose(model.prompt_learner.ctx, expected, atol=1e-6)
-    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert "gpa_sum.ctx" in ckpt["vlprompt"]["learner_state"]
+    assert torch.allclose(final, sum(wi * s for wi, s in zip(w, snapshot.seen)), atol=1e-6)
+    assert not torch.allclose(final, snapshot.seen[-1])
+    fit(Interrupt(), dirpath=tmp_path / "interrupted")
+    ckpt = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if "GaussianPromptAggregation" in k)
+    assert state["weight"] == pytest.approx(sum(w[:2]))
+    resumed = fit(ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert torch.allclose(resumed, final, atol=1e-6)

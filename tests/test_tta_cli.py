@@ -95,7 +95,7 @@ def test_folder_errors_are_clear(tmp_path, image_folder):
     (image_folder / "purple_square").mkdir()  # an empty class folder is ignored, with a warning
     dm = TestImagesDataModule(str(image_folder))
     assert dm.classnames == ["blue square", "green square", "red square", "yellow square"] and dm.labelled
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="duplicate class names"):
         TestImagesDataModule(str(image_folder), classnames=["red square", "Red square", "green square", "blue square",
                                                              "yellow square"])
 

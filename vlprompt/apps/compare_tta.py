@@ -1,42 +1,94 @@
 """Comparison of test-time methods on one dataset (the TTA demo): zero-shot (the starting prompt),
-TPT, DiffTPT, ... with accuracy and time per image."""
+TPT, DiffTPT, ... with accuracy and time per image.
+
+The comparison config uses the project's one config dialect: the backbone and the data module are
+``class_path``/``init_args``, and each method refers to a test-time method YAML in ``configs/tta/``
+(what ``vlprompt tta --config`` takes) with optional overrides::
+
+    backbone: {class_path: vlprompt.backbones.OpenCLIPBackbone, init_args: {model_name: zoo:shapeworld-clip-tiny}}
+    data: {class_path: vlprompt.data.ShapeWorldDataModule, init_args: {domain: shifted, test_per_class: 16}}
+    methods:
+      tpt: {config: ../tta/tpt.yaml}
+      difftpt: {config: ../tta/difftpt.yaml, model: {init_args: {n_views: 32}}}
+    trainer: {accelerator: cpu}
+    pictures: 4
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlprompt.apps.tta import main
+import lightning.pytorch as pl
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-__all__ = ["compare_tta", "format_comparison"]
+from vlprompt.apps.fewshot import instantiate, resolve_config_path
+from vlprompt.backbones import Backbone
+from vlprompt.methods import TestTimePromptTuning
+
+__all__ = ["TTARecipe", "compare_tta", "format_comparison"]
 
 log = logging.getLogger(__name__)
 
+_KEYS = {"backbone", "data", "methods", "trainer", "pictures"}
 
-def compare_tta(config: dict[str, Any], output_dir: str | Path, extra_args: list[str] = ()) -> dict[str, dict[str, Any]]:
-    """Run every method of a comparison config on the same data and return their summaries.
 
-    ``config`` has ``backbone`` (``{class_path, init_args}``), ``data`` (``{class_path,
-    init_args}``), ``methods`` (name -> ``{class_path, init_args}`` of a test-time method) and
-    optionally ``trainer`` (trainer options). The first method's starting prompt gives the
-    zero-shot accuracy.
-    """
-    unknown = set(config) - {"backbone", "data", "methods", "trainer", "pictures"}
+class TTARecipe:
+    """A test-time method as ``vlprompt tta`` would run it: method YAML(s) with ``model:``
+    (``class_path``/``init_args`` of a :class:`TestTimePromptTuning` subclass) and optionally
+    ``trainer:``, plus overrides; parsed and instantiated by jsonargparse."""
+
+    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
+                 trainer: dict[str, Any] | None = None) -> None:
+        self.parser = ArgumentParser(exit_on_error=False)
+        self.parser.add_argument("--config", action=ActionConfigFile)
+        # A factory over the backbone: one backbone instance serves every method.
+        self.parser.add_argument("--model", type=Callable[[Backbone], TestTimePromptTuning], required=True)
+        self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
+        config = Namespace()
+        for path in configs:  # later files override earlier ones, as with repeated --config
+            config = self.parser.parse_object(yaml.safe_load(Path(path).read_text()) or {}, namespace=config,
+                                              defaults=False)
+        overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
+        if overrides:
+            config = self.parser.parse_object(overrides, namespace=config, defaults=False)
+        self.config = config
+        self.trainer_keys = sorted((config.get("trainer") or Namespace()).keys())
+
+    def build(self, backbone: Backbone, classnames: Sequence[str]) -> tuple[TestTimePromptTuning, dict[str, Any]]:
+        built = self.parser.instantiate(self.parser.parse_object(self.config.as_dict()))
+        return built.model(backbone, classnames=list(classnames)), {k: built.trainer[k] for k in self.trainer_keys}
+
+
+def compare_tta(config: dict[str, Any], output_dir: str | Path, config_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Run every method of a comparison config on the same data and return their summaries
+    (see the module docstring for the config). The first method's starting prompt gives the
+    zero-shot accuracy."""
+    from vlprompt.apps.tta import run_predictions
+
+    unknown = set(config) - _KEYS
     if unknown:
-        raise ValueError(f"unknown keys in the TTA comparison config: {sorted(unknown)}")
+        raise ValueError(f"unknown keys in the TTA comparison config: {sorted(unknown)} (expected {sorted(_KEYS)})")
+    recipes = {}
+    for name, spec in config["methods"].items():
+        if not isinstance(spec, dict) or "config" not in spec:
+            raise ValueError(f"TTA method {name!r}: give `config:` (e.g. ../tta/tpt.yaml) and optionally `model:` overrides")
+        paths = [resolve_config_path(c, config_dir) for c in (spec["config"] if isinstance(spec["config"], list) else [spec["config"]])]
+        recipes[name] = TTARecipe(paths, spec.get("model"), spec.get("trainer"))
+    backbone = instantiate(Backbone, config["backbone"])
     output_dir = Path(output_dir)
     summaries = {}
-    for name, method in config["methods"].items():
-        model = {"class_path": method["class_path"],
-                 "init_args": {"backbone": config["backbone"], **(method.get("init_args") or {})}}
-        argv = ["--model", json.dumps(model), "--data", json.dumps(config["data"]), "--out", str(output_dir / name),
-                "--pictures", str(config.get("pictures", 2))]
-        for key, value in (config.get("trainer") or {}).items():
-            argv += [f"--trainer.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    for name, recipe in recipes.items():
         log.info("test-time tuning with %s", name)
-        summaries[name] = main(argv + list(extra_args))
+        datamodule = instantiate(pl.LightningDataModule, config["data"])
+        model, trainer_args = recipe.build(backbone, datamodule.classnames)
+        trainer = pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                                **(config.get("trainer") or {}), **trainer_args, "inference_mode": False})
+        summaries[name] = run_predictions(model, datamodule, trainer, output_dir / name,
+                                          pictures=config.get("pictures", 2), overwrite=False)
     return summaries
 
 

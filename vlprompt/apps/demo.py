@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from vlprompt.apps.fewshot import format_report, load_eval_config, run_fewshot_eval
+from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         default="shapeworld_demo",
         help="an evaluation YAML, or the name of one shipped in configs/eval/ (shapeworld_demo: "
         "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel; "
+        "shapeworld_transfer: source domain to held-out classes and other domains; "
         "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split)",
     )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shots", type=int, nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--max-epochs", type=int)
+    parser.add_argument("--methods", nargs="+", help="only these methods from the config")
     args = parser.parse_args(argv)
 
     if "shapeworld-clip-tiny" not in available_models():
@@ -54,34 +56,30 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     raw = yaml.safe_load(config.read_text()) or {}
     if "tta" in raw:
-        return _tta_demo(raw["tta"], args, output_dir)
+        return _tta_demo(raw["tta"], args, output_dir, config.resolve().parent)
     cfg = load_eval_config(config)
-    if args.data_root:
+    if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
-    cfg.shots = args.shots or cfg.shots
-    cfg.seeds = args.seeds or cfg.seeds
-    if args.max_epochs:
-        for spec in cfg.methods.values():
-            spec["max_epochs"] = args.max_epochs
+    apply_overrides(cfg, args, parser)
     started = time.perf_counter()
     results = run_fewshot_eval(cfg, output_dir)
     plot = output_dir / "accuracy_vs_shots.png"
     log.info(
         "ShapeWorld held-out classes, embedded tiny CLIP (%.0f s):\n%s\nTables: %s%s",
         time.perf_counter() - started,
-        format_report(results),
+        format_report(results, list(cfg.transfer.targets) if cfg.transfer else []),
         output_dir / "summary.md",
         f"\nPlot:   {plot}" if plot.exists() else "",
     )
 
 
-def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path) -> None:
+def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path, config_dir: Path) -> None:
     from vlprompt.apps.compare_tta import compare_tta, format_comparison
 
     if args.data_root:
         config["data"].setdefault("init_args", {})["root"] = args.data_root
     started = time.perf_counter()
-    summaries = compare_tta(config, output_dir)
+    summaries = compare_tta(config, output_dir, config_dir)
     first = next(iter(summaries.values()))
     log.info(
         "Test-time prompt tuning, ShapeWorld %s test split (%d images, no labels used), embedded tiny CLIP "

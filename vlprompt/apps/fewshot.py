@@ -1,20 +1,26 @@
-"""Few-shot transfer evaluation: zero-shot vs tuned prompts over shots x seeds, and
-base-to-novel generalisation (train on base classes, test on base and novel, harmonic mean).
+"""Few-shot transfer evaluation: zero-shot vs tuned prompts over shots x seeds, base-to-novel
+generalisation, and transfer to other datasets (cross-dataset, domain generalisation).
 
-Driven by a YAML file (see ``configs/eval/``)::
+Driven by a YAML file in the project's one config dialect (see ``configs/eval/``): the backbone
+and the data modules are ``class_path``/``init_args``, and each method refers to a method YAML in
+``configs/methods/`` (what ``vlprompt fit --config`` takes) with optional overrides::
 
-    backbone: {model_name: ViT-B-16, pretrained: openai}
-    data: {root: /data, dataset: oxford_pets}          # FewShotDataModule arguments
-    zeroshot: {templates: photo}                        # or null to skip the baseline
+    backbone: {class_path: vlprompt.backbones.OpenCLIPBackbone, init_args: {model_name: ViT-B-16, pretrained: openai}}
+    data: {class_path: vlprompt.data.FewShotDataModule, init_args: {root: /data, dataset: oxford_pets}}
+    zeroshot: {templates: dataset}                   # or null to skip the baseline
     methods:
       coop:
-        prompt_learner: {class_path: vlprompt.prompts.CoOpPromptLearner, init_args: {n_ctx: 16}}
-        optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.002, momentum: 0.9}}
-        max_epochs: 50
-        model: {warmup_epochs: 1}                       # other PromptClassifier arguments
+        config: methods/coop.yaml                    # relative to this file, or to the shipped configs/
+        model: {optimizer: {init_args: {lr: 0.002}}} # overrides of the method YAML's model section
+        trainer: {max_epochs: 50}                    # overrides of its trainer section
     shots: [1, 2, 4, 8, 16]
     seeds: [1, 2, 3]
-    base_to_novel: {shots: 16}                          # or null
+    base_to_novel: {shots: 16}                       # or null
+    transfer:                                        # or null: cross-dataset / domain generalisation
+      name: cross-dataset
+      shots: 16
+      targets:                                       # each tested with its own class names
+        dtd: {class_path: vlprompt.data.FewShotDataModule, init_args: {root: /data, dataset: dtd}}
     trainer: {accelerator: auto, precision: 32-true}
 
 Writes ``results.csv`` (one row per run), ``summary.md`` (tables) and ``accuracy_vs_shots.png``.
@@ -23,102 +29,194 @@ Writes ``results.csv`` (one row per run), ``summary.md`` (tables) and ``accuracy
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import importlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from vlprompt.backbones import Backbone, OpenCLIPBackbone
-from vlprompt.data import FewShotDataModule
+from vlprompt.backbones import Backbone
 from vlprompt.eval.plots import plot_accuracy_vs_shots
-from vlprompt.eval.tables import Result, base_novel_table, harmonic_mean, shots_table, summarise, write_csv
+from vlprompt.eval.tables import (
+    Result,
+    base_novel_table,
+    harmonic_mean,
+    shots_table,
+    summarise,
+    transfer_table,
+    write_csv,
+)
 from vlprompt.methods import PromptClassifier
 from vlprompt.prompts import ZeroShotPrompt
+from vlprompt.resources import bundled_dir
 
-__all__ = ["FewShotEvaluation", "instantiate_callable", "load_eval_config", "main", "run_fewshot_eval"]
+__all__ = [
+    "EvaluationConfig",
+    "MethodRecipe",
+    "TransferProtocol",
+    "format_report",
+    "instantiate",
+    "load_eval_config",
+    "main",
+    "resolve_config_path",
+    "run_fewshot_eval",
+]
 
 log = logging.getLogger(__name__)
 
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+T = TypeVar("T")
 
 
-def instantiate_callable(spec: dict[str, Any] | None) -> Callable | None:
-    """``{class_path, init_args}`` -> a callable with ``init_args`` bound (LightningCLI style)."""
-    if spec is None:
-        return None
-    return functools.partial(_import(spec["class_path"]), **(spec.get("init_args") or {}))
+def instantiate(base: type[T], spec: dict[str, Any], **init_args: Any) -> T:
+    """Build a ``{class_path, init_args}`` spec (a subclass of ``base``) with jsonargparse, the way
+    LightningCLI does, with ``init_args`` overriding the spec's."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(base, "obj", required=True)
+    config = parser.parse_object({"obj": spec})
+    if init_args:
+        config = parser.parse_object({"obj": {"init_args": init_args}}, namespace=config)
+    return parser.instantiate(config).obj
+
+
+def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A config file named absolutely, relative to ``relative_to`` (the file that names it), or
+    relative to the shipped ``configs/`` folder (``methods/coop.yaml``)."""
+    path = Path(path).expanduser()
+    candidates = [path] if path.is_absolute() else [*([relative_to / path] if relative_to else []), Path.cwd() / path,
+                                                    bundled_dir("configs") / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config {str(path)!r} not found; looked in: " + ", ".join(str(c) for c in candidates))
+
+
+class MethodRecipe:
+    """A method as ``vlprompt fit`` would run it: one or more method YAMLs (``model:`` with the
+    :class:`PromptClassifier` arguments, optionally ``trainer:``), plus overrides of either section.
+    Parsed and instantiated by jsonargparse with the same types as the CLI."""
+
+    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
+                 trainer: dict[str, Any] | None = None) -> None:
+        self.parser = ArgumentParser(exit_on_error=False)
+        self.parser.add_argument("--config", action=ActionConfigFile)
+        self.parser.add_class_arguments(PromptClassifier, "model", skip={"backbone", "classnames"}, instantiate=False,
+                                        sub_configs=True)
+        self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
+        config = Namespace()
+        for path in configs:  # later files override earlier ones, as with repeated --config
+            config = self.parser.parse_object(yaml.safe_load(Path(path).read_text()) or {}, namespace=config,
+                                              defaults=False)
+        overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
+        if overrides:
+            config = self.parser.parse_object(overrides, namespace=config, defaults=False)
+        self.config = config
+        #: Trainer arguments the method's configs set (e.g. ``max_epochs``, ``callbacks``).
+        self.trainer_keys = sorted((config.get("trainer") or Namespace()).keys())
+
+    def build(self, backbone: Backbone, classnames: Sequence[str]) -> tuple[PromptClassifier, dict[str, Any]]:
+        """A fresh model and the trainer arguments the method sets (fresh callback instances)."""
+        full = self.parser.parse_object(self.config.as_dict())
+        built = self.parser.instantiate(full)
+        model = PromptClassifier(backbone, classnames=list(classnames), **dict(vars(built.model)))
+        trainer = {k: built.trainer[k] for k in self.trainer_keys}
+        return model, trainer
 
 
 @dataclass
-class FewShotEvaluation:
+class TransferProtocol:
+    """Train on the source data once per seed (``shots`` per class of its ``subset``), then test on
+    the source and on each target data module, each with its own class names: cross-dataset
+    transfer (other datasets) or domain generalisation (ImageNet to -V2/-Sketch/-A/-R)."""
+
+    targets: dict[str, dict[str, Any]]
+    name: str = "cross-dataset"
+    shots: int = 16
+    subset: str = "all"
+
+
+@dataclass
+class EvaluationConfig:
     """What to run; see the module docstring for the YAML form."""
 
-    #: OpenCLIPBackbone arguments, or ``{class_path, init_args}`` (e.g. a TimmBackbone).
+    #: ``{class_path, init_args}`` of a :class:`~vlprompt.backbones.Backbone`.
     backbone: dict[str, Any]
-    #: FewShotDataModule arguments, or ``{class_path, init_args}`` for another data module.
+    #: ``{class_path, init_args}`` of the source data module (shots, seed and subset set per run).
     data: dict[str, Any]
+    #: name -> ``{config: method YAML(s), model: overrides, trainer: overrides}``.
     methods: dict[str, dict[str, Any]]
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     zeroshot: dict[str, Any] | None = field(default_factory=lambda: {"templates": "photo"})
     base_to_novel: dict[str, Any] | None = field(default_factory=lambda: {"shots": 16})
+    transfer: TransferProtocol | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     save_prompts: bool = False
+    #: Folder that relative method config paths are resolved against (the evaluation YAML's).
+    config_dir: Path | None = None
 
-    def backbone_args(self) -> dict[str, Any]:
-        """The backbone's own arguments (``init_args`` when a ``class_path`` is given)."""
-        if "class_path" in self.backbone:
-            return self.backbone.setdefault("init_args", {})
-        return self.backbone
+    def __post_init__(self) -> None:
+        for what, spec in (("backbone", self.backbone), ("data", self.data)):
+            if not isinstance(spec, dict) or "class_path" not in spec:
+                raise ValueError(f"{what}: give class_path and init_args (the config dialect of vlprompt fit)")
+        if isinstance(self.transfer, dict):
+            self.transfer = TransferProtocol(**self.transfer)
+        for name, spec in self.methods.items():
+            if not isinstance(spec, dict) or "config" not in spec:
+                raise ValueError(f"method {name!r}: give `config:` (a method YAML such as methods/coop.yaml) and "
+                                 "optionally `model:` / `trainer:` overrides")
+            unknown = set(spec) - {"config", "model", "trainer"}
+            if unknown:
+                raise ValueError(f"method {name!r}: unknown keys {sorted(unknown)} (config, model, trainer)")
 
-    def build_backbone(self) -> Backbone:
-        """``OpenCLIPBackbone(**backbone)``, or ``{class_path, init_args}`` for another backbone."""
-        if "class_path" in self.backbone:
-            return instantiate_callable(self.backbone)()
-        return OpenCLIPBackbone(**self.backbone)
+    def recipe(self, method: str) -> MethodRecipe:
+        spec = self.methods[method]
+        configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
+        paths = [resolve_config_path(c, self.config_dir) for c in configs]
+        return MethodRecipe(paths, spec.get("model"), spec.get("trainer"))
 
-    def data_module_class(self) -> tuple[type[FewShotDataModule], dict[str, Any]]:
-        if "class_path" in self.data:
-            return _import(self.data["class_path"]), dict(self.data.get("init_args") or {})
-        return FewShotDataModule, dict(self.data)
+    def set_data_root(self, root: str) -> None:
+        """Point the source and every target data module at the data root ``root``."""
+        for spec in [self.data, *(self.transfer.targets.values() if self.transfer else [])]:
+            spec.setdefault("init_args", {})["root"] = root
 
     def runs(self) -> list[tuple[str, int, int, str]]:
-        """``(method, shots, seed, train subset)`` for every training run."""
+        """``(method, shots, seed, protocol)`` for every training run (protocol: ``all``, ``base``
+        or ``transfer``)."""
         out = [(m, s, seed, "all") for m in self.methods for s in self.shots for seed in self.seeds]
         if self.base_to_novel:
             out += [(m, self.base_to_novel.get("shots", 16), seed, "base") for m in self.methods for seed in self.seeds]
+        if self.transfer:
+            out += [(m, self.transfer.shots, seed, "transfer") for m in self.methods for seed in self.seeds]
         return out
 
 
-def load_eval_config(path: str | Path) -> FewShotEvaluation:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(raw) - set(FewShotEvaluation.__dataclass_fields__)
+def load_eval_config(path: str | Path) -> EvaluationConfig:
+    """Read an evaluation YAML (unknown keys are an error)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(EvaluationConfig)} - {"config_dir"}
+    unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(FewShotEvaluation.__dataclass_fields__)}")
-    return FewShotEvaluation(**raw)
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    return EvaluationConfig(**raw, config_dir=path.resolve().parent)
 
 
 class _Runner:
-    def __init__(self, cfg: FewShotEvaluation, output_dir: Path) -> None:
+    def __init__(self, cfg: EvaluationConfig, output_dir: Path) -> None:
         self.cfg = cfg
         self.output_dir = output_dir
-        self.backbone: Backbone = cfg.build_backbone()
+        self.backbone: Backbone = instantiate(Backbone, cfg.backbone)
+        self.recipes = {name: cfg.recipe(name) for name in cfg.methods}  # parse every method up front
 
-    def datamodule(self, shots: int, seed: int, subset: str) -> FewShotDataModule:
-        cls, kwargs = self.cfg.data_module_class()
-        return cls(**{**kwargs, "shots": shots, "seed": seed, "subset": subset})
+    def datamodule(self, spec: dict[str, Any] | None = None, **init_args: Any) -> pl.LightningDataModule:
+        return instantiate(pl.LightningDataModule, spec or self.cfg.data, **init_args)
 
     def trainer(self, **overrides: Any) -> pl.Trainer:
         kwargs = {
@@ -134,9 +232,15 @@ class _Runner:
         }
         return pl.Trainer(**kwargs)
 
-    def test(self, model: PromptClassifier, dm: FewShotDataModule) -> float:
+    def test(self, model: PromptClassifier, dm: pl.LightningDataModule) -> float:
         metrics = self.trainer().test(model, datamodule=dm, verbose=False)
         return 100.0 * metrics[0]["test/acc"]
+
+    def zeroshot_model(self, dm: Any) -> PromptClassifier:
+        templates = self.cfg.zeroshot.get("templates", "photo")
+        if templates == "dataset":
+            templates = getattr(dm, "template", None) or "photo"
+        return PromptClassifier(self.backbone, _zero_shot(templates), dm.classnames)
 
     def zeroshot(self) -> list[Result]:
         if self.cfg.zeroshot is None:
@@ -145,35 +249,45 @@ class _Runner:
         out = []
         for setting in settings:
             dm = self.datamodule(shots=-1, seed=1, subset=setting)
-            templates = self.cfg.zeroshot.get("templates", "photo")
-            if templates == "dataset":
-                templates = dm.template or "photo"
-            factory = functools.partial(ZeroShotPrompt, templates=templates)
-            model = PromptClassifier(self.backbone, factory, dm.classnames)
-            out.append(Result("zeroshot", 0, 0, setting, self.test(model, dm)))
+            out.append(Result("zeroshot", 0, 0, setting, self.test(self.zeroshot_model(dm), dm)))
             log.info("zero-shot on %s classes: %.1f%%", setting, out[-1].accuracy)
+        if self.cfg.transfer:
+            for name, dm in self.transfer_data(shots=-1, seed=1):
+                out.append(Result("zeroshot", 0, 0, "transfer", self.test(self.zeroshot_model(dm), dm), name))
+                log.info("zero-shot on %s: %.1f%%", name, out[-1].accuracy)
         return out
 
-    def train_and_test(self, method: str, shots: int, seed: int, subset: str) -> list[Result]:
-        spec = copy.deepcopy(self.cfg.methods[method])
+    def transfer_data(self, shots: int, seed: int) -> list[tuple[str, pl.LightningDataModule]]:
+        """The source (with the protocol's class subset) and every target, in table order."""
+        protocol = self.cfg.transfer
+        data = [("source", self.datamodule(shots=shots, seed=seed, subset=protocol.subset))]
+        return data + [(name, self.datamodule(spec)) for name, spec in protocol.targets.items()]
+
+    def train_and_test(self, method: str, shots: int, seed: int, protocol: str) -> list[Result]:
         pl.seed_everything(seed, workers=True, verbose=False)
-        dm = self.datamodule(shots, seed, subset)
-        model_kwargs = dict(spec.get("model") or {})
-        optimizer = instantiate_callable(spec.get("optimizer"))
-        if optimizer is not None:
-            model_kwargs["optimizer"] = optimizer
-        model = PromptClassifier(self.backbone, instantiate_callable(spec["prompt_learner"]), dm.classnames, **model_kwargs)
-        self.trainer(max_epochs=spec.get("max_epochs", 50), limit_val_batches=0).fit(model, datamodule=dm)
+        subset = self.cfg.transfer.subset if protocol == "transfer" else protocol
+        dm = self.datamodule(shots=shots, seed=seed, subset=subset)
+        model, trainer_args = self.recipes[method].build(self.backbone, dm.classnames)
+        self.trainer(**{"max_epochs": 50, **trainer_args, "limit_val_batches": 0}).fit(model, datamodule=dm)
         if self.cfg.save_prompts:
-            model.save_prompt(self.output_dir / "prompts" / f"{method}_{subset}_{shots}shot_seed{seed}", overwrite=True)
+            model.save_prompt(self.output_dir / "prompts" / f"{method}_{protocol}_{shots}shot_seed{seed}", overwrite=True)
+        if protocol == "transfer":
+            results = [Result(method, shots, seed, "transfer", self.test(model, dm), "source")]
+            for name, target in self.transfer_data(shots, seed)[1:]:
+                results.append(Result(method, shots, seed, "transfer", self.test(model, target), name))
+            return results
         results = [Result(method, shots, seed, subset, self.test(model, dm))]
         if subset == "base":
-            novel = self.datamodule(shots, seed, "novel")
+            novel = self.datamodule(shots=shots, seed=seed, subset="novel")
             results.append(Result(method, shots, seed, "novel", self.test(model, novel)))
         return results
 
 
-def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
+def _zero_shot(templates: str | list[str]) -> functools.partial:
+    return functools.partial(ZeroShotPrompt, templates=templates)
+
+
+def run_fewshot_eval(cfg: EvaluationConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
     """Run every configured evaluation and write the tables and plot into ``output_dir``."""
     output_dir = Path(output_dir)
     results_file = output_dir / "results.csv"
@@ -186,43 +300,49 @@ def run_fewshot_eval(cfg: FewShotEvaluation, output_dir: str | Path, *, overwrit
     runner = _Runner(cfg, output_dir)
     started = time.perf_counter()
     results = runner.zeroshot()
-    runs = cfg.runs()
     from tqdm.auto import tqdm
 
-    for method, shots, seed, subset in tqdm(runs, desc="few-shot runs", unit="run"):
-        new = runner.train_and_test(method, shots, seed, subset)
+    for method, shots, seed, protocol in tqdm(cfg.runs(), desc="runs", unit="run"):
+        new = runner.train_and_test(method, shots, seed, protocol)
         for r in new:
-            log.info("%s %d-shot seed %d, trained on %s, tested on %s: %.1f%%", method, shots, seed, subset, r.setting, r.accuracy)
+            log.info("%s %d-shot seed %d (%s): %s %.1f%%", method, shots, seed, protocol,
+                     r.dataset if protocol == "transfer" else r.setting, r.accuracy)
         results += new
         write_csv(results, results_file)  # keep partial results if interrupted
     write_csv(results, results_file)
     methods = (["zeroshot"] if cfg.zeroshot else []) + list(cfg.methods)
+    backbone = cfg.backbone.get("init_args", {})
     summary = [
         "# Few-shot evaluation",
         "",
-        f"Backbone: `{cfg.backbone_args().get('model_name')}` (pretrained: `{cfg.backbone_args().get('pretrained')}`); "
-        f"data: `{_data_name(cfg)}`; seeds: {cfg.seeds}; "
-        f"time: {time.perf_counter() - started:.0f} s.",
+        f"Backbone: `{backbone.get('model_name')}` (pretrained: `{backbone.get('pretrained')}`); "
+        f"data: `{_data_name(cfg.data)}`; seeds: {cfg.seeds}; time: {time.perf_counter() - started:.0f} s.",
     ]
     if cfg.shots:
         summary += ["", "## Accuracy (%) on all classes", "", shots_table(results, methods)]
     if cfg.base_to_novel:
         summary += ["", f"## Base-to-novel ({cfg.base_to_novel.get('shots', 16)} shots on base classes)", "",
                     base_novel_table(results, methods)]
+    if cfg.transfer:
+        protocol = cfg.transfer
+        summary += ["", f"## {protocol.name.capitalize()} ({protocol.shots} shots per source class, "
+                    f"{protocol.subset} classes of the source)", ""]
+        summary += [f"- {name}: `{_data_name(spec)}`" for name, spec in protocol.targets.items()]
+        summary += ["", transfer_table(results, methods, list(protocol.targets))]
     (output_dir / "summary.md").write_text("\n".join(summary) + "\n")
     if cfg.shots:
         plot_accuracy_vs_shots(results, output_dir / "accuracy_vs_shots.png")
     return results
 
 
-def _data_name(cfg: FewShotEvaluation) -> str:
-    cls, kwargs = cfg.data_module_class()
-    shown = ", ".join(f"{k}={kwargs[k]}" for k in ("dataset", "root", "domain") if kwargs.get(k))
-    return f"{cls.__name__}({shown})"
+def _data_name(spec: dict[str, Any]) -> str:
+    kwargs = spec.get("init_args") or {}
+    shown = ", ".join(f"{k}={kwargs[k]}" for k in ("dataset", "root", "domain", "subset") if kwargs.get(k))
+    return f"{spec['class_path'].rpartition('.')[2]}({shown})"
 
 
-def format_report(results: Sequence[Result]) -> str:
-    """Short plain-text report for the terminal: accuracy over shots, then base-to-novel."""
+def format_report(results: Sequence[Result], transfer_targets: Sequence[str] = ()) -> str:
+    """Short plain-text report for the terminal: accuracy over shots, base-to-novel, transfer."""
     stats = summarise(results)
     lines = []
     for (method, shots, setting), (mean, std, n) in sorted(
@@ -242,6 +362,10 @@ def format_report(results: Sequence[Result]) -> str:
             label = "zero-shot" if m == "zeroshot" else m
             hm = harmonic_mean(bases[m], novels[m])
             lines.append(f"  {label:<18} {bases[m]:6.1f} {novels[m]:6.1f} {hm:6.1f}")
+    if transfer_targets:
+        methods = list(dict.fromkeys(r.method for r in results if r.setting == "transfer"))
+        table = transfer_table(results, sorted(methods, key=lambda m: m != "zeroshot"), transfer_targets)
+        lines += ["  " + line for line in table.splitlines() if not line.startswith("|---")]
     return "\n".join(lines)
 
 
@@ -251,37 +375,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="evaluation YAML (see configs/eval/)")
     parser.add_argument("--output-dir", default="outputs/eval_fewshot")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output-dir")
-    parser.add_argument("--root", help="override data.root")
-    parser.add_argument("--model-name", help="override backbone.model_name")
-    parser.add_argument("--pretrained", help="override backbone.pretrained")
-    parser.add_argument("--shots", type=int, nargs="+", help="override shots")
+    parser.add_argument("--root", help="override the data root of the source and every target")
+    parser.add_argument("--model-name", help="override backbone.init_args.model_name")
+    parser.add_argument("--pretrained", help="override backbone.init_args.pretrained")
+    parser.add_argument("--shots", type=int, nargs="*", help="override shots (none: skip the all-classes runs)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override seeds")
     parser.add_argument("--methods", nargs="+", help="only these methods from the config")
     parser.add_argument("--max-epochs", type=int, help="override every method's max_epochs")
     parser.add_argument("--no-base-to-novel", action="store_true")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the cross-dataset / domain-generalisation runs")
     parser.add_argument("--save-prompts", action="store_true", help="save every learned prompt under output-dir/prompts")
     args = parser.parse_args(argv)
-    cfg = load_eval_config(args.config)
-    if args.root:
-        (cfg.data.setdefault("init_args", {}) if "class_path" in cfg.data else cfg.data)["root"] = args.root
-    if args.model_name:
-        cfg.backbone_args()["model_name"] = args.model_name
-    if args.pretrained:
-        cfg.backbone_args()["pretrained"] = args.pretrained
-    if args.shots:
+    cfg = load_eval_config(resolve_config_path(args.config))
+    apply_overrides(cfg, args, parser)
+    results = run_fewshot_eval(cfg, args.output_dir, overwrite=args.overwrite)
+    targets = list(cfg.transfer.targets) if cfg.transfer else []
+    log.info("results:\n%s\nwritten to %s", format_report(results, targets), args.output_dir)
+
+
+def apply_overrides(cfg: EvaluationConfig, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Apply the command line's overrides (shared by ``eval-fewshot`` and ``demo``)."""
+    if getattr(args, "root", None):
+        cfg.set_data_root(args.root)
+    backbone_args = cfg.backbone.setdefault("init_args", {})
+    if getattr(args, "model_name", None):
+        backbone_args["model_name"] = args.model_name
+    if getattr(args, "pretrained", None):
+        backbone_args["pretrained"] = args.pretrained
+    if args.shots is not None:
         cfg.shots = args.shots
     if args.seeds:
         cfg.seeds = args.seeds
-    if args.methods:
+    if getattr(args, "methods", None):
         missing = set(args.methods) - set(cfg.methods)
         if missing:
-            parser.error(f"methods {sorted(missing)} are not in {args.config} (it has {sorted(cfg.methods)})")
+            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
         cfg.methods = {m: cfg.methods[m] for m in args.methods}
     if args.max_epochs:
         for spec in cfg.methods.values():
-            spec["max_epochs"] = args.max_epochs
-    if args.no_base_to_novel:
+            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
+    if getattr(args, "no_base_to_novel", False):
         cfg.base_to_novel = None
-    cfg.save_prompts = cfg.save_prompts or args.save_prompts
-    results = run_fewshot_eval(cfg, args.output_dir, overwrite=args.overwrite)
-    log.info("results:\n%s\nwritten to %s", format_report(results), args.output_dir)
+    if getattr(args, "no_transfer", False):
+        cfg.transfer = None
+    cfg.save_prompts = cfg.save_prompts or getattr(args, "save_prompts", False)

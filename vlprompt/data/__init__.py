@@ -1,13 +1,16 @@
 """Data: dataset formats, few-shot sampling and the Lightning data modules."""
 
+from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
 from vlprompt.data.shapeworld import ShapeWorldDataModule, ensure_shapeworld
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+from vlprompt.data.protocol import ClassificationData
 from vlprompt.data.test_images import TestImagesDataModule
 
 __all__ = [
+    "ClassificationData",
     "DEFAULT_PREPROCESS",
     "FewShotDataModule",
     "ImageDataset",
@@ -17,8 +20,11 @@ __all__ = [
     "TestImagesDataModule",
     "build_eval_transform",
     "build_train_transform",
+    "check_distinct_classnames",
     "collate_skipping",
     "ensure_shapeworld",
+    "normalize_classname",
+    "read_classnames_file",
     "read_csv_splits",
     "read_dassl_split",
     "read_imagefolder",

@@ -48,6 +48,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from vlprompt.data.classnames import normalize_classname
 from vlprompt.data.sources import IMAGE_EXTENSIONS, Sample, SplitSamples
 
 __all__ = [
@@ -451,7 +452,7 @@ def read_descriptor_samples(desc: DatasetDescriptor, root: str | Path) -> SplitS
     if desc.format == "fgvc_variants":
         names = [n.strip() for n in paths["classnames_file"].read_text().splitlines() if n.strip()]
         index = {n: i for i, n in enumerate(names)}
-        out = SplitSamples(classnames=names)
+        out = SplitSamples(classnames=[normalize_classname(n) for n in names])
         for split in ("train", "val", "test"):
             samples = []
             for line in paths[f"variant_{split}"].read_text().splitlines():
@@ -460,16 +461,16 @@ def read_descriptor_samples(desc: DatasetDescriptor, root: str | Path) -> SplitS
                     continue
                 if variant not in index:
                     raise ValueError(f"{paths[f'variant_{split}']}: unknown variant {variant!r}")
-                samples.append(Sample(str(paths["image_dir"] / f"{image_id}.jpg"), index[variant], variant))
+                samples.append(Sample(str(paths["image_dir"] / f"{image_id}.jpg"), index[variant], normalize_classname(variant)))
             setattr(out, split, samples)
         return out
 
     lines = [ln.strip() for ln in paths["classnames_file"].read_text().splitlines() if ln.strip()]
     folders = [ln.partition(" ")[0] for ln in lines]
-    names_by_folder = {ln.partition(" ")[0]: ln.partition(" ")[2].strip() for ln in lines}
+    names_by_folder = {ln.partition(" ")[0]: normalize_classname(ln.partition(" ")[2]) for ln in lines}
     if desc.folder_names == "index":
         folders = [str(i) for i in range(len(lines))]
-        names_by_folder = {str(i): ln.partition(" ")[2].strip() for i, ln in enumerate(lines)}
+        names_by_folder = {str(i): normalize_classname(ln.partition(" ")[2]) for i, ln in enumerate(lines)}
     split_dirs = {"train": paths.get("train_dir"), "test": paths.get("test_dir")}
     present = folders
     if desc.class_subset == "from_folders":

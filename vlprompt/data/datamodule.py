@@ -10,8 +10,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from vlprompt.data.fewshot import ClassSubset, load_or_sample_few_shot, sample_few_shot, subset_classes
-from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, build_train_transform, collate_skipping
+from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
+from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
+from vlprompt.data.images import (
+    ImageDataset,
+    OnError,
+    build_eval_transform,
+    build_train_transform,
+    collate_skipping,
+    eval_sampler,
+)
 from vlprompt.data.sources import SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
 
 __all__ = ["DEFAULT_PREPROCESS", "FewShotDataModule"]
@@ -35,9 +43,11 @@ class FewShotDataModule(pl.LightningDataModule):
 
     The training set holds ``shots`` images per class drawn with ``seed`` (saved as JSON and
     reused), validation ``min(shots, 4)`` per class, and the test set is complete. ``subset``
-    keeps the base or novel half of the classes (base-to-novel protocol). Class names flow to the
-    model through :attr:`classnames`; the model hands back its preprocessing through
-    :meth:`set_preprocess`.
+    keeps the base or novel half of the classes (base-to-novel protocol). Implements
+    :class:`~vlprompt.data.protocol.ClassificationData`: class names flow to the model through
+    :attr:`classnames`; the model hands back its preprocessing through :meth:`set_preprocess`.
+    Class names are normalised as the reference implementations do (underscores to spaces) and
+    must be distinct. Under DDP, evaluation loaders split the data without padding.
 
     Args:
         root: dataset folder (Dassl folder, ImageFolder root, or the DATA root when ``dataset``
@@ -49,7 +59,8 @@ class FewShotDataModule(pl.LightningDataModule):
         train_csv, val_csv, test_csv: CSV files for ``format="csv"``.
         classnames: class names by label, for CSVs whose labels are integers or to check data
             against the names a user expects.
-        classnames_file: ``<folder> <name>`` lines mapping ImageFolder folders to class names.
+        classnames_file: class names of ImageFolder folders, one per line in label order, either
+            plain names matching the folders or ``<folder> <name>`` lines (ImageNet's classnames.txt).
         shots: images per class for training (``-1``: all).
         seed: seed of the few-shot draw.
         test_per_class: test on this many images per class, drawn with ``seed`` (all when None):
@@ -58,7 +69,8 @@ class FewShotDataModule(pl.LightningDataModule):
         augment: random resized crop + flip for training (CoOp); off gives eval preprocessing.
         crop_scale: scale range of the random resized crop.
         on_error: ``skip`` unreadable images (logged and counted) or ``raise``.
-        fewshot_dir: where few-shot draws are saved (default ``<root>/.vlprompt/fewshot``).
+        fewshot_dir: where few-shot draws are saved (default: a folder per dataset identity under
+            the vlprompt cache, ``$VLPROMPT_CACHE_DIR`` or ``~/.cache/vlprompt``; never the data folder).
     """
 
     def __init__(
@@ -98,7 +110,8 @@ class FewShotDataModule(pl.LightningDataModule):
         self.samples = self._read(dataset, format, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file)
         if classnames is not None and format != "csv":
             self._check_expected_classnames(classnames)
-        self.fewshot_dir = Path(fewshot_dir) if fewshot_dir else self._folder / ".vlprompt" / "fewshot"
+        check_distinct_classnames(self.samples.classnames, str(self.root))
+        self.fewshot_dir = Path(fewshot_dir).expanduser() if fewshot_dir else self._default_fewshot_dir(dataset)
         _, self.classnames = subset_classes([], self.samples.classnames, subset)
         self.preprocess_cfg: dict[str, Any] = dict(DEFAULT_PREPROCESS)
         self.datasets: dict[str, ImageDataset] = {}
@@ -148,9 +161,22 @@ class FewShotDataModule(pl.LightningDataModule):
 
         return read_descriptor_samples(desc, self.root)
 
+    def _default_fewshot_dir(self, dataset: str | None) -> Path:
+        # Keyed by what the data is (folder, classes, every split's samples): data that changes
+        # gets a new draw instead of a stale one.
+        import hashlib
+
+        from vlprompt.data.fewshot import samples_digest
+
+        identity = hashlib.sha256("|".join(
+            [str(self._folder.resolve()), *self.samples.classnames,
+             *(samples_digest(self.samples.split(s)) for s in ("train", "val", "test"))]).encode()).hexdigest()[:12]
+        name = dataset or self._folder.resolve().name or "data"
+        return default_cache_dir() / "fewshot" / f"{name}-{identity}"
+
     def _check_expected_classnames(self, expected: list[str]) -> None:
         found = self.samples.classnames
-        if [c.lower() for c in expected] != [c.lower() for c in found]:
+        if [normalize_classname(c).lower() for c in expected] != [c.lower() for c in found]:
             unknown = sorted(set(expected) - set(found))
             raise ValueError(
                 f"the class names given ({len(expected)}) do not match the data ({len(found)}); "
@@ -162,21 +188,27 @@ class FewShotDataModule(pl.LightningDataModule):
         """Use the backbone's image size and normalisation (called by the method at setup)."""
         self.preprocess_cfg = dict(preprocess_cfg)
         for split, ds in self.datasets.items():
-            ds.transform = self._transform(split)
+            ds.set_transform(*self._transform(split))
 
     def set_eval_transform(self, transform: Callable | None) -> None:
         """Replace the evaluation transform of the test split, e.g. by test-time views (TPT);
         None goes back to the backbone's preprocessing."""
         self.eval_transform = transform
         if "test" in self.datasets:
-            self.datasets["test"].transform = self._transform("test")
+            self.datasets["test"].set_transform(*self._transform("test"))
 
-    def _transform(self, split: str):
+    def _transform(self, split: str) -> tuple[Callable, Any]:
+        """The transform of ``split`` and a description of it (part of the dataset fingerprint)."""
         if split == "test" and self.eval_transform is not None:
-            return self.eval_transform
+            return self.eval_transform, {"views": repr(self.eval_transform)}
         if split == "train" and self.augment:
-            return build_train_transform(self.preprocess_cfg, scale=self.crop_scale)
-        return build_eval_transform(self.preprocess_cfg)
+            key = {"preprocess": self.preprocess_cfg, "augment": list(self.crop_scale)}
+            return build_train_transform(self.preprocess_cfg, scale=self.crop_scale), key
+        return build_eval_transform(self.preprocess_cfg), {"preprocess": self.preprocess_cfg}
+
+    def dataset(self, split: str) -> ImageDataset | None:
+        """The dataset serving ``split`` (``predict`` reads the test split), None before set-up."""
+        return self.datasets.get("test" if split == "predict" else split)
 
     @property
     def train_augmentation(self) -> bool:
@@ -190,7 +222,7 @@ class FewShotDataModule(pl.LightningDataModule):
         if split != "test" and self.shots >= 1:
             shots = self.shots if split == "train" else min(self.shots, 4)
             cache = self.fewshot_dir / f"shot_{self.shots}-seed_{self.seed}.json"
-            samples = load_or_sample_few_shot(samples, shots, self.seed, cache, split)
+            samples = load_or_sample_few_shot(samples, shots, self.seed, cache, split, self.samples.classnames)
         if split == "test" and self.test_per_class is not None:
             samples = sample_few_shot(samples, self.test_per_class, self.seed)
         samples, _ = subset_classes(samples, self.samples.classnames, self.subset)
@@ -207,17 +239,26 @@ class FewShotDataModule(pl.LightningDataModule):
                 continue
             if not samples:
                 raise ValueError(f"the {split} split of {self.root} is empty (subset={self.subset})")
-            key = f"{split}:{self.subset}:{self.shots}:{self.seed}:{self.test_per_class}"
-            self.datasets[split] = ImageDataset(samples, self._transform(split), on_error=self.on_error, cache_key=key)
+            present = {s.label for s in samples}
+            empty = [name for label, name in enumerate(self.classnames) if label not in present]
+            if empty and split == "train":
+                raise ValueError(f"{self.root}: classes without training images: {empty[:10]}; add images or drop the classes")
+            if empty:
+                log.warning("%s split: %d classes have no images and cannot be scored: %s",
+                            split, len(empty), ", ".join(empty[:10]))
+            transform, key = self._transform(split)
+            self.datasets[split] = ImageDataset(samples, transform, on_error=self.on_error, transform_key=key)
             log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        sampler = None if train else eval_sampler(self.datasets[split])
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_skipping,
             persistent_workers=self.num_workers > 0,

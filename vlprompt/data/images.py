@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 from torchvision.transforms import v2 as T
 
 from vlprompt.data.sources import Sample
 
-__all__ = ["ImageDataset", "OnError", "build_eval_transform", "build_train_transform", "collate_skipping"]
+__all__ = [
+    "EvalDistributedSampler",
+    "ImageDataset",
+    "OnError",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_skipping",
+    "eval_sampler",
+    "load_rgb",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +42,33 @@ class UnreadableImageError(OSError):
     """An image file that cannot be opened or decoded."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows it: 16-bit and 32-bit images are scaled to 8 bits (PIL's
+    ``convert("RGB")`` clips them to white), and transparent images are composited on white
+    (``convert`` drops the alpha channel, so content drawn in alpha turns black)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            values = values * 255.0 if values.size and values.max() <= 1.0 else values
+        elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
+            values = values / 257.0  # 16-bit to 8-bit
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, turning every decoding failure into one clear error."""
+    """Open an image as 8-bit RGB (see :func:`to_rgb`), turning every decoding failure into one
+    clear error."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            img.load()
+            return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
 
@@ -42,10 +76,17 @@ def load_rgb(path: str) -> Image.Image:
 class ImageDataset(Dataset):
     """Labelled images read from disk.
 
-    With ``on_error="skip"`` an unreadable image yields ``None``; :func:`collate_skipping` drops
-    it from the batch and reports the count under ``"skipped"`` so the method can log the total.
-    Items are dicts with ``image``, ``label`` and ``index`` (position in this dataset, the key of
-    cached image features).
+    With ``on_error="skip"`` an unreadable image yields ``{"unreadable": index}``;
+    :func:`collate_skipping` drops it from the batch and lists its index under ``"skipped"`` so the
+    method counts each bad file once. Items are dicts with ``image``, ``label`` and ``index``
+    (position in this dataset, the key of cached image features).
+
+    Args:
+        samples: the images and labels.
+        transform: image -> tensor.
+        on_error: ``skip`` or ``raise`` on unreadable files.
+        transform_key: a description of what ``transform`` does (e.g. the preprocessing config);
+            part of :attr:`fingerprint`. Set it with :meth:`set_transform`.
     """
 
     def __init__(
@@ -53,15 +94,29 @@ class ImageDataset(Dataset):
         samples: Sequence[Sample],
         transform: Callable | None = None,
         on_error: OnError = "skip",
-        cache_key: str = "",
+        transform_key: Any = None,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.samples = list(samples)
-        self.transform = transform
         self.on_error = on_error
-        #: Names this exact sample list, so cached image features are never reused across splits.
-        self.cache_key = cache_key
+        self.transform, self.transform_key = transform, transform_key
+        digest = hashlib.sha256()
+        for sample in self.samples:
+            digest.update(f"{sample.path}\0{sample.label}\n".encode())
+        self._samples_digest = digest.hexdigest()
+
+    def set_transform(self, transform: Callable | None, transform_key: Any) -> None:
+        """Replace the transform and the description that goes into :attr:`fingerprint`."""
+        self.transform, self.transform_key = transform, transform_key
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of what this dataset yields: a hash of its sample list (paths and labels, in
+        order) and of its preprocessing. Two datasets with the same class names but other images
+        (ImageNet and ImageNet-V2) differ; the same data read twice is the same."""
+        key = json.dumps(self.transform_key, sort_keys=True, default=repr)
+        return hashlib.sha256(f"{self._samples_digest}|{key}".encode()).hexdigest()[:20]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -74,16 +129,17 @@ class ImageDataset(Dataset):
             if self.on_error == "raise":
                 raise
             log.warning("skipping %s", err)
-            return None
+            return {"unreadable": index}
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "label": sample.label, "index": index}
 
 
-def collate_skipping(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Collate, dropping the ``None`` items of unreadable images and counting them."""
-    kept = [it for it in items if it is not None]
-    skipped = len(items) - len(kept)
+def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate, dropping the items of unreadable images; ``batch["skipped"]`` lists their dataset
+    indices (empty when none)."""
+    kept = [it for it in items if "unreadable" not in it]
+    skipped = [int(it["unreadable"]) for it in items if "unreadable" in it]
     if not kept:
         return {"image": None, "label": None, "index": None, "skipped": skipped}
     batch = default_collate(kept)
@@ -121,3 +177,28 @@ def build_train_transform(
         T.Normalize(mean=list(preprocess_cfg["mean"]), std=list(preprocess_cfg["std"])),
     ]
     return T.Compose(steps)
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Splits an evaluation set over processes without padding or duplicates (rank ``r`` gets
+    items ``r, r + n, r + 2n, ...``), so metrics summed over processes count every image once.
+    Lightning leaves loaders whose sampler is already a ``DistributedSampler`` alone."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def eval_sampler(dataset: Dataset) -> EvalDistributedSampler | None:
+    """An :class:`EvalDistributedSampler` when running in several processes, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return EvalDistributedSampler(dataset)
+    return None

@@ -52,8 +52,16 @@ class ShapeWorldDataModule(FewShotDataModule):
             adaptation).
     """
 
-    def __init__(self, root: str | None = None, *, domain: world.Domain = "negative", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        domain: world.Domain = "negative",
+        crop_scale: tuple[float, float] = (0.5, 1.0),  # objects are small: keep most of the frame
+        **kwargs: Any,
+    ) -> None:
+        # crop_scale is in the signature (not a setdefault on kwargs) because jsonargparse passes
+        # every FewShotDataModule default explicitly through **kwargs.
         root = root or f"outputs/shapeworld-{domain}"
         ensure_shapeworld(root, domain=domain)
-        kwargs.setdefault("crop_scale", (0.5, 1.0))  # objects are small: keep most of the frame
-        super().__init__(root, format="dassl", **kwargs)
+        super().__init__(root, format="dassl", crop_scale=crop_scale, **kwargs)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Sample",
@@ -82,36 +84,38 @@ def read_dassl_split(split_file: str | Path, image_dir: str | Path) -> SplitSamp
     for split in ("train", "val", "test"):
         rows = raw.get(split, [])
         try:
-            samples = [Sample(str(image_dir / path), int(label), str(name)) for path, label, name in rows]
+            samples = [Sample(str(image_dir / path), int(label), normalize_classname(name)) for path, label, name in rows]
         except (TypeError, ValueError) as err:
             raise ValueError(f"{split_file}: '{split}' rows must be [path, label, classname] ({err})") from err
         setattr(out, split, samples)
     out.classnames = _classnames_from_samples(out.train + out.val + out.test, str(split_file))
+    check_distinct_classnames(out.classnames, str(split_file))
     return out
-
-
-def _read_class_map(classnames_file: str | Path | None) -> dict[str, str]:
-    """``<folder> <class name>`` lines (e.g. CoOp's ImageNet ``classnames.txt``)."""
-    if classnames_file is None:
-        return {}
-    mapping = {}
-    for line in Path(classnames_file).read_text().splitlines():
-        if line.strip():
-            folder, _, name = line.strip().partition(" ")
-            mapping[folder] = name.strip() or folder
-    return mapping
 
 
 def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _read_class_folders(root: Path, class_map: dict[str, str], classes: list[str] | None) -> tuple[list[str], dict[str, list[Path]]]:
+def _read_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], dict[str, list[Path]]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     folders = classes or sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise ValueError(f"{root}: no class folders found (expected {root}/<class name>/<images>)")
+    splits = sorted(root.glob("split_*.json"))
+    if classes is None and (splits or folders == ["images"]):
+        found = f" ({splits[0].name})" if splits else ""
+        raise ValueError(
+            f"{root} looks like a CoOp/Dassl dataset folder{found}, not an ImageFolder tree: read as one it "
+            "would be a single class 'images'. Use format: dassl (or auto), or point root at the folder "
+            "holding one sub-folder per class"
+        )
+    if classes is None and len(folders) < 2:
+        raise ValueError(
+            f"{root}: only one class folder ({folders[0]!r}); a classifier needs at least 2. Expected "
+            f"{root}/<class name>/<images>"
+        )
     images = {}
     for folder in folders:
         path = root / folder
@@ -120,11 +124,37 @@ def _read_class_folders(root: Path, class_map: dict[str, str], classes: list[str
         images[folder] = _list_images(path)
         if not images[folder]:
             raise ValueError(f"class folder {path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if all(p.parent != path for p in images[folder]):
+            raise ValueError(
+                f"class folder {path} holds its images only in sub-folders ({images[folder][0].parent}); expected "
+                f"{root}/<class name>/<images>. Point root at the folder whose sub-folders are the classes"
+            )
     return folders, images
 
 
-def _folder_to_name(folder: str, class_map: dict[str, str]) -> str:
-    return class_map.get(folder, folder.replace("_", " "))
+def folder_classnames(folders: Sequence[str], classnames_file: str | Path | None, where: str) -> tuple[list[str], list[str]]:
+    """The class folders in label order and their class names: sorted folder names (underscores
+    read as spaces), or as a class-names file says (:func:`~vlprompt.data.classnames.read_classnames_file`:
+    ``<folder> <name>`` lines or plain names matching the folders by normalised name; the file's
+    order is the label order)."""
+    if classnames_file is None:
+        names = [normalize_classname(f) for f in folders]
+    else:
+        entries = read_classnames_file(classnames_file, folders)
+        mapped = {folder: name for folder, name in entries if folder is not None}
+        by_name = {name.lower(): name for folder, name in entries if folder is None}
+        names, missing = [], []
+        for folder in folders:
+            name = mapped.get(folder) or by_name.get(normalize_classname(folder).lower())
+            if name is None:
+                missing.append(folder)
+            names.append(name)
+        if missing:
+            raise ValueError(f"{where}: class folders {missing[:10]} are not named in {classnames_file}")
+        order = {name: i for i, (_, name) in enumerate(entries)}
+        folders, names = map(list, zip(*sorted(zip(folders, names), key=lambda fn: order[fn[1]])))
+    check_distinct_classnames(names, where)
+    return list(folders), names
 
 
 def read_imagefolder(
@@ -136,32 +166,34 @@ def read_imagefolder(
 ) -> SplitSamples:
     """Read ``root/<class>/*`` (split per class into train/val/test by ``split_ratios``, the rest
     is test) or ``root/{train,val,test}/<class>/*`` when those folders exist. Folder names become
-    class names (underscores to spaces) unless ``classnames_file`` maps them."""
+    class names (underscores to spaces) unless ``classnames_file`` names them (see
+    :func:`folder_classnames`). A CoOp/Dassl folder, a single class folder or images nested one
+    level too deep are clear errors."""
     root = Path(root)
-    class_map = _read_class_map(classnames_file)
     out = SplitSamples()
     presplit = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     if presplit:
-        folders, _ = _read_class_folders(root / presplit[0], class_map, None)
+        folders, _ = _read_class_folders(root / presplit[0], None)
+        folders, names = folder_classnames(folders, classnames_file, str(root))
         for split in presplit:
-            _, images = _read_class_folders(root / split, class_map, folders)
-            setattr(out, split, [
-                Sample(str(p), label, _folder_to_name(f, class_map))
-                for label, f in enumerate(folders) for p in images[f]
-            ])
+            _, images = _read_class_folders(root / split, folders)
+            setattr(out, split, [Sample(str(p), label, names[label]) for label, f in enumerate(folders) for p in images[f]])
     else:
-        folders, images = _read_class_folders(root, class_map, None)
+        folders, images = _read_class_folders(root, None)
+        folders, names = folder_classnames(folders, classnames_file, str(root))
         rng = random.Random(seed)
         for label, folder in enumerate(folders):
             paths = list(images[folder])
             rng.shuffle(paths)
             n_train = max(1, round(len(paths) * split_ratios[0]))
             n_val = round(len(paths) * split_ratios[1])
-            name = _folder_to_name(folder, class_map)
+            name = names[label]
             out.train += [Sample(str(p), label, name) for p in paths[:n_train]]
             out.val += [Sample(str(p), label, name) for p in paths[n_train : n_train + n_val]]
             out.test += [Sample(str(p), label, name) for p in paths[n_train + n_val :]]
-    out.classnames = [_folder_to_name(f, class_map) for f in folders]
+            if len(paths) - n_train - n_val < 1:
+                log.warning("class %r has %d images: none left for testing", name, len(paths))
+    out.classnames = names
     return out
 
 
@@ -174,7 +206,8 @@ def read_csv_splits(
 ) -> SplitSamples:
     """Read CSV files with a header containing ``path`` and ``label`` (and optionally
     ``classname``). Relative paths are relative to the CSV file. Labels are integers, or class
-    names when ``classnames`` is given or no integer labels are used."""
+    names. The classes are ``classnames`` when given, else those of the train CSV (or of the first
+    CSV given); a label of another class elsewhere is an error, never a new class."""
     out = SplitSamples()
     rows_by_split: dict[str, list[dict[str, str]]] = {}
     for split, file in (("train", train), ("val", val), ("test", test)):
@@ -190,29 +223,35 @@ def read_csv_splits(
             rows_by_split[split] = [dict(r, _base=str(file.parent)) for r in reader]
     if not rows_by_split:
         raise ValueError("read_csv_splits needs at least one CSV file")
-    all_rows = [r for rows in rows_by_split.values() for r in rows]
-    integer_labels = all(r["label"].strip().lstrip("-").isdigit() for r in all_rows)
-    names = list(classnames) if classnames is not None else None
+    first = next(iter(rows_by_split))  # class names come from the train CSV, or the first one given
+    integer_labels = all(r["label"].strip().lstrip("-").isdigit() for rows in rows_by_split.values() for r in rows)
+    names = [normalize_classname(n) for n in classnames] if classnames is not None else None
     if names is None and not integer_labels:
-        names = sorted({r["label"].strip() for r in all_rows})
+        names = sorted({normalize_classname(r["label"]) for r in rows_by_split[first]})
     if names is None:
-        by_label = {int(r["label"]): (r.get("classname") or "").strip() for r in all_rows}
+        by_label = {int(r["label"]): normalize_classname(r.get("classname") or "") for r in rows_by_split[first]}
         if any(not v for v in by_label.values()):
             raise ValueError("CSV rows have integer labels but no 'classname' column; pass classnames=[...]")
         names = [by_label.get(i, "") for i in range(max(by_label) + 1)]
-    index = {n: i for i, n in enumerate(names)}
+        if "" in names:
+            raise ValueError(f"{first} CSV: labels {[i for i, n in enumerate(names) if not n][:10]} have no rows")
+    check_distinct_classnames(names, "CSV class names")
+    index = {n.lower(): i for i, n in enumerate(names)}
     for split, rows in rows_by_split.items():
         samples = []
-        for r in rows:
+        for row_number, r in enumerate(rows, start=2):
             raw = r["label"].strip()
             if raw.lstrip("-").isdigit():
                 label = int(raw)
                 if not 0 <= label < len(names):
-                    raise ValueError(f"label {label} out of range for {len(names)} classes ({r['path']})")
-            elif raw in index:
-                label = index[raw]
+                    raise ValueError(f"{split} CSV, row {row_number}: label {label} out of range for {len(names)} classes")
+            elif normalize_classname(raw).lower() in index:
+                label = index[normalize_classname(raw).lower()]
             else:
-                raise ValueError(f"unknown class name {raw!r} in CSV (known: {names[:20]}...)")
+                raise ValueError(
+                    f"{split} CSV, row {row_number}: unknown class {raw!r}; the classes are those of the "
+                    f"{'given classnames' if classnames is not None else first + ' CSV'}: {names[:20]}"
+                )
             path = Path(r["path"])
             path = path if path.is_absolute() else Path(r["_base"]) / path
             samples.append(Sample(str(path), label, names[label]))

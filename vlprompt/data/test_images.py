@@ -10,28 +10,17 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
-from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, collate_skipping
+from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, collate_skipping, eval_sampler
 from vlprompt.data.sources import IMAGE_EXTENSIONS, Sample
 
-__all__ = ["UNLABELLED", "TestImagesDataModule", "read_classnames_file"]
+__all__ = ["UNLABELLED", "TestImagesDataModule"]
 
 log = logging.getLogger(__name__)
 
 #: Label of an image whose class is unknown.
 UNLABELLED = -1
-
-
-def read_classnames_file(path: str | Path) -> list[str]:
-    """Class names, one per line (blank lines and ``#`` comments skipped)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
-    names = [line.strip() for line in path.read_text().splitlines()]
-    names = [n for n in names if n and not n.startswith("#")]
-    if not names:
-        raise ValueError(f"{path} lists no class names (one per line expected)")
-    return names
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
@@ -46,9 +35,11 @@ class TestImagesDataModule(pl.LightningDataModule):
       case ignored), so accuracy can be measured;
     * images directly in ``root``: unlabelled, classified only.
 
-    Both may be mixed. The class names come from ``classnames`` (or ``classnames_file``, one per
-    line) and must then cover every class folder; without them, the class folders are the
-    classes. Unreadable images are skipped, logged and counted (``on_error="skip"``).
+    Both may be mixed. The class names come from ``classnames`` (or ``classnames_file``: one class
+    per line, plain names or ``<folder> <name>`` lines, as for
+    :class:`~vlprompt.data.FewShotDataModule`) and must then cover every class folder; without
+    them, the class folders are the classes. Implements
+    :class:`~vlprompt.data.protocol.ClassificationData`. Unreadable images are skipped, logged and counted (``on_error="skip"``).
     The test and predict loaders serve the same images.
     """
 
@@ -68,15 +59,13 @@ class TestImagesDataModule(pl.LightningDataModule):
         self.root = Path(root).expanduser()
         if classnames is not None and classnames_file is not None:
             raise ValueError("give classnames or classnames_file, not both")
-        if classnames_file is not None:
-            classnames = read_classnames_file(classnames_file)
         self.batch_size, self.num_workers, self.on_error = batch_size, num_workers, on_error
-        self.samples, self.classnames = self._read(classnames)
+        self.samples, self.classnames = self._read(classnames, classnames_file)
         self.preprocess_cfg: dict[str, Any] = dict(DEFAULT_PREPROCESS)
         self.eval_transform: Callable | None = None
         self.datasets: dict[str, ImageDataset] = {}
 
-    def _read(self, classnames: list[str] | None) -> tuple[list[Sample], list[str]]:
+    def _read(self, classnames: list[str] | None, classnames_file: str | None) -> tuple[list[Sample], list[str]]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         loose = _images_in(self.root, recursive=False)
@@ -88,17 +77,29 @@ class TestImagesDataModule(pl.LightningDataModule):
             raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         if empty:
             log.warning("ignoring %d folders without images: %s", len(empty), ", ".join(empty[:5]))
+        folder_label: dict[str, str] = {}  # folder -> class name, from <folder> <name> lines
+        if classnames_file is not None:
+            entries = read_classnames_file(classnames_file, [d.name for d in folders])
+            classnames = [name for _, name in entries]
+            folder_label = {folder: name for folder, name in entries if folder is not None}
         if classnames is None:
             if not folders:
                 raise ValueError(
                     f"{self.root} holds unlabelled images only: give the class names "
                     "(classnames=[...] or classnames_file with one name per line)"
                 )
-            classnames = [d.name.replace("_", " ") for d in folders]
-        if not classnames or len(set(c.lower() for c in classnames)) != len(classnames):
-            raise ValueError(f"class names must be non-empty and distinct, got {classnames}")
+            classnames = [normalize_classname(d.name) for d in folders]
+        classnames = [normalize_classname(c) for c in classnames]
+        if not classnames:
+            raise ValueError("class names must not be empty")
+        check_distinct_classnames(classnames, str(self.root))
         label_of = {c.lower(): i for i, c in enumerate(classnames)}
-        unknown = [d.name for d in folders if d.name.replace("_", " ").lower() not in label_of]
+        label_of.update({folder: label_of[name.lower()] for folder, name in folder_label.items()})
+
+        def folder_key(folder: Path) -> str:
+            return folder.name if folder.name in folder_label else normalize_classname(folder.name).lower()
+
+        unknown = [d.name for d in folders if folder_key(d) not in label_of]
         if unknown:
             raise ValueError(
                 f"class folders {unknown[:10]} in {self.root} match none of the class names {classnames[:10]}; "
@@ -106,7 +107,7 @@ class TestImagesDataModule(pl.LightningDataModule):
             )
         samples = [Sample(str(p), UNLABELLED, "") for p in loose]
         for folder, images in folders.items():
-            label = label_of[folder.name.replace("_", " ").lower()]
+            label = label_of[folder_key(folder)]
             samples += [Sample(str(p), label, classnames[label]) for p in images]
         return samples, list(classnames)
 
@@ -124,23 +125,35 @@ class TestImagesDataModule(pl.LightningDataModule):
         self.eval_transform = transform
         self._refresh()
 
+    @property
+    def train_augmentation(self) -> bool:
+        """No training here."""
+        return False
+
+    def dataset(self, split: str) -> ImageDataset | None:
+        """The images, for ``test`` and ``predict``."""
+        return self.datasets.get("test") if split in ("test", "predict") else None
+
     def _refresh(self) -> None:
         if "test" in self.datasets:
-            self.datasets["test"].transform = self._transform()
+            self.datasets["test"].set_transform(*self._transform())
 
-    def _transform(self) -> Callable:
-        return self.eval_transform or build_eval_transform(self.preprocess_cfg)
+    def _transform(self) -> tuple[Callable, Any]:
+        if self.eval_transform is not None:
+            return self.eval_transform, {"views": repr(self.eval_transform)}
+        return build_eval_transform(self.preprocess_cfg), {"preprocess": self.preprocess_cfg}
 
     def setup(self, stage: str | None = None) -> None:
         if "test" not in self.datasets:
-            self.datasets["test"] = ImageDataset(self.samples, self._transform(), on_error=self.on_error,
-                                                 cache_key=f"images:{self.root}")
+            transform, key = self._transform()
+            self.datasets["test"] = ImageDataset(self.samples, transform, on_error=self.on_error, transform_key=key)
             log.info("%d images in %s, %d classes", len(self.samples), self.root, len(self.classnames))
 
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
         return DataLoader(self.datasets["test"], batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, collate_fn=collate_skipping)
+                          sampler=eval_sampler(self.datasets["test"]), num_workers=self.num_workers,
+                          collate_fn=collate_skipping)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

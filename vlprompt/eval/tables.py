@@ -9,19 +9,22 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Result", "harmonic_mean", "summarise", "base_novel_table", "shots_table", "write_csv"]
+__all__ = ["Result", "base_novel_table", "harmonic_mean", "read_csv", "shots_table", "summarise", "transfer_table", "write_csv"]
 
 
 @dataclass(frozen=True)
 class Result:
     """One evaluation: ``method`` trained with ``shots`` per class and ``seed`` (zero-shot: 0
-    shots), tested on ``setting`` (``all``, ``base`` or ``novel`` classes). ``accuracy`` in %."""
+    shots), tested on ``setting`` (``all``, ``base`` or ``novel`` classes of the source data, or
+    ``transfer`` for the source and target datasets of a cross-dataset / domain-generalisation
+    protocol) of ``dataset`` (``source``, or the target's name). ``accuracy`` in %."""
 
     method: str
     shots: int
     seed: int
     setting: str
     accuracy: float
+    dataset: str = "source"
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -34,9 +37,11 @@ def summarise(results: Iterable[Result]) -> dict[tuple[str, int, str], tuple[flo
     groups: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for r in results:
         groups[(r.method, r.shots, r.setting)].append(r.accuracy)
-    return {
-        k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()
-    }
+    return {k: _seed_stats(v) for k, v in groups.items()}
+
+
+def _seed_stats(values: list[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -70,12 +75,43 @@ def base_novel_table(results: Sequence[Result], methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def transfer_table(results: Sequence[Result], methods: Sequence[str], targets: Sequence[str]) -> str:
+    """Markdown table of a cross-dataset or domain-generalisation protocol, as in the CoCoOp and
+    MaPLe papers: accuracy on the source, on each target, and the mean over the targets (the mean
+    of each seed's target mean, with its spread over seeds)."""
+    rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    per_seed: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    for r in results:
+        if r.setting == "transfer":
+            rows[(r.method, r.dataset)].append(r.accuracy)
+            per_seed[(r.method, r.seed)][r.dataset] = r.accuracy
+    lines = ["| method | source | " + " | ".join(targets) + " | target mean |", "|---" * (len(targets) + 3) + "|"]
+    for m in methods:
+        if (m, "source") not in rows and not any((m, t) in rows for t in targets):
+            continue
+        cells = [_fmt(*_seed_stats(rows[(m, d)])) if (m, d) in rows else "" for d in ("source", *targets)]
+        means = [statistics.fmean(v[t] for t in targets) for (method, _), v in per_seed.items()
+                 if method == m and all(t in v for t in targets)]
+        cells.append(_fmt(*_seed_stats(means)) if means else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(results: Sequence[Result], path: str | Path) -> Path:
     """Write one row per result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["method", "shots", "seed", "setting", "accuracy"])
+        writer = csv.DictWriter(fh, fieldnames=["method", "shots", "seed", "setting", "dataset", "accuracy"])
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
     return path
+
+
+def read_csv(path: str | Path) -> list[Result]:
+    """Read what :func:`write_csv` wrote."""
+    with Path(path).open(newline="") as fh:
+        return [
+            Result(r["method"], int(r["shots"]), int(r["seed"]), r["setting"], float(r["accuracy"]), r.get("dataset") or "source")
+            for r in csv.DictReader(fh)
+        ]

@@ -1,9 +1,16 @@
-"""``PromptClassifier``: few-shot classification by prompt learning, generic over learners."""
+"""``PromptClassifier``: few-shot classification by prompt learning, generic over learners.
+
+The pieces it is made of are reusable on their own: :func:`~vlprompt.methods.scoring.prompt_logits`
+(scoring), :class:`~vlprompt.methods.features.ImageFeatureCache` (image features by dataset),
+:func:`~vlprompt.methods.prompt_init.load_initial_prompt`, :class:`~vlprompt.methods.metrics.ClassCounts`
+and the data protocol :class:`~vlprompt.data.protocol.ClassificationData`.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,14 +23,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlprompt.backbones import Backbone, check_backbone_identity
+from vlprompt.data.protocol import ClassificationData
+from vlprompt.methods.features import ImageFeatureCache
+from vlprompt.methods.metrics import ClassCounts, UnreadableImages, accuracy_from_counts, per_class_from_counts
+from vlprompt.methods.prompt_init import load_initial_prompt
+from vlprompt.methods.random_state import RandomStateCheckpoint
+from vlprompt.methods.scoring import prompt_logits
 from vlprompt.prompts import PromptLearner, PromptLearnerFactory, PromptOutput, ZeroShotPrompt
-from vlprompt.prompts.io import load_prompt, read_prompt_config, save_prompt
+from vlprompt.prompts.io import save_prompt
 
 __all__ = ["PromptClassifier", "warmup_cosine"]
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
+
+#: The data split each stage reads.
+_SPLIT = {"train": "train", "val": "val", "test": "test", "predict": "test"}
 
 
 def _default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
@@ -47,9 +63,13 @@ def warmup_cosine(total_steps: int, warmup_steps: int, warmup_factor: float) -> 
 class PromptClassifier(pl.LightningModule):
     """Train and evaluate a prompt learner for image classification on a frozen encoder.
 
-    Logits are the backbone's logit scale times the cosine similarity of image and class text
-    features; the loss is cross-entropy plus the learner's own regulariser, if any. Checkpoints
-    hold the prompt learner only (the frozen encoder is rebuilt from the config).
+    Logits come from :func:`~vlprompt.methods.scoring.prompt_logits` (the backbone's logit scale
+    times the cosine similarity of image and class text features); the loss is cross-entropy plus
+    the learner's own regulariser, if any. Checkpoints hold the prompt learner only (the frozen
+    encoder is rebuilt from the config) and the random state, so an interrupted fit resumes exactly.
+    The data module, when there is one, is met through
+    :class:`~vlprompt.data.protocol.ClassificationData`: the model hands it the backbone's
+    preprocessing and follows its class names when evaluating.
 
     Args:
         backbone: the frozen encoder.
@@ -61,13 +81,14 @@ class PromptClassifier(pl.LightningModule):
         lr_scheduler: ``cosine`` (with warm-up) or ``constant``.
         warmup_epochs: epochs of constant warm-up learning rate (CoOp uses 1).
         warmup_lr: learning rate during warm-up.
-        cache_image_features: reuse image features across epochs when the learner leaves the
-            image tower untouched. Exact for evaluation; in training, used only when the data
+        cache_image_features: reuse image features across epochs and evaluations when the
+            learner leaves the image tower untouched, keyed by the identity of the data (its
+            samples and preprocessing). Exact for evaluation; in training, used only when the data
             module does no random augmentation, unless ``cache_augmented_train`` is set (then the
             first augmented view of each image is reused: faster, but less augmentation).
         cache_augmented_train: see above.
-        init_prompt: a saved vlprompt prompt directory or a CoOp/CoCoOp (Dassl) checkpoint to
-            start from.
+        init_prompt: a saved vlprompt prompt directory or a CoOp/CoCoOp/MaPLe (Dassl) checkpoint
+            to start from.
         label_smoothing: cross-entropy label smoothing.
     """
 
@@ -105,28 +126,17 @@ class PromptClassifier(pl.LightningModule):
         self.cache_image_features = cache_image_features
         self.cache_augmented_train = cache_augmented_train
         self.label_smoothing = label_smoothing
-        self._feature_cache: dict[str, dict[int, torch.Tensor]] = {}
-        self.skipped_images = 0
-        self.per_class_accuracy: dict[str, float] = {}
+        self.feature_cache = ImageFeatureCache()
+        self.unreadable = UnreadableImages()
+        #: Accuracy of each class in the last test; None for a class without test images.
+        self.per_class_accuracy: dict[str, float | None] = {}
         if init_prompt:
-            self.load_initial_prompt(init_prompt)
+            load_initial_prompt(self.prompt_learner, init_prompt)
         self._reset_metrics()
 
-    # -- prompt initialisation -------------------------------------------------------------
     def load_initial_prompt(self, path: str | Path) -> None:
         """Start from a saved vlprompt prompt (directory) or a Dassl checkpoint (file)."""
-        path = Path(path)
-        if path.is_dir():
-            config = read_prompt_config(path)
-            if config["method"] != self.prompt_learner.name:
-                raise ValueError(f"{path} holds a {config['method']!r} prompt, but this model uses {self.prompt_learner.name!r}")
-            saved = load_prompt(path, self.backbone, classnames=self.prompt_learner.classnames)
-            self.prompt_learner.load_state_dict(saved.state_dict())
-        elif hasattr(self.prompt_learner, "load_dassl_checkpoint"):
-            self.prompt_learner.load_dassl_checkpoint(path)
-        else:
-            raise ValueError(f"{path} is not a saved prompt directory, and {self.prompt_learner.name} cannot import files")
-        log.info("initialised the %s prompt from %s", self.prompt_learner.name, path)
+        load_initial_prompt(self.prompt_learner, path)
 
     def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Save the learned prompt (``config.json`` + ``prompt.safetensors``)."""
@@ -138,56 +148,77 @@ class PromptClassifier(pl.LightningModule):
         return self.logits(self.prompt_learner(images=images, image_features=image_features))
 
     def logits(self, output: PromptOutput) -> torch.Tensor:
-        if output.logits is not None:  # a learned head
-            return output.logits.float()
-        image = F.normalize(output.image_features.float(), dim=-1)
-        text = F.normalize(output.text_features.float(), dim=-1)
-        if text.dim() == 3:  # per-image classifiers
-            logits = torch.einsum("bd,bcd->bc", image, text)
-        else:
-            logits = image @ text.t()
-        logits = self.backbone.logit_scale.float() * logits
-        bias = self.backbone.logit_bias
-        return logits if bias is None else logits + bias.float()
+        """Class logits of a prompt learner's output (:func:`~vlprompt.methods.scoring.prompt_logits`)."""
+        return prompt_logits(output, self.backbone)
 
-    # -- image feature cache ---------------------------------------------------------------
+    # -- the data module, met through its protocol ------------------------------------------------
+    def classification_data(self) -> ClassificationData | None:
+        """The trainer's data module when it implements :class:`ClassificationData`; None when
+        there is none or it does not (then the model cannot hand over its preprocessing, and says so)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return None
+        if not isinstance(dm, ClassificationData):
+            warnings.warn(
+                f"{type(dm).__name__} does not implement vlprompt.data.ClassificationData; the backbone's "
+                "preprocessing is not handed to it, class names are not followed and image features are not cached",
+                stacklevel=2,
+            )
+            return None
+        return dm
+
+    def _fingerprint(self, stage: str) -> str:
+        dm = self.classification_data()
+        dataset = dm.dataset(_SPLIT[stage]) if dm is not None else None
+        return dataset.fingerprint if dataset is not None else ""
+
+    def setup(self, stage: str) -> None:
+        dm = self.classification_data()
+        if dm is not None:
+            dm.set_preprocess(self.backbone.preprocess_cfg)
+
+    def _sync_classnames_with_data(self) -> None:
+        dm = self.classification_data()
+        if dm is not None and list(dm.classnames) != self.prompt_learner.classnames:
+            names = list(dm.classnames)
+            log.info("data has %d classes (%s...); re-pointing the prompt at them", len(names), ", ".join(names[:3]))
+            self.set_classnames(names)
+            self.to(self.device)
+
+    # -- image features ----------------------------------------------------------------------------
     def _cacheable(self, stage: str) -> bool:
         if not self.cache_image_features or self.prompt_learner.uses_image_tower:
             return False
-        if stage == "train":
-            dm = getattr(self._trainer, "datamodule", None)
-            return self.cache_augmented_train or not getattr(dm, "train_augmentation", True)
-        return True
+        dm = self.classification_data()
+        if dm is None:
+            return False
+        return stage != "train" or self.cache_augmented_train or not dm.train_augmentation
 
-    def _cached_image_features(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0) -> torch.Tensor:
-        images = batch["image"]
-        key = self._cache_key(stage, dataloader_idx)
-        cache = self._feature_cache.setdefault(key, {})
-        indices = [int(i) for i in batch["index"]]
-        missing = [j for j, i in enumerate(indices) if i not in cache]
-        if missing:
-            with torch.no_grad():
-                fresh = self.prompt_learner.encode_images(images[missing])
-            for j, feat in zip(missing, fresh):
-                cache[indices[j]] = feat.detach()
-        return torch.stack([cache[i] for i in indices])
-
-    def _cache_key(self, stage: str, dataloader_idx: int) -> str:
-        dm = getattr(self._trainer, "datamodule", None)
-        ds = getattr(dm, "datasets", {}).get({"train": "train", "val": "val"}.get(stage, "test")) if dm else None
-        return f"{stage}/{dataloader_idx}/{ds.cache_key if ds is not None else ''}"
+    def _image_features(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        """Cached image features of the batch when the learner and the data allow it, else None."""
+        if "index" not in batch or not self._cacheable(stage):
+            return None
+        fingerprint = self._fingerprint(stage)
+        if not fingerprint:
+            return None
+        return self.feature_cache.features(fingerprint, batch["index"], batch["image"], self.prompt_learner.encode_images)
 
     # -- steps -----------------------------------------------------------------------------------
-    def _step(self, batch: dict[str, Any], stage: str, dataloader_idx: int = 0):
-        self.skipped_images += int(batch.get("skipped", 0))
+    def _count_unreadable(self, batch: dict[str, Any], stage: str) -> None:
+        skipped = batch.get("skipped")
+        if skipped:
+            self.unreadable.add(stage, self._fingerprint(stage), skipped)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> tuple[PromptOutput | None, torch.Tensor | None, torch.Tensor | None]:
+        self._count_unreadable(batch, stage)
         if batch["image"] is None:  # every image of the batch was unreadable
             return None, None, None
-        if self._cacheable(stage) and "index" in batch:
-            output = self.prompt_learner(image_features=self._cached_image_features(batch, stage, dataloader_idx))
+        features = self._image_features(batch, stage)
+        if features is not None:
+            output = self.prompt_learner(image_features=features)
         else:
             output = self.prompt_learner(images=batch["image"])
-        logits = self.logits(output)
-        return output, logits, batch["label"]
+        return output, self.logits(output), batch["label"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         output, logits, labels = self._step(batch, "train")
@@ -209,23 +240,20 @@ class PromptClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        _, logits, labels = self._step(batch, "val", dataloader_idx)
+        _, logits, labels = self._step(batch, "val")
         if logits is None:
             return
-        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels))
+        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True)
         self.val_acc(logits.argmax(-1), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        _, logits, labels = self._step(batch, "test", dataloader_idx)
-        if logits is None:
-            return
-        self.test_acc(logits.argmax(-1), labels)
-        self.test_per_class.update(logits.argmax(-1), labels)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        _, logits, labels = self._step(batch, "test")
+        if logits is not None:
+            self.test_counts.update(logits.argmax(-1), labels)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor] | None:
-        _, logits, _ = self._step(batch, "predict", dataloader_idx)
+        _, logits, _ = self._step(batch, "predict")
         if logits is None:
             return None
         probs = logits.softmax(-1)
@@ -237,34 +265,20 @@ class PromptClassifier(pl.LightningModule):
         n = max(2, self.prompt_learner.num_classes)  # torchmetrics needs >= 2 classes
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_per_class = MulticlassAccuracy(num_classes=n, average=None)
+        self.test_counts = ClassCounts(self.prompt_learner.num_classes)
         self._metric_attributes = None  # Lightning caches which attribute holds which metric
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Evaluate on other classes (e.g. novel ones): re-point the prompt and reset metrics."""
         self.prompt_learner.set_classnames(classnames)
-        self.hparams["classnames"] = list(classnames)
+        self.hparams["classnames"] = list(self.prompt_learner.classnames)
         self._reset_metrics()
-        self._feature_cache.clear()
-
-    def _sync_classnames_with_data(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "classnames", None)
-        if names is not None and list(names) != self.prompt_learner.classnames:
-            log.info("data has %d classes (%s...); re-pointing the prompt at them", len(names), ", ".join(names[:3]))
-            self.set_classnames(names)
-            self.to(self.device)
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_preprocess"):
-            dm.set_preprocess(self.backbone.preprocess_cfg)
 
     # Evaluation follows the classes of the data being evaluated (e.g. novel classes), checked
     # after any checkpoint has been restored.
     def on_test_start(self) -> None:
         self._sync_classnames_with_data()
+        self.test_counts.reset()
 
     def on_predict_start(self) -> None:
         self._sync_classnames_with_data()
@@ -274,23 +288,32 @@ class PromptClassifier(pl.LightningModule):
             self._sync_classnames_with_data()
 
     def on_test_epoch_end(self) -> None:
-        per_class = self.test_per_class.compute().tolist()[: self.prompt_learner.num_classes]
-        self.per_class_accuracy = dict(zip(self.prompt_learner.classnames, per_class))
-        self.log("test/acc_per_class_mean", float(sum(per_class) / max(1, len(per_class))))
-        self.test_per_class.reset()
-        self._log_skipped("test")
+        names = self.prompt_learner.classnames
+        correct, total = self.test_counts.compute()
+        per_class = per_class_from_counts(correct, total)
+        self.per_class_accuracy = dict(zip(names, per_class))
+        scored = [a for a in per_class if a is not None]
+        empty = [n for n, a in zip(names, per_class) if a is None]
+        if empty:
+            log.warning("%d classes had no test images and are left out of the per-class mean: %s",
+                        len(empty), ", ".join(empty[:10]))
+        self.log("test/acc", accuracy_from_counts(correct, total), sync_dist=True)
+        self.log("test/acc_per_class_mean", sum(scored) / len(scored) if scored else float("nan"), sync_dist=True)
+        self.log("test/images", float(total.sum()), sync_dist=True)
+        self._log_unreadable("test")
 
     def on_train_epoch_end(self) -> None:
-        self.prompt_learner.on_train_epoch_end(self.current_epoch, self.trainer.max_epochs)
-        self._log_skipped("train")
+        self._log_unreadable("train")
 
-    def on_train_end(self) -> None:
-        self.prompt_learner.on_train_end()
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_unreadable("val")
 
-    def _log_skipped(self, stage: str) -> None:
-        if self.skipped_images:
-            log.warning("%s: skipped %d unreadable images so far", stage, self.skipped_images)
-            self.log(f"{stage}/skipped_images", float(self.skipped_images))
+    def _log_unreadable(self, stage: str) -> None:
+        count = self.unreadable.count(stage)
+        if count:
+            log.warning("%s: %d unreadable images skipped", stage, count)
+            self.log(f"{stage}/unreadable_images", float(count), sync_dist=True)
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -307,6 +330,9 @@ class PromptClassifier(pl.LightningModule):
         schedule = warmup_cosine(total, warmup, self.warmup_lr / base_lr if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [RandomStateCheckpoint()]
+
     # -- checkpoints hold the prompt only -------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
@@ -314,13 +340,11 @@ class PromptClassifier(pl.LightningModule):
             "backbone": self.backbone.identity,
             "method": self.prompt_learner.name,
             "classnames": self.prompt_learner.classnames,
-            "learner_state": self.prompt_learner.training_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get("vlprompt", {})
         if "backbone" in info:
             check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
-        self.prompt_learner.load_training_state(info.get("learner_state", {}))
         # The frozen encoder is not in the checkpoint; keep the one we were built with.
         checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})

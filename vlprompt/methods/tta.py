@@ -99,9 +99,12 @@ class TestTimePromptTuning(PromptClassifier):
     # -- views come from the data module ------------------------------------------------------
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "set_eval_transform"):
-            raise ValueError("TestTimePromptTuning needs a data module with set_eval_transform (e.g. FewShotDataModule)")
+        dm = self.classification_data()
+        if dm is None:
+            raise ValueError(
+                "test-time prompt tuning needs a data module implementing vlprompt.data.ClassificationData "
+                "(e.g. FewShotDataModule or TestImagesDataModule): it hands the views to the data"
+            )
         dm.set_eval_transform(self.view_transform())
 
     def view_transform(self) -> Callable:
@@ -109,8 +112,8 @@ class TestTimePromptTuning(PromptClassifier):
         return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed, self.crop_scale)
 
     def teardown(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_eval_transform"):
+        dm = self.classification_data()
+        if dm is not None:
             dm.set_eval_transform(None)
 
     # -- one episode per image ---------------------------------------------------------------
@@ -174,8 +177,8 @@ class TestTimePromptTuning(PromptClassifier):
         """The logits ``[C]`` of the original image (``views[0]``) after one episode."""
         return self.run_episode(views).logits
 
-    def _tta_step(self, batch: dict[str, Any]) -> list[Episode] | None:
-        self.skipped_images += int(batch.get("skipped", 0))
+    def _tta_step(self, batch: dict[str, Any], stage: str) -> list[Episode] | None:
+        self._count_unreadable(batch, stage)
         if batch["image"] is None:
             return None
         images = batch["image"]
@@ -184,19 +187,14 @@ class TestTimePromptTuning(PromptClassifier):
         return [self.run_episode(views) for views in images]
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        episodes = self._tta_step(batch)
-        if episodes is None:
-            return
-        logits = torch.stack([e.logits for e in episodes])
-        labels = batch["label"]
-        self.test_acc(logits.argmax(-1), labels)
-        self.test_per_class.update(logits.argmax(-1), labels)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, batch_size=len(labels))
+        episodes = self._tta_step(batch, "test")
+        if episodes is not None:
+            self.test_counts.update(torch.stack([e.logits for e in episodes]).argmax(-1), batch["label"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         """Per image: ``prediction`` and ``confidence`` after adaptation, the same before it
         (``start_*``), and the indices of the views the loss used (``kept``)."""
-        episodes = self._tta_step(batch)
+        episodes = self._tta_step(batch, "predict")
         if episodes is None:
             return None
         confidence, prediction = torch.stack([e.logits for e in episodes]).softmax(-1).max(-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones import Backbone
+from vlprompt.data.classnames import normalize_classname
 
 __all__ = [
     "PROMPT_LEARNERS",
@@ -46,9 +48,10 @@ class PromptLearner(nn.Module):
     """Base class: owns learnable prompt tensors, builds prompts, asks the backbone to encode.
 
     Subclasses take ``(backbone, classnames)`` positionally and their hyper-parameters as
-    keyword-only arguments, passing those to ``super().__init__`` (or adding them to
-    :attr:`hparams`) so they are saved with the prompt. Fixed token buffers are non-persistent: the
-    state dict holds only the learnable tensors.
+    keyword-only arguments. The arguments of the concrete constructor are recorded once, by the
+    base class, in :attr:`hparams` (defaults filled in), so a saved prompt rebuilds with exactly
+    them; subclasses never list them again. Fixed token buffers are non-persistent: the state
+    dict holds only the learnable tensors.
     """
 
     name: ClassVar[str] = ""
@@ -58,23 +61,28 @@ class PromptLearner(nn.Module):
     #: True when text features depend on the image (CoCoOp): ``text_features`` is ``[B, C, D]``.
     image_conditioned: ClassVar[bool] = False
 
-    def __init__(self, backbone: Backbone, classnames: Sequence[str], **hparams: Any) -> None:
+    #: The concrete constructor's keyword arguments (hyper-parameters), recorded at construction.
+    hparams: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _recording_hyperparameters(init)
+
+    def __init__(self, backbone: Backbone, classnames: Sequence[str]) -> None:
         super().__init__()
         # Held by reference, not registered: the frozen encoder belongs to the method and must
         # never end up in a saved prompt.
         object.__setattr__(self, "backbone", backbone)
-        # A subclass that passes its parent's arguments on records only those its own
-        # constructor takes, so a saved prompt rebuilds with exactly its arguments.
-        accepted = inspect.signature(type(self).__init__).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        self.hparams: dict[str, Any] = {k: v for k, v in hparams.items() if takes_any or k in accepted}
         self.classnames: list[str] = []
 
     # -- class names ---------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Point the prompt at a new list of classes (e.g. novel classes) without touching the
-        learned tensors."""
-        names = [str(c).strip() for c in classnames]
+        learned tensors. Names are normalised as the reference implementations do
+        (``golden_retriever`` -> ``golden retriever``)."""
+        names = [normalize_classname(c) for c in classnames]
         if not names:
             raise ValueError("set_classnames needs at least one class name")
         if any(not n for n in names):
@@ -110,21 +118,6 @@ class PromptLearner(nn.Module):
         """Method-specific regulariser added to the cross-entropy (None when there is none)."""
         return None
 
-    # -- training-loop hooks (called by the method) ------------------------------------------
-    def on_train_epoch_end(self, epoch: int, max_epochs: int | None) -> None:
-        """Called after each training epoch (``epoch`` counts from 0)."""
-
-    def on_train_end(self) -> None:
-        """Called once training is over, before the prompt is saved or evaluated."""
-
-    def training_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a resumed run needs besides the prompt itself (kept in training checkpoints,
-        never in a saved prompt)."""
-        return {}
-
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`training_state` returned."""
-
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_learnable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -132,6 +125,35 @@ class PromptLearner(nn.Module):
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"classes={self.num_classes}, {args}"
+
+
+def _recording_hyperparameters(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a learner's ``__init__`` so that the outermost call (the concrete class's constructor)
+    records its bound keyword arguments, defaults included, as ``hparams``; the ``super().__init__``
+    calls it makes on the way down record nothing."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self: PromptLearner, *args: Any, **kwargs: Any) -> None:
+        if self.__dict__.get("_recording_hparams"):
+            init(self, *args, **kwargs)
+            return
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        hparams: dict[str, Any] = {}
+        for key, value in list(bound.arguments.items())[3:]:  # after self, backbone, classnames
+            if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                hparams.update(value)
+            else:
+                hparams[key] = value
+        object.__setattr__(self, "_recording_hparams", True)
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            del self.__dict__["_recording_hparams"]
+        self.hparams = hparams
+
+    return wrapper
 
 
 def prompt_tokens(*shape: int, std: float = 0.02) -> nn.Parameter:

@@ -52,7 +52,6 @@ class CoCoOpPromptLearner(CoOpPromptLearner):
             class_token_position=class_token_position,
             init_std=init_std,
         )
-        self.hparams["meta_reduction"] = meta_reduction
         hidden = max(1, backbone.embed_dim // meta_reduction)
         # Layer names follow the reference implementation so its checkpoints load as they are.
         self.meta_net = nn.Sequential(

@@ -69,15 +69,7 @@ class CoOpPromptLearner(PromptLearner):
             n_ctx = init_vectors.shape[0]
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_token_position=class_token_position,
-            class_specific_ctx=class_specific_ctx,
-            init_std=init_std,
-        )
+        super().__init__(backbone, classnames)
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.class_token_position = class_token_position

@@ -69,9 +69,6 @@ class IVLPPromptLearner(CoOpPromptLearner):
         if vision_depth:
             backbone.check_visual_prompts(vision_depth)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        self.hparams.update(
-            text_depth=text_depth, n_vision_tokens=n_vision_tokens, vision_depth=vision_depth, placement=placement
-        )
         self.placement = placement
         if text_depth > 1:
             self.text_prompts = prompt_tokens(text_depth - 1, self.n_ctx, backbone.text_width, std=init_std)

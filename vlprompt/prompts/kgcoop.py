@@ -46,7 +46,6 @@ class KgCoOpPromptLearner(CoOpPromptLearner):
     ) -> None:
         self.frozen_text = FrozenClassFeatures(templates)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        self.hparams.update(templates=templates, weight=weight)
         self.weight = weight
 
     def extra_loss(self, output: PromptOutput, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class MaPLePromptLearner(CoOpPromptLearner):
         check_text_depth(backbone, depth)
         backbone.check_visual_prompts(depth)
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        self.hparams.update(depth=depth, placement=placement)
+        self.depth = depth
         self.placement = placement
         text_width, vision_width = backbone.text_width, backbone.vision_width
         self.proj = nn.Linear(text_width, vision_width)
@@ -89,7 +89,7 @@ class MaPLePromptLearner(CoOpPromptLearner):
         unexpected = sorted(set(state) - set(own) - _REFERENCE_BUFFERS)
         if missing or unexpected:
             raise KeyError(
-                f"{path}: not a MaPLe checkpoint for depth {self.hparams['depth']} "
+                f"{path}: not a MaPLe checkpoint for depth {self.depth} "
                 f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
             )
         for key, value in own.items():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
 
 import torch
@@ -14,20 +12,8 @@ from vlprompt.prompts.base import PromptOutput, register_prompt_learner
 from vlprompt.prompts.ivlp import IVLPPromptLearner
 from vlprompt.prompts.templates import FrozenClassFeatures
 
-__all__ = ["PromptSRCPromptLearner", "gaussian_epoch_weights"]
+__all__ = ["PromptSRCPromptLearner"]
 
-log = logging.getLogger(__name__)
-
-
-def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
-    """PromptSRC's aggregation weights: a Gaussian over epochs ``1..epochs``, normalised to sum 1."""
-    if epochs < 1 or std <= 0:
-        raise ValueError(f"need epochs >= 1 and std > 0, got {epochs} and {std}")
-    density = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
-    total = sum(density)
-    if total == 0.0:
-        raise ValueError(f"the Gaussian (mean {mean}, std {std}) puts no weight on epochs 1..{epochs}")
-    return [d / total for d in density]
 
 
 @register_prompt_learner("promptsrc")
@@ -38,8 +24,10 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
     IVLP prompts trained with three extra terms that keep them close to the frozen model:
     L1 between the prompted and frozen (template-ensembled) text features, L1 between the
     prompted and frozen image features, and KL from the zero-shot to the prompted logits. The
-    prompts of all epochs are averaged with Gaussian weights over the epoch index (GPA); the
-    average replaces the prompt when training ends.
+    paper's Gaussian prompt aggregation over epochs (GPA) is a training-procedure matter, so it is
+    the Lightning callback :class:`~vlprompt.methods.prompt_averaging.GaussianPromptAggregation`,
+    added by ``configs/methods/promptsrc.yaml`` (``trainer.callbacks``); add it to your Trainer
+    when training from Python.
 
     Args:
         n_ctx, ctx_init, text_depth, n_vision_tokens, vision_depth, placement, init_std:
@@ -47,9 +35,6 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
         templates: hand-written templates whose ensemble gives the frozen text features.
         text_loss_weight, image_loss_weight, kl_loss_weight: weights of the three terms
             (25, 10, 1 in the paper).
-        gpa_mean: epoch (counted from 1) where the aggregation weights peak; None = 3/4 of the
-            run (the paper's 15 of 20 epochs).
-        gpa_std: width of the Gaussian in epochs; 0 turns aggregation off.
     """
 
     def __init__(
@@ -68,8 +53,6 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
         text_loss_weight: float = 25.0,
         image_loss_weight: float = 10.0,
         kl_loss_weight: float = 1.0,
-        gpa_mean: float | None = None,
-        gpa_std: float = 1.0,
     ) -> None:
         self.frozen_text = FrozenClassFeatures(templates)
         super().__init__(
@@ -83,18 +66,7 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
             placement=placement,
             init_std=init_std,
         )
-        self.hparams.update(
-            templates=templates,
-            text_loss_weight=text_loss_weight,
-            image_loss_weight=image_loss_weight,
-            kl_loss_weight=kl_loss_weight,
-            gpa_mean=gpa_mean,
-            gpa_std=gpa_std,
-        )
         self.weights = (text_loss_weight, image_loss_weight, kl_loss_weight)
-        self.gpa_mean, self.gpa_std = gpa_mean, gpa_std
-        self._gpa_sum: dict[str, torch.Tensor] = {}
-        self._gpa_weight = 0.0
 
     # -- the frozen model's view -----------------------------------------------------------------
     def forward(
@@ -126,38 +98,3 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
             + image_weight * F.l1_loss(image, frozen_image)
             + kl_weight * kl
         )
-
-    # -- Gaussian prompt aggregation ------------------------------------------------------------
-    def on_train_epoch_end(self, epoch: int, max_epochs: int | None) -> None:
-        if self.gpa_std <= 0:
-            return
-        if not max_epochs or max_epochs < 1:
-            if epoch == 0:
-                log.warning("PromptSRC: prompt aggregation needs trainer.max_epochs; keeping the last prompt")
-            return
-        mean = self.gpa_mean if self.gpa_mean is not None else 0.75 * max_epochs
-        weight = gaussian_epoch_weights(max_epochs, mean, self.gpa_std)[min(epoch, max_epochs - 1)]
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                contribution = weight * param.detach().float()
-                self._gpa_sum[name] = self._gpa_sum[name] + contribution if name in self._gpa_sum else contribution
-        self._gpa_weight += weight
-
-    def on_train_end(self) -> None:
-        if self._gpa_weight <= 0:
-            return
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                param.copy_((self._gpa_sum[name] / self._gpa_weight).to(param.dtype))
-        log.info("PromptSRC: replaced the prompt by its Gaussian-weighted average over epochs")
-        self._gpa_sum, self._gpa_weight = {}, 0.0
-
-    def training_state(self) -> dict[str, torch.Tensor]:
-        state = {f"gpa_sum.{k}": v for k, v in self._gpa_sum.items()}
-        if state:
-            state["gpa_weight"] = torch.tensor(self._gpa_weight, dtype=torch.float64)
-        return state
-
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._gpa_sum = {k.removeprefix("gpa_sum."): v for k, v in state.items() if k.startswith("gpa_sum.")}
-        self._gpa_weight = float(state.get("gpa_weight", 0.0))

@@ -54,7 +54,6 @@ class UPTPromptLearner(CoOpPromptLearner):
         if backbone.text_width % heads:
             raise ValueError(f"heads={heads} must divide the text width {backbone.text_width}")
         super().__init__(backbone, classnames, n_ctx=n_ctx, ctx_init=ctx_init, init_std=init_std)
-        self.hparams.update(depth=depth, placement=placement, heads=heads)
         self.placement = placement
         width = backbone.text_width
         if depth > 1:

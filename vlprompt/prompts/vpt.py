@@ -56,16 +56,7 @@ class VPTPromptLearner(PromptLearner):
         backbone.check_visual_prompts(depth)
         if head == "auto":
             head = "text" if backbone.has_text else "linear"
-        super().__init__(
-            backbone,
-            classnames,
-            n_tokens=n_tokens,
-            depth=depth,
-            placement=placement,
-            head=head,
-            templates=templates,
-            init_std=init_std,
-        )
+        super().__init__(backbone, classnames)
         self.placement = placement
         self.head_type = head
         self.prompts = prompt_tokens(depth, n_tokens, backbone.vision_width, std=init_std)

@@ -30,7 +30,7 @@ class ZeroShotPrompt(PromptLearner):
         self, backbone: Backbone, classnames: Sequence[str], *, templates: str | list[str] = "photo"
     ) -> None:
         backbone.require_text()
-        super().__init__(backbone, classnames, templates=templates)
+        super().__init__(backbone, classnames)
         self.class_features = FrozenClassFeatures(templates, normalize=False)
         self.set_classnames(classnames)
 

@@ -1,0 +1,35 @@
+"""Class logits from a prompt learner's output: one scorer for training, evaluation, test-time
+tuning and prediction, so every path scores exactly the same way."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlprompt.backbones import Backbone
+from vlprompt.prompts import PromptOutput
+
+__all__ = ["prompt_logits"]
+
+
+def prompt_logits(output: PromptOutput, backbone: Backbone) -> torch.Tensor:
+    """Class logits ``[B, C]`` (float32).
+
+    A learner with a learned head (VPT on a vision-only encoder) gives its logits itself. Otherwise
+    the logits are CLIP's: the backbone's logit scale times the cosine similarity of the image
+    features and the class text features (``[C, D]``, or ``[B, C, D]`` for per-image classifiers
+    such as CoCoOp's), plus the backbone's logit bias when it has one (SigLIP).
+    """
+    if output.logits is not None:
+        return output.logits.float()
+    if output.image_features is None or output.text_features is None:
+        raise ValueError("scoring needs image and text features (or logits from a learned head)")
+    image = F.normalize(output.image_features.float(), dim=-1)
+    text = F.normalize(output.text_features.float(), dim=-1)
+    if text.dim() == 3:  # per-image classifiers
+        logits = torch.einsum("bd,bcd->bc", image, text)
+    else:
+        logits = image @ text.t()
+    logits = backbone.logit_scale.float() * logits
+    bias = backbone.logit_bias
+    return logits if bias is None else logits + bias.float()
