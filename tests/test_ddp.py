@@ -29,6 +29,7 @@ from vlprompt.methods import PromptClassifier
 
 model_dir, data_dir, prompt_dir, out = sys.argv[1:5]
 torch.set_num_threads(1)
+torch.manual_seed(0)  # the same random tiny encoder as the test's
 backbone = OpenCLIPBackbone(f"local-dir:{model_dir}")
 dm = FewShotDataModule(data_dir, shots=2, num_workers=0, eval_batch_size=4)
 from vlprompt.prompts import load_prompt
@@ -57,8 +58,8 @@ def test_ddp_test_metrics_count_every_image_once(tmp_path, tiny_model_dir):
     (root / "split_zhou_Colours.json").write_text(json.dumps(split))
     from vlprompt.backbones import OpenCLIPBackbone
 
-    backbone = OpenCLIPBackbone(f"local-dir:{tiny_model_dir}")
     torch.manual_seed(0)
+    backbone = OpenCLIPBackbone(f"local-dir:{tiny_model_dir}")
     learner = CoOpPromptLearner(backbone, names, n_ctx=2)
     with torch.no_grad():
         learner.ctx.normal_()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_difftpt import tiny_unet
 
+from vlprompt.apps.tta import run_tta
 from vlprompt.cli import main
 from vlprompt.data import TestImagesDataModule
 
@@ -27,7 +28,7 @@ def _model(model_dir: Path, class_path: str = "vlprompt.methods.TestTimePromptTu
 
 
 def _run(model: str, images: Path, out: Path, *extra: str):
-    return main(["tta", "--model", model, "--images", str(images), "--out", str(out), "--trainer.accelerator=cpu",
+    return run_tta(["--model", model, "--images", str(images), "--out", str(out), "--trainer.accelerator=cpu",
                  "--trainer.enable_progress_bar=false", *extra])
 
 
@@ -107,7 +108,7 @@ def test_tta_on_a_dataset_config_with_the_shipped_method_config(tmp_path, tiny_m
     backbone.write_text(yaml.safe_dump({"model": {"init_args": {"backbone": {
         "class_path": "vlprompt.backbones.OpenCLIPBackbone", "init_args": {"model_name": f"local-dir:{tiny_model_dir}"}}}}}))
     configs = Path(__file__).resolve().parents[1] / "configs"
-    summary = main(["tta", "--config", str(configs / "tta" / "tpt.yaml"), "--config", str(backbone),
+    summary = run_tta(["--config", str(configs / "tta" / "tpt.yaml"), "--config", str(backbone),
                     "--model.init_args.n_views=4", "--data", "vlprompt.data.FewShotDataModule", f"--data.root={dassl_folder}",
                     "--data.num_workers=0", "--out", str(tmp_path / "out"), "--pictures=0", "--trainer.accelerator=cpu",
                     "--trainer.enable_progress_bar=false"])

@@ -29,7 +29,7 @@ from vlprompt.data.images import UnreadableImageError, load_rgb
 from vlprompt.data.test_images import UNLABELLED
 from vlprompt.methods import DiffTPT, TestTimePromptTuning
 
-__all__ = ["TTACLI", "main", "write_predictions"]
+__all__ = ["TTACLI", "main", "run_predictions", "run_tta", "write_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class TTACLI(LightningCLI):
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.add_argument("--images", type=str | None, default=None,
                             help="Folder of images: root/<class>/* (labels known) or root/* (unlabelled).")
-        parser.add_argument("--classnames", type=list[str] | None, default=None, help="Class names, for --images.")
+        parser.add_argument("--classnames", type=str, nargs="+", default=None,
+                            help="Class names, for --images: --classnames cat dog 'golden retriever'.")
         parser.add_argument("--classnames_file", type=str | None, default=None,
-                            help="File with one class name per line, for --images.")
+                            help="Class names, one per line in label order (or '<folder> <name>' lines), for --images.")
         parser.add_argument("--out", type=str, default="outputs/tta", help="Where predictions are written.")
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace predictions already in --out.")
         parser.add_argument("--pictures", type=int, default=4, help="Save a picture of the views of this many images.")
@@ -170,23 +171,39 @@ def save_view_pictures(model: TestTimePromptTuning, samples: list, outputs: list
     return saved
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """``vlprompt tta`` / ``tools/tta.py``; returns the summary of the run."""
+def run_tta(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Parse ``vlprompt tta`` arguments and run; returns the summary of the run (None with
+    ``--generate_views_only``)."""
     cli = TTACLI(TestTimePromptTuning, subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
                  save_config_callback=None, auto_configure_optimizers=False)
     model, datamodule, trainer, config = cli.model, cli.datamodule, cli.trainer, cli.config
-    out = Path(config["out"]).expanduser()
     if config["generate_views_only"]:
         if not isinstance(model, DiffTPT):
             raise ValueError("--generate_views_only needs --model.class_path vlprompt.methods.DiffTPT (a view generator)")
-        return generate_views(model, datamodule, config["generate_batch_images"])
+        generate_views(model, datamodule, config["generate_batch_images"])
+        return None
+    return run_predictions(model, datamodule, trainer, Path(config["out"]).expanduser(), pictures=config["pictures"],
+                           overwrite=config["overwrite"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlprompt tta`` / ``tools/tta.py`` (a console entry point: returns nothing, so the exit
+    status is 0 on success)."""
+    run_tta(argv)
+
+
+def run_predictions(model: TestTimePromptTuning, datamodule: Any, trainer: Any, out: Path, *, pictures: int = 4,
+                    overwrite: bool = False) -> dict[str, Any]:
+    """Adapt and predict every image of the data module's test split, write ``predictions.csv`` /
+    ``.json`` (and view pictures of the first ``pictures`` images) into ``out``; returns the summary.
+    Refuses to replace earlier predictions unless ``overwrite``."""
     existing = [name for name in _OUTPUTS if (out / name).exists()]
-    if existing and not config["overwrite"]:
+    if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite true or another --out")
     start = time.time()
     outputs = trainer.predict(model, datamodule=datamodule)
     seconds = time.time() - start
-    samples = datamodule.datasets["test"].samples
+    samples = datamodule.dataset("test").samples
     summary: dict[str, Any] = {
         "method": type(model).__name__,
         "learner": model.prompt_learner.name,
@@ -201,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if isinstance(model, DiffTPT):
         summary["view_cache"] = {"root": str(model.cache.root), "read": model.cache.hits, "generated": model.cache.misses}
     write_predictions(out, samples, model.prompt_learner.classnames, outputs, summary)
-    if config["pictures"] > 0:
-        save_view_pictures(model, samples, outputs, model.prompt_learner.classnames, out, config["pictures"])
+    if pictures > 0:
+        save_view_pictures(model, samples, outputs, model.prompt_learner.classnames, out, pictures)
     line = f"{summary['predicted']} images classified in {seconds:.1f} s"
     if "accuracy" in summary:
         line += f"; accuracy {summary['accuracy']:.1f}% (starting prompt {summary['start_accuracy']:.1f}%)"

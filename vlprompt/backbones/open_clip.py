@@ -94,6 +94,16 @@ class OpenCLIPBackbone(Backbone):
         from vlprompt.zoo import resolve_model_name
 
         resolved = resolve_model_name(model_name)
+        if not resolved.startswith(("local-dir:", "hf-hub:")) and resolved not in open_clip.list_models():
+            import difflib
+
+            close = difflib.get_close_matches(resolved, open_clip.list_models(), n=5, cutoff=0.5)
+            raise ValueError(
+                f"unknown open_clip model {model_name!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + " (open_clip.list_models() lists them; `zoo:NAME` for an embedded model, `local-dir:/folder` "
+                "for a local one)"
+            )
         if pretrained and not resolved.startswith(("local-dir:", "hf-hub:")) and not os.path.isfile(pretrained):
             known = list(open_clip.list_pretrained_tags_by_model(resolved))
             if pretrained not in known:

@@ -17,7 +17,7 @@ import vlprompt
 from vlprompt.backbones import Backbone, check_backbone_identity
 from vlprompt.prompts.base import PromptLearner, get_prompt_learner
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_prompt", "read_prompt_config", "save_prompt"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "backbone_from_identity", "load_prompt", "read_prompt_config", "save_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,35 @@ def read_prompt_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def backbone_from_identity(identity: dict[str, Any]) -> Backbone:
+    """Build the backbone a saved prompt records (``config.json`` -> ``backbone``: type, name,
+    pretrained). Embedded ``zoo:`` models and local files work offline; pretrained tags need the
+    open_clip / Hugging Face cache or the network."""
+    from vlprompt.backbones import OpenCLIPBackbone, TimmBackbone
+
+    kinds = {"OpenCLIPBackbone": OpenCLIPBackbone, "TimmBackbone": TimmBackbone}
+    kind = kinds.get(identity.get("type", "OpenCLIPBackbone"))
+    if kind is None:
+        raise ValueError(f"cannot rebuild a {identity.get('type')!r} backbone from a saved prompt; pass backbone=")
+    return kind(identity["name"], identity.get("pretrained"))
+
+
 def load_prompt(
     directory: str | Path,
-    backbone: Backbone,
+    backbone: Backbone | None = None,
     *,
     classnames: list[str] | None = None,
     strict: bool = True,
 ) -> PromptLearner:
-    """Rebuild a saved prompt on ``backbone``, optionally for other ``classnames``.
+    """Rebuild a saved prompt on ``backbone`` (default: the backbone the prompt records, see
+    :func:`backbone_from_identity`), optionally for other ``classnames``.
 
     Raises :class:`~vlprompt.backbones.BackboneMismatchError` when the prompt was learned on a
     different encoder (``strict=False`` downgrades a weights-only mismatch to a warning).
     """
     config = read_prompt_config(directory)
+    if backbone is None:
+        backbone = backbone_from_identity(config["backbone"])
     try:
         check_backbone_identity(config["backbone"], backbone.identity)
     except ValueError as err:

@@ -1,0 +1,66 @@
+"""``vlprompt fit|validate|test|predict``: LightningCLI over :class:`PromptClassifier`; the
+learned prompt is saved once fitting ends (also under DDP, by rank zero only)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from vlprompt.methods import PromptClassifier
+from vlprompt.prompts.io import CONFIG_NAME
+
+__all__ = ["VLPromptCLI", "run_lightning_cli"]
+
+log = logging.getLogger("vlprompt")
+
+
+class VLPromptCLI(LightningCLI):
+    """LightningCLI that links the data's class names into the model, always keeps ``last.ckpt``
+    (an interrupted fit resumes with ``--ckpt_path``), and saves the learned prompt
+    (``<log dir>/prompt`` or ``--save_prompt``) when fitting ends. An existing prompt there is
+    refused before training starts unless ``--overwrite_prompt true``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument("--save_prompt", type=str | None, default=None,
+                            help="Where to save the learned prompt after fit (default: <log dir>/prompt).")
+        parser.add_argument("--overwrite_prompt", type=bool, default=False,
+                            help="Replace a prompt already saved at --save_prompt.")
+
+    def _prompt_target(self) -> Path:
+        target = self.config[self.subcommand].get("save_prompt")
+        if target is not None:
+            return Path(target).expanduser()
+        # log_dir is a collective under DDP (a broadcast): every rank must ask for it.
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "prompt"
+
+    def before_fit(self) -> None:
+        target = self._prompt_target()
+        if (target / CONFIG_NAME).exists() and not self.config[self.subcommand].get("overwrite_prompt"):
+            raise FileExistsError(
+                f"a prompt is already saved at {target}; choose another --save_prompt or pass "
+                "--overwrite_prompt true to replace it (checked before training, nothing was trained)"
+            )
+
+    def after_fit(self) -> None:
+        if not isinstance(self.model, PromptClassifier):
+            return
+        target = self._prompt_target()
+        if self.trainer.interrupted:
+            if self.trainer.is_global_zero:
+                log.warning("fit was interrupted; prompt not saved (resume with --ckpt_path <log dir>/checkpoints/last.ckpt)")
+            return
+        if self.trainer.is_global_zero:
+            self.model.save_prompt(target, overwrite=bool(self.config[self.subcommand].get("overwrite_prompt")))
+            log.info("learned prompt saved to %s", target)
+        self.trainer.strategy.barrier("vlprompt-save-prompt")
+
+
+def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
+    """Run ``vlprompt fit|validate|test|predict`` with these arguments."""
+    return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
