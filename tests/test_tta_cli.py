@@ -13,7 +13,6 @@ import pytest
 from test_difftpt import tiny_unet
 
 from vlprompt.apps.tta import run_tta
-from vlprompt.cli import main
 from vlprompt.data import TestImagesDataModule
 
 
