@@ -89,3 +89,24 @@ def test_fit_applies_the_aggregate_and_an_interrupted_fit_keeps_it(backbone, das
     assert state["weight"] == pytest.approx(sum(w[:2]))
     resumed = fit(ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
     assert torch.allclose(resumed, final, atol=1e-6)
+
+
+def test_frozen_text_anchor_is_the_reference_raw_mean_of_60_templates(backbone):
+    from open_clip import zero_shot_metadata
+
+    from vlprompt.prompts.templates import resolve_templates
+
+    names = ["cat", "golden retriever"]
+    templates = resolve_templates("promptsrc60")
+    clip80 = [t("{}") for t in zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
+    assert len(set(templates)) == 60 and set(templates) <= set(clip80) and templates[0] == "a photo of a {}."
+    depths = {"text_depth": 2, "vision_depth": 2}
+    src = PromptSRCPromptLearner(backbone, names, **depths)  # the defaults: promptsrc60, raw mean
+    with torch.no_grad():
+        raw = torch.stack([backbone.encode_text([t.format(n) for n in names]) for t in templates], dim=1).mean(dim=1)
+    assert torch.allclose(src.frozen_text(backbone, names), F.normalize(raw, dim=-1), atol=1e-6)
+    clip = PromptSRCPromptLearner(backbone, names, **depths, templates="imagenet80", ensemble="clip")
+    with torch.no_grad():
+        per = torch.stack([F.normalize(backbone.encode_text([t.format(n) for n in names]), dim=-1) for t in clip80])
+    assert torch.allclose(clip.frozen_text(backbone, names), F.normalize(per.mean(0), dim=-1), atol=1e-6)
+    assert not torch.allclose(clip.frozen_text(backbone, names), src.frozen_text(backbone, names), atol=1e-4)

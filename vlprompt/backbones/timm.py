@@ -26,6 +26,8 @@ class TimmBackbone(Backbone):
             Hugging Face hub or its cache) or a local checkpoint file (safetensors or a
             weights-only torch file) for ``model_name``.
         model_kwargs: extra arguments for ``timm.create_model`` (``img_size``, ``depth`` ...).
+        grad_checkpointing: recompute activations in the backward pass (timm's
+            ``set_grad_checkpointing``, honoured by the prompted block loop): less memory.
     """
 
     has_text = False
@@ -36,6 +38,7 @@ class TimmBackbone(Backbone):
         pretrained: str | None = None,
         *,
         model_kwargs: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         import timm
@@ -64,6 +67,9 @@ class TimmBackbone(Backbone):
         self.vision_layers = self._vision.layers
         self.embed_dim = model.num_features
         self._preprocess_cfg = self._read_preprocess_cfg()
+        self.grad_checkpointing = grad_checkpointing
+        if grad_checkpointing:
+            model.set_grad_checkpointing(True)
         self.freeze()
 
     def _read_preprocess_cfg(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["PromptPlacement", "ViTTower", "vit_tower"]
+__all__ = ["PromptPlacement", "ViTTower", "run_block_maybe_checkpointed", "vit_tower"]
 
 #: ``after_cls``: right after the class (and register) tokens, as in VPT and MVLPT;
 #: ``after_patches``: appended after the patch tokens, as in MaPLe and IVLP.
@@ -25,6 +26,18 @@ SUPPORTED_TOWERS = (
     "open_clip VisionTransformer (every open_clip ViT-*)",
     "timm VisionTransformer (timm vit_*, deit_*, also inside open_clip timm towers)",
 )
+
+
+def run_block_maybe_checkpointed(tower: nn.Module, run: Callable[..., torch.Tensor], *args: torch.Tensor,
+                                 **kwargs) -> torch.Tensor:
+    """``run(*args, **kwargs)``, through activation checkpointing when the tower's own
+    ``grad_checkpointing`` flag is on (open_clip's ``set_grad_checkpointing``, timm's) and autograd
+    is recording: activations are recomputed in the backward pass instead of stored, so deep
+    prompts fit large towers. Non-reentrant, so gradients reach the prompts although the frozen
+    weights need none."""
+    if getattr(tower, "grad_checkpointing", False) and torch.is_grad_enabled():
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+    return run(*args, **kwargs)
 
 
 class ViTTower:
@@ -131,8 +144,8 @@ def _open_clip_vit(visual: nn.Module) -> ViTTower:
 
     def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if batch_first:
-            return block(x)
-        return block(x.transpose(0, 1)).transpose(0, 1)
+            return run_block_maybe_checkpointed(transformer, block, x)
+        return run_block_maybe_checkpointed(transformer, block, x.transpose(0, 1)).transpose(0, 1)
 
     def head(x: torch.Tensor) -> torch.Tensor:
         pooled, _ = visual._pool(x)
@@ -174,6 +187,6 @@ def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
         embed=embed,
         pre_norm=model.norm_pre,
         blocks=model.blocks,
-        run_block=lambda block, x: block(x),
+        run_block=lambda block, x: run_block_maybe_checkpointed(model, block, x),
         head=head,
     )

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from vlprompt.backbones import Backbone, PromptPlacement
 from vlprompt.prompts.base import PromptOutput, register_prompt_learner
 from vlprompt.prompts.ivlp import IVLPPromptLearner
-from vlprompt.prompts.templates import FrozenClassFeatures
+from vlprompt.prompts.templates import Ensemble, FrozenClassFeatures
 
 __all__ = ["PromptSRCPromptLearner"]
 
@@ -32,7 +32,11 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
     Args:
         n_ctx, ctx_init, text_depth, n_vision_tokens, vision_depth, placement, init_std:
             as for :class:`IVLPPromptLearner`.
-        templates: hand-written templates whose ensemble gives the frozen text features.
+        templates: hand-written templates of the frozen text anchor (``promptsrc60``: the 60 of
+            CLIP's ImageNet templates the reference code uses).
+        ensemble: how the templates' features are combined: ``mean`` (the reference code: raw
+            mean of the unnormalised features, normalised where used) or ``clip`` (CLIP's
+            ensembling: mean of normalised features, e.g. with ``templates: imagenet80``).
         text_loss_weight, image_loss_weight, kl_loss_weight: weights of the three terms
             (25, 10, 1 in the paper).
     """
@@ -49,12 +53,13 @@ class PromptSRCPromptLearner(IVLPPromptLearner):
         vision_depth: int | None = None,
         placement: PromptPlacement = "after_patches",
         init_std: float = 0.02,
-        templates: str | list[str] = "imagenet80",
+        templates: str | list[str] = "promptsrc60",
+        ensemble: Ensemble = "mean",
         text_loss_weight: float = 25.0,
         image_loss_weight: float = 10.0,
         kl_loss_weight: float = 1.0,
     ) -> None:
-        self.frozen_text = FrozenClassFeatures(templates)
+        self.frozen_text = FrozenClassFeatures(templates, ensemble=ensemble)
         super().__init__(
             backbone,
             classnames,
