@@ -159,20 +159,17 @@ def build_train_transform(
     preprocess_cfg: dict[str, Any],
     scale: tuple[float, float] = (0.08, 1.0),
     flip: bool = True,
-    augmix: bool = False,
 ) -> Callable:
-    """Random resized crop and horizontal flip (CoOp's augmentation; TPT's views), optionally
-    AugMix, then the backbone's normalisation."""
+    """Random resized crop and horizontal flip (CoOp's augmentation; TPT's views), then the
+    backbone's normalisation (TPT's AugMix is :mod:`vlprompt.tta.augmix`)."""
     size = preprocess_cfg.get("size", 224)
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
     interpolation = _INTERPOLATION.get(preprocess_cfg.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
     steps: list[Callable] = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
-    steps.append(T.ToImage())
-    if augmix:
-        steps.append(T.AugMix(severity=1))
     steps += [
+        T.ToImage(),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(preprocess_cfg["mean"]), std=list(preprocess_cfg["std"])),
     ]

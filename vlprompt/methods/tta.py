@@ -59,9 +59,12 @@ class TestTimePromptTuning(PromptClassifier):
             tokens from "a photo of a" when None.
         classnames: class names by label.
         n_views: views per image, the original included (64 in the paper).
-        augmix: AugMix on the random views (the paper does so except on ImageNet and variants).
+        augmix: AugMix on the random views, as TPT does it (its operation set, 3 chains, severity
+            1; the paper does so except on ImageNet and its variants).
         crop_scale: area range of the random resized crops (TPT's default 0.08-1; objects that
             fill little of the frame want more of it).
+        crop_interpolation: ``bilinear`` (TPT's reference code) or ``backbone`` (the backbone's own
+            interpolation, usually bicubic) for resizing the random crops.
         selection_ratio: share of views kept by confidence (0.1 in the paper).
         steps: optimiser steps per image (1 in the paper).
         optimizer: factory over the prompt parameters (AdamW, lr 5e-3).
@@ -80,6 +83,7 @@ class TestTimePromptTuning(PromptClassifier):
         n_views: int = 64,
         augmix: bool = False,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_interpolation: Literal["bilinear", "backbone"] = "bilinear",
         selection_ratio: float = 0.1,
         steps: int = 1,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer] = _default_optimizer,
@@ -91,6 +95,7 @@ class TestTimePromptTuning(PromptClassifier):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.n_views, self.augmix, self.seed, self.crop_scale = n_views, augmix, seed, tuple(crop_scale)
+        self.crop_interpolation = crop_interpolation
         self.selection_ratio, self.steps = selection_ratio, steps
         self._episode_start: tuple[dict[str, torch.Tensor], dict[str, Any], Optimizer] | None = None
         #: Images whose loss was not finite: they keep the starting prompt's prediction.
@@ -109,7 +114,8 @@ class TestTimePromptTuning(PromptClassifier):
 
     def view_transform(self) -> Callable:
         """Image -> ``[n, 3, H, W]`` views, the original first (handed to the data module)."""
-        return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed, self.crop_scale)
+        return TestTimeViews(self.backbone.preprocess_cfg, self.n_views, self.augmix, self.seed, self.crop_scale,
+                             self.crop_interpolation)
 
     def teardown(self, stage: str) -> None:
         dm = self.classification_data()
@@ -265,6 +271,7 @@ class DiffTPT(TestTimePromptTuning):
         n_views: int = 64,
         augmix: bool = False,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_interpolation: Literal["bilinear", "backbone"] = "bilinear",
         filter_on: Literal["features", "logits"] = "features",
         filter_ratio: float = 0.8,
         filter_scope: Literal["generated", "all"] = "generated",
@@ -276,6 +283,7 @@ class DiffTPT(TestTimePromptTuning):
     ) -> None:
         super().__init__(
             backbone, prompt_learner, classnames, n_views=n_views, augmix=augmix, crop_scale=crop_scale,
+            crop_interpolation=crop_interpolation,
             selection_ratio=selection_ratio, steps=steps, optimizer=optimizer, init_prompt=init_prompt, seed=seed,
         )
         if filter_on not in ("features", "logits"):

@@ -5,40 +5,61 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
+
 from vlprompt.data.images import build_eval_transform, build_train_transform
+from vlprompt.tta.augmix import AugMixView
 
 __all__ = ["TestTimeViews", "confident_views", "marginal_entropy", "similar_views"]
 
 
 class TestTimeViews:
     """Turn one image into ``[n_views, 3, H, W]``: the original (the backbone's own evaluation
-    preprocessing) followed by ``n_views - 1`` random views (random resized crop of ``crop_scale``
-    of the image + flip, optionally followed by AugMix, as in TPT).
+    preprocessing) followed by ``n_views - 1`` random views as TPT makes them: a random resized
+    crop of ``crop_scale`` of the image and a horizontal flip, optionally mixed with AugMix
+    chains (:class:`~vlprompt.tta.augmix.AugMixView`, TPT's operation set and mixing).
 
-    The views of an image depend only on ``seed`` and the image's pixels, never on which images
-    came before, so predictions are reproducible and order-independent.
+    The crop is resized with bilinear interpolation by default, as in TPT's reference code
+    (torchvision's default for PIL images); ``crop_interpolation="backbone"`` uses the backbone's
+    own (usually bicubic). The views of an image depend only on ``seed`` and the image's pixels,
+    never on which images came before, so predictions are reproducible and order-independent.
     """
 
     __test__ = False  # not a pytest test class, despite its name
 
     def __init__(self, preprocess_cfg: dict[str, Any], n_views: int = 64, augmix: bool = False, seed: int = 0,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
+                 crop_scale: tuple[float, float] = (0.08, 1.0),
+                 crop_interpolation: Literal["bilinear", "backbone"] = "bilinear") -> None:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
+        if crop_interpolation not in ("bilinear", "backbone"):
+            raise ValueError(f"crop_interpolation must be 'bilinear' or 'backbone', not {crop_interpolation!r}")
         self.n_views, self.augmix, self.seed = n_views, augmix, seed
         self.original = build_eval_transform(preprocess_cfg)
-        self.augment = build_train_transform(preprocess_cfg, scale=tuple(crop_scale), augmix=augmix)
+        cfg = dict(preprocess_cfg)
+        if crop_interpolation == "bilinear":
+            cfg["interpolation"] = "bilinear"
+        # The crop and flip, as PIL images (AugMix operates on them), then the normalisation.
+        full = build_train_transform(cfg, scale=tuple(crop_scale))
+        self.crop = T.Compose(full.transforms[:2])
+        self.to_tensor = T.Compose(full.transforms[2:])
+        self.mix = AugMixView(self.to_tensor) if augmix else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         digest = hashlib.sha1(image.tobytes()).digest()
         image_seed = (int.from_bytes(digest[:8], "little") ^ self.seed) % 2**63
+        rng = np.random.default_rng(image_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(image_seed)
-            views = [self.original(image)] + [self.augment(image) for _ in range(self.n_views - 1)]
+            views = [self.original(image)]
+            for _ in range(self.n_views - 1):
+                crop = self.crop(image)
+                views.append(self.mix(crop, rng) if self.mix is not None else self.to_tensor(crop))
         return torch.stack(views)
 
 
