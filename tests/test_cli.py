@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import COLOURS
+from vlprompt.apps.train import run_lightning_cli
 from vlprompt.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,14 +58,29 @@ def test_fit_then_test_on_novel_classes(tmp_path, tiny_model_dir, dassl_folder):
     # An interrupted fit resumes from last.ckpt and carries on to the new max_epochs.
     main(["fit", *common, *_data_args(dassl_folder), "--data.subset=base", "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
     assert len(list(tmp_path.rglob("last.ckpt"))) == 2
-    main(["test", *common, *_data_args(dassl_folder), "--data.subset=novel", f"--ckpt_path={ckpt}"])
-    main(["validate", *common, *_data_args(dassl_folder), f"--ckpt_path={ckpt}"])
+    tested = run_lightning_cli(["test", *common, *_data_args(dassl_folder), "--data.subset=novel", f"--ckpt_path={ckpt}"])
+    # The checkpoint's prompt, re-pointed at the 2 novel classes, scored on their 12 test images.
+    assert tested.model.prompt_learner.classnames == ["blue square", "yellow square"]
+    assert tested.trainer.callback_metrics["test/images"] == 12
+    validated = run_lightning_cli(["validate", *common, *_data_args(dassl_folder), f"--ckpt_path={ckpt}"])
+    assert validated.model.prompt_learner.classnames == list(COLOURS)
+    assert "val/acc" in validated.trainer.callback_metrics
 
 
-def test_zero_shot_test_run(tmp_path, tiny_model_dir, image_folder):
-    main(["test", "--config", str(CONFIGS / "methods" / "zeroshot.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),
-          *_data_args(image_folder), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
-          "--trainer.enable_progress_bar=false"])
+def test_zero_shot_test_run_equals_the_library(tmp_path, tiny_model_dir, image_folder):
+    import lightning.pytorch as pl
+
+    from vlprompt.data import FewShotDataModule
+    from vlprompt.methods import PromptClassifier
+    from vlprompt.prompts import ZeroShotPrompt
+
+    cli = run_lightning_cli(["test", "--config", str(CONFIGS / "methods" / "zeroshot.yaml"), "--config",
+                             _backbone_yaml(tmp_path, tiny_model_dir), *_data_args(image_folder), "--trainer.accelerator=cpu",
+                             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    dm = FewShotDataModule(str(image_folder), shots=2, num_workers=0)
+    model = PromptClassifier(cli.model.backbone, lambda b, c: ZeroShotPrompt(b, c, templates="a photo of a {}."), dm.classnames)
+    expected = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(model, datamodule=dm, verbose=False)
+    assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(expected[0]["test/acc"])
 
 
 def test_console_script_is_installed():
