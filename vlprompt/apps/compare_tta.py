@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser
 
-from vlprompt.apps.fewshot import instantiate, resolve_config_path
+from vlprompt.apps.fewshot import Recipe, instantiate, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.methods import TestTimePromptTuning
 
@@ -36,31 +35,17 @@ log = logging.getLogger(__name__)
 _KEYS = {"backbone", "data", "methods", "trainer", "pictures"}
 
 
-class TTARecipe:
-    """A test-time method as ``vlprompt tta`` would run it: method YAML(s) with ``model:``
-    (``class_path``/``init_args`` of a :class:`TestTimePromptTuning` subclass) and optionally
-    ``trainer:``, plus overrides; parsed and instantiated by jsonargparse."""
+class TTARecipe(Recipe):
+    """A test-time method as ``vlprompt tta`` would run it: ``model:`` is ``class_path``/``init_args``
+    of a :class:`TestTimePromptTuning` subclass, built over a shared backbone."""
 
-    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
-                 trainer: dict[str, Any] | None = None) -> None:
-        self.parser = ArgumentParser(exit_on_error=False)
-        self.parser.add_argument("--config", action=ActionConfigFile)
+    def add_model_arguments(self, parser: ArgumentParser) -> None:
         # A factory over the backbone: one backbone instance serves every method.
-        self.parser.add_argument("--model", type=Callable[[Backbone], TestTimePromptTuning], required=True)
-        self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
-        config = Namespace()
-        for path in configs:  # later files override earlier ones, as with repeated --config
-            config = self.parser.parse_object(yaml.safe_load(Path(path).read_text()) or {}, namespace=config,
-                                              defaults=False)
-        overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
-        if overrides:
-            config = self.parser.parse_object(overrides, namespace=config, defaults=False)
-        self.config = config
-        self.trainer_keys = sorted((config.get("trainer") or Namespace()).keys())
+        parser.add_argument("--model", type=Callable[[Backbone], TestTimePromptTuning], required=True)
 
     def build(self, backbone: Backbone, classnames: Sequence[str]) -> tuple[TestTimePromptTuning, dict[str, Any]]:
-        built = self.parser.instantiate(self.parser.parse_object(self.config.as_dict()))
-        return built.model(backbone, classnames=list(classnames)), {k: built.trainer[k] for k in self.trainer_keys}
+        built = self.instantiate()
+        return built.model(backbone, classnames=list(classnames)), self.trainer_args(built)
 
 
 def compare_tta(config: dict[str, Any], output_dir: str | Path, config_dir: Path | None = None) -> dict[str, dict[str, Any]]:

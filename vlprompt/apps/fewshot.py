@@ -60,6 +60,7 @@ from vlprompt.resources import bundled_dir
 __all__ = [
     "EvaluationConfig",
     "MethodRecipe",
+    "Recipe",
     "TransferProtocol",
     "format_report",
     "instantiate",
@@ -97,20 +98,20 @@ def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Pa
     raise FileNotFoundError(f"config {str(path)!r} not found; looked in: " + ", ".join(str(c) for c in candidates))
 
 
-class MethodRecipe:
-    """A method as ``vlprompt fit`` would run it: one or more method YAMLs (``model:`` with the
-    :class:`PromptClassifier` arguments, optionally ``trainer:``), plus overrides of either section.
-    Parsed and instantiated by jsonargparse with the same types as the CLI."""
+class Recipe:
+    """A method as its command would run it: one or more method YAMLs (``model:`` and optionally
+    ``trainer:``), later files overriding earlier ones as with repeated ``--config``, plus
+    overrides of either section; parsed and instantiated by jsonargparse with the CLI's types.
+    Subclasses declare ``model`` (:meth:`add_model_arguments`) and build it (:meth:`build`)."""
 
     def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
                  trainer: dict[str, Any] | None = None) -> None:
         self.parser = ArgumentParser(exit_on_error=False)
         self.parser.add_argument("--config", action=ActionConfigFile)
-        self.parser.add_class_arguments(PromptClassifier, "model", skip={"backbone", "classnames"}, instantiate=False,
-                                        sub_configs=True)
+        self.add_model_arguments(self.parser)
         self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
         config = Namespace()
-        for path in configs:  # later files override earlier ones, as with repeated --config
+        for path in configs:
             config = self.parser.parse_object(yaml.safe_load(Path(path).read_text()) or {}, namespace=config,
                                               defaults=False)
         overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
@@ -120,13 +121,30 @@ class MethodRecipe:
         #: Trainer arguments the method's configs set (e.g. ``max_epochs``, ``callbacks``).
         self.trainer_keys = sorted((config.get("trainer") or Namespace()).keys())
 
+    def add_model_arguments(self, parser: ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def instantiate(self) -> Namespace:
+        """The configs with defaults, instantiated afresh (new optimizers, callbacks ...)."""
+        return self.parser.instantiate(self.parser.parse_object(self.config.as_dict()))
+
+    def trainer_args(self, built: Namespace) -> dict[str, Any]:
+        return {k: built.trainer[k] for k in self.trainer_keys}
+
+
+class MethodRecipe(Recipe):
+    """A method as ``vlprompt fit`` would run it (``model:`` holds :class:`PromptClassifier`'s
+    arguments but the backbone and the class names)."""
+
+    def add_model_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_class_arguments(PromptClassifier, "model", skip={"backbone", "classnames"}, instantiate=False,
+                                   sub_configs=True)
+
     def build(self, backbone: Backbone, classnames: Sequence[str]) -> tuple[PromptClassifier, dict[str, Any]]:
         """A fresh model and the trainer arguments the method sets (fresh callback instances)."""
-        full = self.parser.parse_object(self.config.as_dict())
-        built = self.parser.instantiate(full)
+        built = self.instantiate()
         model = PromptClassifier(backbone, classnames=list(classnames), **dict(vars(built.model)))
-        trainer = {k: built.trainer[k] for k in self.trainer_keys}
-        return model, trainer
+        return model, self.trainer_args(built)
 
 
 @dataclass
