@@ -13,13 +13,15 @@ traceback).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import sys
 import warnings
-from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "CommandParser", "error_message", "main"]
 
 log = logging.getLogger("vlprompt")
 
@@ -35,6 +37,16 @@ COMMANDS = {
     "demo": "the offline demo on the embedded default (configs/eval/shapeworld_*.yaml)",
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
+#: where vlprompt's own code lives: an error raised here carries the project's own message.
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` parser for a ``vlprompt`` subcommand whose errors are one line
+    (``vlprompt classify: error: ...`` and where to find the options), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
 
 
 def _overview() -> str:
@@ -53,87 +65,134 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # We hand LightningCLI the arguments ourselves (the subcommand is dispatched here), on purpose.
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
-    # LightningCLI seeds every run (the seed is saved in the run's config.yaml); one line is enough.
+    # LightningCLI seeds every run and records the seed (the run's config.yaml, tta's summary).
     warnings.filterwarnings("ignore", message=r".*No seed found, seed set to.*")
 
 
-def _project_error(err: BaseException) -> BaseException:
-    """The innermost error in the cause/context chain that is not jsonargparse's wrapping: the
-    message the user needs (e.g. the data module's "class folder ... contains no images")."""
+def _quiet_lightning() -> None:
+    """Once a subcommand has imported Lightning: print each of its messages once, and not the seed."""
+    if "lightning" not in sys.modules:
+        return
+    # Lightning gives its "lightning" logger a console handler of its own and still lets records
+    # propagate to the root handler set up above, so every message would be printed twice.
+    logging.getLogger("lightning").propagate = False
+    # The seed is recorded with the run; as the first line of every run it would also come before
+    # the one-line error of a run that fails while its classes are built.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+
+
+# -- errors as one line ------------------------------------------------------------------------------
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first."""
     chain, seen = [err], {id(err)}
     while True:
         nxt = chain[-1].__cause__ or chain[-1].__context__
         if nxt is None or id(nxt) in seen:
-            break
+            return chain
         chain.append(nxt)
         seen.add(id(nxt))
-    ours = [e for e in chain if not type(e).__module__.startswith(("jsonargparse", "argparse"))]
-    return ours[-1] if ours else err
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    if "Does not validate against any of the Union subtypes" in text or "Problem with given class_path" in text:
-        # jsonargparse folded the constructor's error into its summary: keep the last line of it.
-        lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip()]
-        text = next((ln for ln in reversed(lines) if ":" in ln), lines[-1])
-    return " ".join(text.split())
+def _raised_in(err: BaseException) -> str:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.realpath(tb.tb_frame.f_code.co_filename) if tb is not None else ""
 
 
-def _check_ckpt_path(argv: list[str]) -> None:
-    for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else argv[i + 1] if arg == "--ckpt_path" and i + 1 < len(argv) else None
-        if value is None or value in ("last", "best", "hpc", "registry", "null"):
-            continue
-        path = Path(value).expanduser()
-        if path.is_dir():
-            hint = next(iter(sorted(path.rglob("last.ckpt"))), path / "checkpoints" / "last.ckpt")
-            raise ValueError(f"--ckpt_path {value} is a directory; pass the checkpoint file, e.g. {hint}")
-        if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path {value}: no such checkpoint file")
+def _is_wrapping(err: BaseException) -> bool:
+    # jsonargparse re-raises a constructor's error inside its own (a union summary, "Problem with
+    # given class_path", argparse.ArgumentError), sometimes as a plain ValueError or TypeError.
+    return (type(err).__module__.startswith(("jsonargparse", "argparse"))
+            or f"{os.sep}jsonargparse{os.sep}" in _raised_in(err))
 
 
-def _lightning(argv: list[str]) -> None:
-    from vlprompt.apps.train import run_lightning_cli
+def _user_error(err: BaseException) -> BaseException:
+    """The error the user needs to read: the outermost one raised by vlprompt's code (e.g. the data
+    module's "class folder ... contains no images", not jsonargparse's summary of it nor the library
+    error our message was raised from); otherwise the first that is not jsonargparse's wrapping,
+    or the innermost (jsonargparse's own finding, e.g. a value of the wrong type)."""
+    chain = _chain(err)
+    ours = [e for e in chain if _raised_in(e).startswith(_PACKAGE_DIR)]
+    if ours:
+        return ours[0]
+    plain = [e for e in chain if not _is_wrapping(e)]
+    return plain[0] if plain else chain[-1]
 
-    _check_ckpt_path(argv)
-    run_lightning_cli(argv)
+
+def error_message(err: BaseException) -> str:
+    """One line saying what went wrong in ``err`` (see :func:`_user_error`), with the option it
+    concerns when jsonargparse names one."""
+    cause = _user_error(err)
+    text = str(cause).strip() or type(cause).__name__
+    if "Does not validate against any of the Union subtypes" in text:
+        # A summary over the union's members: keep what each member said, except "not None".
+        found = [ln.strip()[2:] for ln in text.splitlines()
+                 if ln.strip().startswith("- ") and "NoneType" not in ln and "Union subtypes" not in ln]
+        text = "; ".join(found) or text
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", " ".join(text.split()))
+    if not isinstance(cause, (ValueError, OSError, argparse.ArgumentError)) and not _is_wrapping(cause):
+        # A KeyError's or a TypeError's message alone ("'name'") does not say what went wrong.
+        text = f"{type(cause).__name__}: {text}"
+    if not _raised_in(cause).startswith(_PACKAGE_DIR):
+        key = next((m.group(1) for e in _chain(err) if (m := re.search(r'Parser key "([^"]+)"', str(e)))), None)
+        if key and key not in text:
+            text = f"--{key}: {text}"
+    return text
+
+
+def _fail(command: str, text: str, hint: str) -> NoReturn:
+    sys.stderr.write(f"vlprompt {command}: error: {text}\n({hint})\n")
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vlprompt`` console script."""
+    """Entry point of the ``vlprompt`` console script: dispatch to the subcommand, and turn any
+    error into one line of the project's own message and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        sys.stderr.write(f"vlprompt: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n")
+        sys.stderr.write(f"vlprompt: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n"
+                         "(`vlprompt --help` describes them)\n")
         raise SystemExit(2)
     _setup_logging()
+    debug = bool(os.environ.get("VLPROMPT_DEBUG"))
     try:
         if command in _LIGHTNING:
-            _lightning(argv)
-        elif command == "demo":
+            from vlprompt.apps.train import run_lightning_cli as run
+
+            _quiet_lightning()
+            run(argv)
+            return
+        if command == "demo":
             from vlprompt.apps.demo import main as run
-            run(rest)
         elif command == "tta":
             from vlprompt.apps.tta import main as run
-            run(rest)
         elif command == "eval-fewshot":
             from vlprompt.apps.fewshot import main as run
-            run(rest)
-        elif command == "classify":
+        else:
             from vlprompt.apps.classify import main as run
-            run(rest)
-    except (SystemExit, KeyboardInterrupt):
+        _quiet_lightning()
+        run(rest)
+    except SystemExit as done:
+        # An application that stops with a message (SystemExit("...")) gets the same one line.
+        if isinstance(done.code, str) and not debug:
+            _fail(command, " ".join(done.code.split()), "set VLPROMPT_DEBUG=1 for the traceback")
         raise
-    except Exception as err:  # noqa: BLE001 - every error becomes one readable line
-        if os.environ.get("VLPROMPT_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        sys.stderr.write(f"vlprompt {command}: error: {_one_line(_project_error(err))}\n"
-                         "(set VLPROMPT_DEBUG=1 for the traceback)\n")
-        raise SystemExit(2) from None
+        sys.stderr.write(f"vlprompt {command}: interrupted\n")
+        raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - every error becomes one readable line
+        if debug:
+            raise
+        hint = (f"`vlprompt {command} --help` lists the options" if isinstance(err, argparse.ArgumentError)
+                else "set VLPROMPT_DEBUG=1 for the traceback")
+        _fail(command, error_message(err), hint)
 
 
 if __name__ == "__main__":

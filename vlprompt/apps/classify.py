@@ -11,24 +11,47 @@ training and evaluation (:func:`vlprompt.methods.prompt_logits`).
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
-__all__ = ["Prediction", "classify_images", "main"]
+from vlprompt.cli import CommandParser
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from vlprompt.backbones import Backbone
+    from vlprompt.prompts import PromptLearner
+
+__all__ = ["OUTPUT_NAMES", "Prediction", "classify_images", "main", "write_predictions"]
 
 log = logging.getLogger(__name__)
+
+#: the files ``vlprompt classify`` writes into ``--out``
+OUTPUT_NAMES = ("predictions.csv", "predictions.json")
+
+ImageInput = Union[str, Path, "Image"]
 
 
 @dataclass
 class Prediction:
-    """The class of one image: ``label`` (class name) and ``index`` (its label) with
-    ``probability``; ``top`` holds the five most probable classes; ``status`` is ``ok`` or
-    ``unreadable`` (then no class)."""
+    """The class of one image.
+
+    Attributes:
+        path: the image file, or ``<image i>`` for the i-th image when it was given in memory.
+        label: the predicted class name ("" when ``status`` is ``unreadable``).
+        index: the predicted class's position in the class names (-1 when unreadable).
+        probability: softmax probability of the predicted class.
+        top: the ``top_k`` most probable classes, ``(class name, probability)``, best first.
+        status: ``ok``, or ``unreadable`` when the file could not be decoded (then no class).
+    """
 
     path: str
     label: str = ""
@@ -38,113 +61,204 @@ class Prediction:
     status: str = "ok"
 
 
-def _image_paths(images) -> list:
+def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """Files and in-memory images in order; a folder becomes its image files (recursively, sorted)."""
+    from PIL import Image as PILImage
+
     from vlprompt.data.sources import IMAGE_EXTENSIONS
 
-    if isinstance(images, (str, Path)):
-        root = Path(images).expanduser()
-        if root.is_dir():
-            found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ValueError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-            return found
-        if not root.exists():
-            raise FileNotFoundError(f"no such image or folder: {root}")
-        return [root]
-    return list(images)
+    items = [images] if isinstance(images, (str, Path, PILImage.Image)) else list(images)
+    found: list[ImageInput] = []
+    missing: list[str] = []
+    for item in items:
+        if isinstance(item, PILImage.Image):
+            found.append(item)
+            continue
+        path = Path(item).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not inside:
+                raise ValueError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found += inside
+        elif path.exists():
+            found.append(path)
+        else:
+            missing.append(str(path))
+    if missing:
+        # A mistyped path is the caller's error, not an unreadable image to skip quietly.
+        raise FileNotFoundError(f"no such image or folder: {', '.join(missing[:5])}"
+                                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+    return found
 
 
-def classify_images(prompt, images, *, backbone=None, classnames: Sequence[str] | None = None,
-                    batch_size: int = 32, device: str | None = None) -> list[Prediction]:
-    """Classify ``images`` (a folder, a file, or a list of paths / PIL images) with ``prompt`` (a
-    saved prompt directory or a :class:`~vlprompt.prompts.PromptLearner`).
+def classify_images(
+    prompt: str | Path | PromptLearner,
+    images: ImageInput | Sequence[ImageInput],
+    *,
+    backbone: Backbone | None = None,
+    classnames: Sequence[str] | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    top_k: int = 5,
+) -> list[Prediction]:
+    """Classify ``images`` with ``prompt``; one :class:`Prediction` per image, in input order.
 
     Args:
-        backbone: the encoder; default: rebuilt from the saved prompt's record.
+        prompt: a saved prompt directory (``config.json`` + ``prompt.safetensors``) or a
+            :class:`~vlprompt.prompts.PromptLearner` (used in place, on its own backbone, and moved
+            to ``device``; its class names are restored afterwards).
+        images: a folder (searched recursively), an image file, a PIL image, or a list of those.
+        backbone: the encoder for a saved prompt; default: rebuilt from the prompt's record.
         classnames: classify into these classes instead of the prompt's own.
         batch_size: images per forward pass.
         device: ``cpu``, ``cuda`` ...; default: CUDA when available.
-    Unreadable files are skipped, logged and returned with status ``unreadable``.
+        top_k: how many of the most probable classes each prediction lists.
+
+    Unreadable files are skipped, logged, counted and returned with status ``unreadable``; paths
+    that do not exist raise :class:`FileNotFoundError` before anything is computed.
     """
     import torch
-    from PIL import Image
 
     from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb, to_rgb
     from vlprompt.methods.scoring import prompt_logits
     from vlprompt.prompts import PromptLearner, load_prompt
 
-    learner = prompt if isinstance(prompt, PromptLearner) else load_prompt(prompt, backbone, classnames=classnames)
-    if classnames is not None and isinstance(prompt, PromptLearner):
-        learner.set_classnames(classnames)
+    if batch_size < 1 or top_k < 1:
+        raise ValueError(f"batch_size and top_k must be at least 1 (got {batch_size} and {top_k})")
+    items = _expand(images)
+    given = isinstance(prompt, PromptLearner)
+    if given:
+        if backbone is not None and backbone is not prompt.backbone:
+            raise ValueError("a PromptLearner brings its own backbone; pass backbone= only with a saved prompt directory")
+        learner = prompt
+        own_names, was_training = list(learner.classnames), learner.training
+        if classnames is not None:
+            learner.set_classnames(list(classnames))
+    else:
+        learner = load_prompt(prompt, backbone, classnames=list(classnames) if classnames is not None else None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = learner.backbone.to(device)
-    learner.to(device).eval()
-    transform = build_eval_transform(backbone.preprocess_cfg)
-    names = learner.classnames
-    out: list[Prediction] = []
-    batch: list[tuple[int, torch.Tensor]] = []
+    try:
+        learner.to(device).eval()
+        transform = build_eval_transform(learner.backbone.preprocess_cfg)
+        names = list(learner.classnames)
+        k = min(top_k, len(names))
+        out: list[Prediction] = []
+        batch: list[tuple[int, torch.Tensor]] = []
 
-    def flush() -> None:
-        if not batch:
-            return
-        with torch.no_grad():
-            tensors = torch.stack([t for _, t in batch]).to(device)
-            probs = prompt_logits(learner(images=tensors), backbone).softmax(-1).cpu()
-        for (slot, _), p in zip(batch, probs):
-            top = p.topk(min(5, len(names)))
-            out[slot] = Prediction(out[slot].path, names[int(top.indices[0])], int(top.indices[0]), float(top.values[0]),
-                                   [(names[int(i)], round(float(v), 5)) for v, i in zip(top.values, top.indices)])
-        batch.clear()
+        def flush() -> None:
+            if not batch:
+                return
+            with torch.no_grad():
+                pixels = torch.stack([t for _, t in batch]).to(device)
+                probs = prompt_logits(learner(images=pixels), learner.backbone).softmax(-1).cpu()
+            for (slot, _), p in zip(batch, probs):
+                values, indices = p.topk(k)
+                best = int(indices[0])
+                out[slot] = Prediction(out[slot].path, names[best], best, float(values[0]),
+                                       [(names[int(i)], float(v)) for v, i in zip(values, indices)])
+            batch.clear()
 
-    for item in _image_paths(images):
-        name = str(item) if not isinstance(item, Image.Image) else f"<image {len(out)}>"
-        out.append(Prediction(name))
-        try:
-            image = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(str(item))
-        except UnreadableImageError as err:
-            log.warning("skipping %s", err)
-            out[-1].status = "unreadable"
-            continue
-        batch.append((len(out) - 1, transform(image)))
-        if len(batch) == batch_size:
-            flush()
-    flush()
+        for item in items:
+            in_memory = not isinstance(item, (str, Path))
+            out.append(Prediction(f"<image {len(out)}>" if in_memory else str(item)))
+            try:
+                image = to_rgb(item) if in_memory else load_rgb(str(item))
+            except UnreadableImageError as err:
+                log.warning("skipping %s", err)
+                out[-1].status = "unreadable"
+                continue
+            batch.append((len(out) - 1, transform(image)))
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    finally:
+        if given:
+            if classnames is not None:
+                learner.set_classnames(own_names)
+                learner.to(device)  # new class-name buffers are created on the CPU
+            learner.train(was_training)
     skipped = sum(p.status != "ok" for p in out)
     if skipped:
-        log.warning("%d unreadable images skipped", skipped)
+        log.warning("%d of %d images unreadable, skipped", skipped, len(out))
     return out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A crash mid-write must not leave a truncated file that looks like results.
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+def _refuse_overwrite(out: Path, overwrite: bool) -> None:
+    existing = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}; pass --overwrite or another --out")
+
+
+def write_predictions(out: str | Path, predictions: Sequence[Prediction], summary: dict[str, Any] | None = None,
+                      *, overwrite: bool = False) -> list[Path]:
+    """Write ``predictions.csv`` (path, status, label, probability, top classes) and
+    ``predictions.json`` (``{"summary": ..., "predictions": [...]}``) into ``out``. Refuses to
+    replace earlier predictions unless ``overwrite``."""
+    out = Path(out).expanduser()
+    _refuse_overwrite(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["path", "status", "label", "probability", "top"])
+    for p in predictions:
+        writer.writerow([p.path, p.status, p.label, f"{p.probability:.5f}" if p.status == "ok" else "",
+                         "; ".join(f"{name} {value:.5f}" for name, value in p.top)])
+    _write_atomically(out / "predictions.csv", table.getvalue())
+    document = {"summary": summary or {}, "predictions": [asdict(p) for p in predictions]}
+    _write_atomically(out / "predictions.json", json.dumps(document, indent=1) + "\n")
+    return [out / name for name in OUTPUT_NAMES]
 
 
 def main(argv: list[str] | None = None) -> None:
     """``vlprompt classify`` / ``tools/classify.py``."""
-    parser = argparse.ArgumentParser(prog="vlprompt classify", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="vlprompt classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", required=True, help="a saved prompt directory (config.json + prompt.safetensors)")
     parser.add_argument("--images", required=True, nargs="+", help="a folder (searched recursively) or image files")
-    parser.add_argument("--classnames", nargs="+", help="classify into these classes instead of the prompt's own")
-    parser.add_argument("--classnames_file", help="class names, one per line")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument("--classnames", nargs="+", help="classify into these classes instead of the prompt's own")
+    names.add_argument("--classnames_file", help="class names, one per line in label order")
     parser.add_argument("--out", default="outputs/classify", help="where predictions.csv / .json are written")
     parser.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--top_k", type=int, default=5, help="most probable classes listed per image")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.top_k < 1:
+        parser.error("--batch_size and --top_k must be at least 1")
     out = Path(args.out).expanduser()
-    if not args.overwrite and any((out / n).exists() for n in ("predictions.csv", "predictions.json")):
-        raise FileExistsError(f"{out} already holds predictions; pass --overwrite or another --out")
+    # Checked before the model is loaded: a refused or mistyped run costs nothing.
+    _refuse_overwrite(out, args.overwrite)
+    images = _expand(args.images)
     classnames = args.classnames
     if args.classnames_file:
         from vlprompt.data.classnames import read_classnames_file
 
         classnames = [name for _, name in read_classnames_file(args.classnames_file)]
-    images = args.images[0] if len(args.images) == 1 else args.images
-    predictions = classify_images(args.prompt, images, classnames=classnames, batch_size=args.batch_size,
-                                  device=args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "status", "label", "probability", "top5"])
-        for p in predictions:
-            writer.writerow([p.path, p.status, p.label, round(p.probability, 5) if p.status == "ok" else "",
-                             "; ".join(f"{n} {v:.3f}" for n, v in p.top)])
-    (out / "predictions.json").write_text(json.dumps([asdict(p) for p in predictions], indent=1) + "\n")
+    from vlprompt.prompts import load_prompt
+
+    learner = load_prompt(args.prompt, classnames=classnames)
+    predictions = classify_images(learner, images, batch_size=args.batch_size, device=args.device, top_k=args.top_k)
     ok = [p for p in predictions if p.status == "ok"]
+    summary = {
+        "prompt": str(Path(args.prompt).expanduser()),
+        "method": learner.name,
+        "backbone": learner.backbone.identity.get("name"),
+        "classnames": list(learner.classnames),
+        "images": len(predictions),
+        "classified": len(ok),
+        "unreadable": [p.path for p in predictions if p.status != "ok"],
+    }
+    write_predictions(out, predictions, summary, overwrite=args.overwrite)
     log.info("%d images classified, %d unreadable skipped; predictions in %s", len(ok), len(predictions) - len(ok), out)

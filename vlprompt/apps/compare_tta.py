@@ -63,6 +63,8 @@ def compare_tta(config: dict[str, Any], output_dir: str | Path, config_dir: Path
             raise ValueError(f"TTA method {name!r}: give `config:` (e.g. ../tta/tpt.yaml) and optionally `model:` overrides")
         paths = [resolve_config_path(c, config_dir) for c in (spec["config"] if isinstance(spec["config"], list) else [spec["config"]])]
         recipes[name] = TTARecipe(paths, spec.get("model"), spec.get("trainer"))
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one summary line per method is ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
     backbone = instantiate(Backbone, config["backbone"])
     output_dir = Path(output_dir)
     summaries = {}

@@ -10,18 +10,42 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from vlprompt.methods import PromptClassifier
-from vlprompt.prompts.io import CONFIG_NAME
+from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["VLPromptCLI", "run_lightning_cli"]
+__all__ = ["VLPromptCLI", "check_checkpoint_path", "run_lightning_cli"]
 
 log = logging.getLogger("vlprompt")
+
+#: ``ckpt_path`` values Lightning resolves itself.
+_SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_path(value: str | None) -> None:
+    """Fail early, with what to pass instead, when ``--ckpt_path`` is not a checkpoint file: a
+    missing path, a run's folder, or a saved prompt (which ``--model.init_prompt`` takes)."""
+    if value is None or value in _SPECIAL_CKPT or value.startswith("registry:") or "://" in value:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f"--ckpt_path {value} is a saved prompt, not a checkpoint; start from it with "
+                             f"--model.init_prompt {value}")
+        hint = next(iter(sorted(path.rglob("last.ckpt"))), path / "checkpoints" / "last.ckpt")
+        raise ValueError(f"--ckpt_path {value} is a directory; pass the checkpoint file, e.g. {hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {value}: no such checkpoint file")
 
 
 class VLPromptCLI(LightningCLI):
     """LightningCLI that links the data's class names into the model, always keeps ``last.ckpt``
     (an interrupted fit resumes with ``--ckpt_path``), and saves the learned prompt
     (``<log dir>/prompt`` or ``--save_prompt``) when fitting ends. An existing prompt there is
-    refused before training starts unless ``--overwrite_prompt true``."""
+    refused before training starts unless ``--overwrite_prompt true``. Parse errors are raised
+    (``vlprompt`` prints them as one line) instead of printing the whole usage."""
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
@@ -31,6 +55,12 @@ class VLPromptCLI(LightningCLI):
                             help="Where to save the learned prompt after fit (default: <log dir>/prompt).")
         parser.add_argument("--overwrite_prompt", type=bool, default=False,
                             help="Replace a prompt already saved at --save_prompt.")
+
+    def before_instantiate_classes(self) -> None:
+        # Before the model and the data are built: a wrong --ckpt_path (also from a YAML) fails
+        # in a second instead of after loading everything.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_checkpoint_path(config.get("ckpt_path"))
 
     def _prompt_target(self) -> Path:
         target = self.config[self.subcommand].get("save_prompt")
@@ -55,10 +85,18 @@ class VLPromptCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 log.warning("fit was interrupted; prompt not saved (resume with --ckpt_path <log dir>/checkpoints/last.ckpt)")
             return
+        failed: Exception | None = None
         if self.trainer.is_global_zero:
-            self.model.save_prompt(target, overwrite=bool(self.config[self.subcommand].get("overwrite_prompt")))
-            log.info("learned prompt saved to %s", target)
+            try:
+                self.model.save_prompt(target, overwrite=bool(self.config[self.subcommand].get("overwrite_prompt")))
+                log.info("learned prompt saved to %s", target)
+            except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks are released
+                failed = err
+        # The other ranks wait here until the prompt is on disk; they must not wait forever when
+        # saving failed on rank zero.
         self.trainer.strategy.barrier("vlprompt-save-prompt")
+        if failed is not None:
+            raise failed
 
 
 def run_lightning_cli(argv: list[str]) -> VLPromptCLI:

@@ -40,6 +40,12 @@ class TTACLI(LightningCLI):
     """LightningCLI over :class:`TestTimePromptTuning` and its subclasses (``--model.class_path
     vlprompt.methods.DiffTPT``) with the data from ``--images`` or ``--data``."""
 
+    def init_parser(self, **kwargs):
+        # Parse errors are raised (``vlprompt`` prints them as one line) instead of printing the usage.
+        kwargs.setdefault("prog", "vlprompt tta")
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.add_argument("--images", type=str | None, default=None,
@@ -183,7 +189,7 @@ def run_tta(argv: list[str] | None = None) -> dict[str, Any] | None:
         generate_views(model, datamodule, config["generate_batch_images"])
         return None
     return run_predictions(model, datamodule, trainer, Path(config["out"]).expanduser(), pictures=config["pictures"],
-                           overwrite=config["overwrite"])
+                           overwrite=config["overwrite"], seed=config.get("seed_everything"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,10 +199,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_predictions(model: TestTimePromptTuning, datamodule: Any, trainer: Any, out: Path, *, pictures: int = 4,
-                    overwrite: bool = False) -> dict[str, Any]:
+                    overwrite: bool = False, seed: int | bool | None = None) -> dict[str, Any]:
     """Adapt and predict every image of the data module's test split, write ``predictions.csv`` /
-    ``.json`` (and view pictures of the first ``pictures`` images) into ``out``; returns the summary.
-    Refuses to replace earlier predictions unless ``overwrite``."""
+    ``.json`` (and view pictures of the first ``pictures`` images) into ``out``; returns the summary
+    (with ``seed``, the run's random seed, when given). Refuses to replace earlier predictions
+    unless ``overwrite``."""
     existing = [name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite true or another --out")
@@ -214,6 +221,8 @@ def run_predictions(model: TestTimePromptTuning, datamodule: Any, trainer: Any, 
         "settings": {k: v for k, v in dict(model.hparams).items()
                      if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
     }
+    if seed is not None and seed is not False:
+        summary["seed"] = seed  # views are random: the seed reproduces the run
     summary["unadapted_nonfinite_loss"] = model.unadapted_images
     if isinstance(model, DiffTPT):
         summary["view_cache"] = {"root": str(model.cache.root), "read": model.cache.hits, "generated": model.cache.misses}

@@ -1,15 +1,32 @@
 """LightningModules: training and evaluation procedures, generic over prompt learners, and the
 small pieces they are made of (scoring, image-feature cache, metrics, prompt initialisation,
-callbacks), reusable by other procedures without subclassing a classifier."""
+callbacks), reusable by other procedures without subclassing a classifier.
 
-from vlprompt.methods.classifier import PromptClassifier, warmup_cosine
-from vlprompt.methods.features import ImageFeatureCache
-from vlprompt.methods.metrics import ClassCounts, UnreadableImages
-from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
-from vlprompt.methods.prompt_init import load_initial_prompt
-from vlprompt.methods.random_state import RandomStateCheckpoint
-from vlprompt.methods.scoring import prompt_logits
-from vlprompt.methods.tta import DiffTPT, Episode, TestTimePromptTuning
+Names are imported on first use (PEP 562), so ``from vlprompt.methods import PromptClassifier``
+does not import test-time tuning and its view machinery.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the module defining it
+_EXPORTS = {
+    "PromptClassifier": "classifier",
+    "warmup_cosine": "classifier",
+    "ImageFeatureCache": "features",
+    "ClassCounts": "metrics",
+    "UnreadableImages": "metrics",
+    "GaussianPromptAggregation": "prompt_averaging",
+    "gaussian_epoch_weights": "prompt_averaging",
+    "load_initial_prompt": "prompt_init",
+    "RandomStateCheckpoint": "random_state",
+    "prompt_logits": "scoring",
+    "DiffTPT": "tta",
+    "Episode": "tta",
+    "TestTimePromptTuning": "tta",
+}
 
 __all__ = [
     "ClassCounts",
@@ -26,3 +43,26 @@ __all__ = [
     "prompt_logits",
     "warmup_cosine",
 ]
+
+if TYPE_CHECKING:
+    from vlprompt.methods.classifier import PromptClassifier, warmup_cosine
+    from vlprompt.methods.features import ImageFeatureCache
+    from vlprompt.methods.metrics import ClassCounts, UnreadableImages
+    from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
+    from vlprompt.methods.prompt_init import load_initial_prompt
+    from vlprompt.methods.random_state import RandomStateCheckpoint
+    from vlprompt.methods.scoring import prompt_logits
+    from vlprompt.methods.tta import DiffTPT, Episode, TestTimePromptTuning
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

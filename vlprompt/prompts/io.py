@@ -89,6 +89,10 @@ def backbone_from_identity(identity: dict[str, Any]) -> Backbone:
     kind = kinds.get(identity.get("type", "OpenCLIPBackbone"))
     if kind is None:
         raise ValueError(f"cannot rebuild a {identity.get('type')!r} backbone from a saved prompt; pass backbone=")
+    if not identity.get("name"):
+        raise ValueError("the saved prompt does not record its backbone's model name; pass backbone=")
+    log.info("rebuilding the prompt's backbone: %s %s (pretrained=%s)", kind.__name__, identity["name"],
+             identity.get("pretrained"))
     return kind(identity["name"], identity.get("pretrained"))
 
 
