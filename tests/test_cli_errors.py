@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,121 @@ def test_errors_are_one_line_of_our_own(case, tmp_path, tiny_model_dir, image_fo
     else:
         args += ["--ckpt_path", tmp_path]
     done = _vlprompt(*args, cwd=tmp_path)
-    ours = [line for line in done.stderr.splitlines() if line.startswith("vlprompt fit: error:")]
-    assert done.returncode == 2 and len(ours) == 1 and expected in ours[0], done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) < 8
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and lines[0].startswith("vlprompt fit: error:") and expected in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(lines) <= 3
+
+
+def _one_line_error(capsys, argv, command="fit"):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and lines[0].startswith(f"vlprompt {command}: error: "), lines
+    assert len(lines) <= 3 and not any("usage:" in line or "Traceback" in line for line in lines), lines
+    return lines[0]
+
+
+def _coop_args(tmp_path, model_dir, data):
+    return ["fit", "--config", str(CONFIGS / "methods" / "coop.yaml"), "--config", str(_backbone_yaml(tmp_path, model_dir)),
+            "--config", str(CONFIGS / "data" / "imagefolder.yaml"), f"--data.init_args.root={data}",
+            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'logs'}"]
+
+
+@pytest.mark.parametrize("case", ["value of the wrong type", "unknown option", "missing config file"])
+def test_parse_errors_are_one_line_not_the_usage(case, capsys, tmp_path, tiny_model_dir, image_folder):
+    args = _coop_args(tmp_path, tiny_model_dir, image_folder)
+    extra, expected = {
+        "value of the wrong type": (["--trainer.max_epochs", "two"], "--trainer.max_epochs: Expected a int. Got value: two"),
+        "unknown option": (["--trainer.max_epoks_typo", "2"], "unrecognized arguments: --trainer.max_epoks_typo 2"),
+        "missing config file": (["--config", str(tmp_path / "nope.yaml")], f"File does not exist: '{tmp_path / 'nope.yaml'}'"),
+    }[case]
+    line = _one_line_error(capsys, args + extra)
+    assert expected in line
+    assert not (tmp_path / "logs").exists()  # nothing ran
+
+
+def test_checkpoint_paths_are_checked_before_anything_is_built(capsys, tmp_path, tiny_model_dir, image_folder):
+    from vlprompt.prompts import CoOpPromptLearner, save_prompt
+    from vlprompt.backbones import OpenCLIPBackbone
+
+    save_prompt(CoOpPromptLearner(OpenCLIPBackbone(f"local-dir:{tiny_model_dir}"), ["a", "b"], n_ctx=2), tmp_path / "prompt")
+    args = _coop_args(tmp_path, tiny_model_dir, image_folder)
+    line = _one_line_error(capsys, args + ["--ckpt_path", str(tmp_path / "prompt")])
+    assert f"is a saved prompt, not a checkpoint; start from it with --model.init_prompt {tmp_path / 'prompt'}" in line
+    line = _one_line_error(capsys, args + ["--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert "missing.ckpt: no such checkpoint file" in line
+    # A checkpoint folder given in a YAML is caught too, not only on the command line.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "resume.yaml").write_text(yaml.safe_dump({"ckpt_path": str(tmp_path / "run")}))
+    line = _one_line_error(capsys, args + ["--config", str(tmp_path / "resume.yaml")])
+    assert f"is a directory; pass the checkpoint file, e.g. {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_applications_errors_are_one_line_too(capsys, tmp_path):
+    # An application that stops with SystemExit("message") and an argparse error.
+    assert "--config 'nope': no such file" in _one_line_error(capsys, ["demo", "--config", "nope"], "demo")
+    line = _one_line_error(capsys, ["classify", "--images", str(tmp_path)], "classify")
+    assert "the following arguments are required: --prompt" in line
+
+
+def test_debug_shows_the_original_exception(monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("VLPROMPT_DEBUG", "1")
+    args = _coop_args(tmp_path, tiny_model_dir, tmp_path / "nowhere")
+    with pytest.raises(Exception) as raised:
+        main(args)
+    assert not isinstance(raised.value, SystemExit)
+    assert "image folder not found" in "".join(str(e) for e in (raised.value, raised.value.__cause__) if e)
+
+
+class ImageHolder:
+    """Built by jsonargparse below: its constructor fails inside vlprompt (load_rgb), which raises
+    from PIL's error."""
+
+    def __init__(self, image: str) -> None:
+        from vlprompt.data.images import load_rgb
+
+        load_rgb(image)
+
+
+def test_error_message_is_ours_not_the_summary_nor_the_library_error(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    from vlprompt.cli import error_message
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--holder", type=ImageHolder | None)
+    config = parser.parse_args(["--holder", json.dumps({"class_path": f"{__name__}.ImageHolder",
+                                                         "init_args": {"image": str(tmp_path / "missing.png")}})])
+    with pytest.raises(ValueError, match="Union subtypes") as raised:
+        parser.instantiate(config)
+    # jsonargparse's union summary wraps our UnreadableImageError, itself raised from PIL's FileNotFoundError.
+    assert error_message(raised.value).startswith(f"cannot read image {tmp_path / 'missing.png'}: ")
+    try:
+        {}["name"]
+    except KeyError as err:  # a bare KeyError says nothing without its type
+        assert error_message(err) == "KeyError: 'name'"
+
+
+def test_subcommands_import_only_what_they_need():
+    # A fresh interpreter: what the package and `vlprompt tta --help` import.
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        import vlprompt.methods as methods, vlprompt.tta as tta
+        assert set(methods.__all__) == set(methods._EXPORTS) and set(tta.__all__) == set(tta._EXPORTS)
+        methods.PromptClassifier
+        classifier_only = "vlprompt.methods.tta" not in sys.modules and "vlprompt.tta.views" not in sys.modules
+        from vlprompt.cli import main
+        try:
+            main(["tta", "--help"])
+        except SystemExit as done:
+            assert done.code in (0, None)
+        [getattr(methods, name) for name in methods.__all__] + [getattr(tta, name) for name in tta.__all__]
+        print("RESULT", classifier_only, "diffusers" in sys.modules)
+        """)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--classnames CLASSNAMES [CLASSNAMES ...]" in done.stdout  # tta's own help, space-separated names
+    assert done.stdout.strip().splitlines()[-1] == "RESULT True False"
 
 
 def _fit(tmp_path, model_dir, data, *extra):
