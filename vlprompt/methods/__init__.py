@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the module defining it
 _EXPORTS = {
     "PromptClassifier": "classifier",
-    "warmup_cosine": "classifier",
+    "warmup_cosine": "module",
+    "PromptModule": "module",
     "ImageFeatureCache": "features",
     "ClassCounts": "metrics",
     "UnreadableImages": "metrics",
@@ -35,6 +36,7 @@ __all__ = [
     "GaussianPromptAggregation",
     "ImageFeatureCache",
     "PromptClassifier",
+    "PromptModule",
     "RandomStateCheckpoint",
     "TestTimePromptTuning",
     "UnreadableImages",
@@ -45,7 +47,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from vlprompt.methods.classifier import PromptClassifier, warmup_cosine
+    from vlprompt.methods.classifier import PromptClassifier
+    from vlprompt.methods.module import PromptModule, warmup_cosine
     from vlprompt.methods.features import ImageFeatureCache
     from vlprompt.methods.metrics import ClassCounts, UnreadableImages
     from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
