@@ -2,6 +2,7 @@
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
+from vlprompt.data.multitask import MultiTaskDataModule, MultiTaskDataset, Task, TaskBatchSampler
 from vlprompt.data.shapeworld import ShapeWorldDataModule, ensure_shapeworld
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
@@ -14,9 +15,13 @@ __all__ = [
     "DEFAULT_PREPROCESS",
     "FewShotDataModule",
     "ImageDataset",
+    "MultiTaskDataModule",
+    "MultiTaskDataset",
     "Sample",
     "ShapeWorldDataModule",
     "SplitSamples",
+    "Task",
+    "TaskBatchSampler",
     "TestImagesDataModule",
     "build_eval_transform",
     "build_train_transform",

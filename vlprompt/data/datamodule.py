@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,10 @@ class FewShotDataModule(pl.LightningDataModule):
         on_error: ``skip`` unreadable images (logged and counted) or ``raise``.
         fewshot_dir: where few-shot draws are saved (default: a folder per dataset identity under
             the vlprompt cache, ``$VLPROMPT_CACHE_DIR`` or ``~/.cache/vlprompt``; never the data folder).
+        val_from_train: take the validation images out of the ``shots`` training images (per
+            class the first ``ceil(0.2 * shots)`` of the draw; with one shot, the same image), as
+            ELEVATER and MVLPT count "k shots". Off by default: validation images are drawn from
+            the validation split, ``min(shots, 4)`` per class (CoOp).
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class FewShotDataModule(pl.LightningDataModule):
         on_error: OnError = "skip",
         fewshot_dir: str | None = None,
         test_per_class: int | None = None,
+        val_from_train: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -104,6 +110,9 @@ class FewShotDataModule(pl.LightningDataModule):
         if test_per_class is not None and test_per_class < 1:
             raise ValueError(f"test_per_class must be >= 1 or None, got {test_per_class}")
         self.test_per_class = test_per_class
+        self.val_from_train = val_from_train
+        #: how the task is scored (``accuracy`` or ``mean_per_class``), from a dataset descriptor
+        self.metric: str | None = None
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.crop_scale, self.on_error = augment, tuple(crop_scale), on_error
         self.template: str | None = None
@@ -155,6 +164,7 @@ class FewShotDataModule(pl.LightningDataModule):
         paths = desc.paths(self.root)
         self._folder = paths["folder"]
         self.template = desc.template
+        self.metric = getattr(desc, "metric", None)
         if desc.format == "dassl_split":
             return read_dassl_split(paths["split_file"], paths["image_dir"])
         from vlprompt.data.catalog import read_descriptor_samples
@@ -219,9 +229,12 @@ class FewShotDataModule(pl.LightningDataModule):
     def split_samples(self, split: str):
         """Samples of ``split`` after few-shot sampling and class subsetting."""
         samples = self.samples.split(split)
-        if split != "test" and self.shots >= 1:
+        cache = self.fewshot_dir / f"shot_{self.shots}-seed_{self.seed}.json"
+        if split != "test" and self.shots >= 1 and self.val_from_train:
+            drawn = load_or_sample_few_shot(self.samples.train, self.shots, self.seed, cache, "train", self.samples.classnames)
+            samples = _carve_validation(drawn)[split]
+        elif split != "test" and self.shots >= 1:
             shots = self.shots if split == "train" else min(self.shots, 4)
-            cache = self.fewshot_dir / f"shot_{self.shots}-seed_{self.seed}.json"
             samples = load_or_sample_few_shot(samples, shots, self.seed, cache, split, self.samples.classnames)
         if split == "test" and self.test_per_class is not None:
             samples = sample_few_shot(samples, self.test_per_class, self.seed)
@@ -278,3 +291,17 @@ class FewShotDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def _carve_validation(drawn: list) -> dict[str, list]:
+    """Split a k-shot draw into validation (the first ``ceil(0.2 * k)`` images of each class) and
+    training (the rest; the validation images too when nothing is left, as with one shot)."""
+    by_class: dict[int, list] = {}
+    for sample in drawn:
+        by_class.setdefault(sample.label, []).append(sample)
+    out: dict[str, list] = {"train": [], "val": []}
+    for group in by_class.values():
+        n_val = math.ceil(0.2 * len(group))
+        out["val"] += group[:n_val]
+        out["train"] += group[n_val:] or group
+    return out

@@ -16,6 +16,8 @@ _EXPORTS = {
     "PromptClassifier": "classifier",
     "warmup_cosine": "module",
     "PromptModule": "module",
+    "MultiTaskPromptClassifier": "multitask",
+    "task_scores": "multitask",
     "ImageFeatureCache": "features",
     "ClassCounts": "metrics",
     "UnreadableImages": "metrics",
@@ -35,6 +37,7 @@ __all__ = [
     "Episode",
     "GaussianPromptAggregation",
     "ImageFeatureCache",
+    "MultiTaskPromptClassifier",
     "PromptClassifier",
     "PromptModule",
     "RandomStateCheckpoint",
@@ -43,12 +46,14 @@ __all__ = [
     "gaussian_epoch_weights",
     "load_initial_prompt",
     "prompt_logits",
+    "task_scores",
     "warmup_cosine",
 ]
 
 if TYPE_CHECKING:
     from vlprompt.methods.classifier import PromptClassifier
     from vlprompt.methods.module import PromptModule, warmup_cosine
+    from vlprompt.methods.multitask import MultiTaskPromptClassifier, task_scores
     from vlprompt.methods.features import ImageFeatureCache
     from vlprompt.methods.metrics import ClassCounts, UnreadableImages
     from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
