@@ -173,3 +173,64 @@ def test_k_shots_can_include_the_validation_images(dassl_folder, backbone):
     one = fewshot(dassl_folder, shots=1, val_from_train=True, fewshot_dir=str(dassl_folder / "draws"))
     one.setup("fit")
     assert [s.path for s in one.datasets["train"].samples] == [s.path for s in one.datasets["val"].samples]
+
+
+def _saved(learner_cls, backbone, names, path, seed, **kw):
+    from vlprompt.prompts import save_prompt
+
+    torch.manual_seed(seed)
+    learner = learner_cls(backbone, names, **kw)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.normal_()
+    return learner, save_prompt(learner, path)
+
+
+@pytest.mark.parametrize("kind", ["coop", "upt"])
+def test_seed_prompts_average_into_a_source_prompt_that_initialises_a_target(kind, backbone, tmp_path):
+    from vlprompt.methods import load_initial_prompt
+    from vlprompt.prompts import UPTPromptLearner, average_prompts, load_prompt
+
+    cls, kw = {"coop": (CoOpPromptLearner, {"n_ctx": 4}), "upt": (UPTPromptLearner, {"n_ctx": 2})}[kind]
+    source_names = ["red", "green", "blue", "a star", "a circle"]
+    seeds = [_saved(cls, backbone, source_names, tmp_path / f"seed{s}", s, **kw) for s in (1, 2, 3)]
+    out = average_prompts([path for _, path in seeds], tmp_path / "source")
+    averaged = load_prompt(out, backbone)
+    assert averaged.classnames == source_names  # class buffers rebuilt on load
+    for key, value in averaged.state_dict().items():
+        expected = torch.stack([learner.state_dict()[key] for learner, _ in seeds]).mean(0)
+        assert torch.allclose(value, expected, atol=1e-6), key
+    # A target learner with other classes starts from it: every learned tensor (UPT's projections too).
+    target = cls(backbone, ["yellow", "purple"], **kw)
+    load_initial_prompt(target, out)
+    assert target.classnames == ["yellow", "purple"]
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, averaged.state_dict()[key]), key
+    with pytest.raises(FileExistsError):
+        average_prompts([path for _, path in seeds], tmp_path / "source")
+
+
+def test_mismatched_prompts_are_refused(backbone, tmp_path, tiny_model_dir):
+    from conftest import TINY_CLIP, make_backbone
+
+    from vlprompt.backbones import BackboneMismatchError
+    from vlprompt.methods import load_initial_prompt
+    from vlprompt.prompts import UPTPromptLearner, VPTPromptLearner, average_prompts
+
+    _, a = _saved(CoOpPromptLearner, backbone, ["x", "y"], tmp_path / "a", 0, n_ctx=4)
+    _, wider = _saved(CoOpPromptLearner, backbone, ["x", "y"], tmp_path / "wider", 0, n_ctx=8)
+    other = make_backbone(tmp_path / "other_model", {**TINY_CLIP, "text_cfg": {**TINY_CLIP["text_cfg"], "width": 32, "heads": 2}})
+    _, elsewhere = _saved(CoOpPromptLearner, other, ["x", "y"], tmp_path / "elsewhere", 0, n_ctx=4)
+    with pytest.raises(ValueError, match="different methods or settings"):
+        average_prompts([a, wider], tmp_path / "out")
+    with pytest.raises(BackboneMismatchError):
+        average_prompts([a, elsewhere], tmp_path / "out")
+    with pytest.raises(BackboneMismatchError):
+        load_initial_prompt(CoOpPromptLearner(backbone, ["u"], n_ctx=4), elsewhere)
+    with pytest.raises(ValueError, match="tensors do not match.*ctx: saved \\(8, "):
+        load_initial_prompt(CoOpPromptLearner(backbone, ["u"], n_ctx=4), wider)
+    with pytest.raises(ValueError, match="tensors do not match"):
+        load_initial_prompt(UPTPromptLearner(backbone, ["u"], n_ctx=4), a)
+    with pytest.raises(ValueError, match="tensors do not match"):
+        load_initial_prompt(VPTPromptLearner(backbone, ["u"], n_tokens=4), a)
+    assert not (tmp_path / "out").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from vlprompt.prompts import PromptLearner
-from vlprompt.prompts.io import load_prompt, read_prompt_config
+from vlprompt.backbones import check_backbone_identity
+from vlprompt.prompts.io import read_prompt_config, read_prompt_tensors
 
 __all__ = ["load_initial_prompt"]
 
@@ -14,16 +16,32 @@ log = logging.getLogger(__name__)
 
 
 def load_initial_prompt(learner: PromptLearner, path: str | Path) -> None:
-    """Copy into ``learner`` the tensors of a saved vlprompt prompt (a directory, checked against
-    the learner's method and backbone) or of a Dassl checkpoint of the CoOp/CoCoOp/MaPLe reference
-    code (a file, for learners with ``load_dassl_checkpoint``). The learner keeps its classes."""
+    """Copy into ``learner`` the tensors of a saved vlprompt prompt (a directory) or of a Dassl
+    checkpoint of the CoOp/CoCoOp/MaPLe reference code (a file, for learners with
+    ``load_dassl_checkpoint``). The learner keeps its classes.
+
+    A saved prompt must come from the same backbone, and its learned tensors must match the
+    learner's one for one (names and shapes): a prompt of another method or other settings is
+    accepted when they do (MVLPT initialises a target prompt from a source prompt that way),
+    with a warning, and refused with what differs otherwise.
+    """
     path = Path(path)
     if path.is_dir():
         config = read_prompt_config(path)
-        if config["method"] != learner.name:
-            raise ValueError(f"{path} holds a {config['method']!r} prompt, but this model uses {learner.name!r}")
-        saved = load_prompt(path, learner.backbone, classnames=learner.classnames)
-        learner.load_state_dict(saved.state_dict())
+        check_backbone_identity(config["backbone"], learner.backbone.identity, what=f"initial prompt {path}")
+        saved = read_prompt_tensors(path)
+        own = learner.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in saved.items()}
+        wanted = {k: tuple(v.shape) for k, v in own.items()}
+        if shapes != wanted:
+            differ = sorted(k for k in set(shapes) | set(wanted) if shapes.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{path} holds a {config['method']!r} prompt whose tensors do not match this {learner.name!r} "
+                f"prompt: " + "; ".join(f"{k}: saved {shapes.get(k)}, here {wanted.get(k)}" for k in differ[:8]))
+        if (config["method"], config["hparams"]) != (learner.name, json.loads(json.dumps(learner.hparams))):
+            log.warning("initialising a %s prompt from a %s prompt with other settings (%s); its tensors match",
+                        learner.name, config["method"], path)
+        learner.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()})
     elif not path.exists():
         raise FileNotFoundError(f"initial prompt {path} does not exist")
     elif hasattr(learner, "load_dassl_checkpoint"):

@@ -10,7 +10,7 @@ from vlprompt.prompts.base import (
 )
 from vlprompt.prompts.cocoop import CoCoOpPromptLearner
 from vlprompt.prompts.coop import CoOpPromptLearner, load_dassl_state_dict
-from vlprompt.prompts.io import load_prompt, read_prompt_config, save_prompt
+from vlprompt.prompts.io import average_prompts, load_prompt, read_prompt_config, read_prompt_tensors, save_prompt
 from vlprompt.prompts.ivlp import IVLPPromptLearner
 from vlprompt.prompts.kgcoop import KgCoOpPromptLearner
 from vlprompt.prompts.maple import MaPLePromptLearner
@@ -34,10 +34,12 @@ __all__ = [
     "UPTPromptLearner",
     "VPTPromptLearner",
     "ZeroShotPrompt",
+    "average_prompts",
     "get_prompt_learner",
     "load_dassl_state_dict",
     "load_prompt",
     "read_prompt_config",
+    "read_prompt_tensors",
     "register_prompt_learner",
     "resolve_templates",
     "save_prompt",

@@ -8,8 +8,11 @@ import os
 import shutil
 import tempfile
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +20,16 @@ import vlprompt
 from vlprompt.backbones import Backbone, check_backbone_identity
 from vlprompt.prompts.base import PromptLearner, get_prompt_learner
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "backbone_from_identity", "load_prompt", "read_prompt_config", "save_prompt"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "average_prompts",
+    "backbone_from_identity",
+    "load_prompt",
+    "read_prompt_config",
+    "read_prompt_tensors",
+    "save_prompt",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +51,6 @@ def save_prompt(
     directory is written next to the target and moved into place, so an interrupted save never
     leaves a half-written prompt behind.
     """
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} already exists and is not empty; pass overwrite=True to replace it")
     config = {
         "format": _FORMAT,
         "format_version": 1,
@@ -54,6 +63,16 @@ def save_prompt(
         "metadata": metadata or {},
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in learner.state_dict().items()}
+    _write_prompt(Path(directory), config, tensors, overwrite)
+    log.info("saved %s prompt (%d tensors) to %s", learner.name, len(tensors), directory)
+    return directory
+
+
+def _write_prompt(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+    """Write a prompt directory next to its target and move it into place, so an interrupted save
+    never leaves a half-written prompt; an existing non-empty directory only with ``overwrite``."""
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} already exists and is not empty; pass overwrite=True to replace it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -64,8 +83,44 @@ def save_prompt(
         os.replace(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("saved %s prompt (%d tensors) to %s", learner.name, len(tensors), directory)
-    return directory
+
+
+def read_prompt_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The learned tensors of a saved prompt (safetensors, no pickle)."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved prompt: {WEIGHTS_NAME} is missing")
+    return load_file(str(path))
+
+
+def average_prompts(directories: Sequence[str | Path], out: str | Path, *, overwrite: bool = False) -> Path:
+    """Average saved prompts element-wise into one (MVLPT's source prompt: the prompts of several
+    seeds averaged), saved at ``out`` with the first prompt's method, settings and classes.
+
+    The prompts must come from the same method with the same settings on the same backbone, with
+    tensors of the same shapes; anything else is refused with what differs.
+    """
+    if not directories:
+        raise ValueError("average_prompts needs at least one saved prompt")
+    configs = [read_prompt_config(d) for d in directories]
+    tensors = [read_prompt_tensors(d) for d in directories]
+    first, reference = configs[0], tensors[0]
+    for directory, config, state in zip(directories[1:], configs[1:], tensors[1:]):
+        where = f"{directory} vs {directories[0]}"
+        check_backbone_identity(first["backbone"], config["backbone"], what=f"prompt {directory}")
+        if (config["method"], config["hparams"]) != (first["method"], first["hparams"]):
+            raise ValueError(f"cannot average prompts of different methods or settings ({where}): "
+                             f"{config['method']} {config['hparams']} vs {first['method']} {first['hparams']}")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in reference.items()}:
+            raise ValueError(f"cannot average prompts whose tensors differ ({where}): {shapes}")
+    mean = {k: torch.stack([state[k].float() for state in tensors]).mean(0).to(v.dtype).contiguous()
+            for k, v in reference.items()}
+    config = {**first, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "metadata": {**first.get("metadata", {}), "averaged_from": [str(Path(d)) for d in directories]}}
+    _write_prompt(Path(out), config, mean, overwrite)
+    log.info("averaged %d %s prompts into %s", len(directories), first["method"], out)
+    return Path(out)
 
 
 def read_prompt_config(directory: str | Path) -> dict[str, Any]:
@@ -123,7 +178,7 @@ def load_prompt(
         log.warning("%s", err)
     cls = get_prompt_learner(config["method"])
     learner = cls(backbone, config["classnames"], **config["hparams"])
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    state = read_prompt_tensors(directory)
     missing, unexpected = learner.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory}: saved tensors do not fit {cls.__name__} (missing {missing}, unexpected {unexpected})")
