@@ -39,6 +39,15 @@ EXPECTED_CLASSES = {
 }
 DOMAIN_SHIFT = {"imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"}
 ALL = sorted(EXPECTED_CLASSES)
+#: ELEVATER's image-classification tasks (MVLPT's multitask benchmark), prepared by hand.
+ELEVATER_METRICS = {
+    "caltech_101": "mean_per_class", "cifar_10": "accuracy", "cifar_100": "accuracy", "country211": "accuracy",
+    "dtd": "accuracy", "eurosat": "accuracy", "fer_2013": "accuracy", "fgvc_aircraft": "mean_per_class",
+    "food_101": "accuracy", "gtsrb": "accuracy", "kitti_distance": "accuracy", "mnist": "accuracy",
+    "oxford_flower_102": "mean_per_class", "oxford_iiit_pets": "mean_per_class", "patch_camelyon": "accuracy",
+    "rendered_sst2": "accuracy", "resisc45": "accuracy", "stanford_cars": "accuracy",
+}
+ELEVATER = sorted(f"elevater_{name}" for name in ELEVATER_METRICS)
 
 
 def test_descriptor_dir_is_repo_datasets_folder() -> None:
@@ -48,7 +57,14 @@ def test_descriptor_dir_is_repo_datasets_folder() -> None:
 
 
 def test_list_datasets_is_exactly_the_benchmark_set() -> None:
-    assert list_datasets() == ALL
+    assert list_datasets() == sorted(ALL + ELEVATER)
+
+
+@pytest.mark.parametrize("name", ELEVATER)
+def test_elevater_descriptors_declare_metric_and_class_names(name: str) -> None:
+    desc = load_descriptor(name)
+    assert desc.metric == ELEVATER_METRICS[name.removeprefix("elevater_")]
+    assert desc.classnames is not None and len(desc.classnames) == desc.num_classes == len(set(desc.classnames))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -130,8 +146,8 @@ def test_unknown_name_lists_known_names() -> None:
 
 def test_load_all() -> None:
     all_desc = load_all()
-    assert sorted(all_desc) == ALL
-    assert {d.name for d in all_desc.values()} == set(ALL)
+    assert sorted(all_desc) == sorted(ALL + ELEVATER)
+    assert {d.name for d in all_desc.values()} == set(ALL + ELEVATER)
 
 
 def test_descriptor_is_frozen_and_hashable() -> None:

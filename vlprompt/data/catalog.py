@@ -77,6 +77,8 @@ FOLDER_NAMES: frozenset[str] = frozenset({"wnid", "index"})
 CLASS_SUBSETS: frozenset[str] = frozenset({"from_folders"})
 #: What a dataset is used for.
 ROLES: frozenset[str] = frozenset({"fewshot", "domain_shift_target"})
+#: How a dataset is scored: top-1 accuracy or the mean of the per-class accuracies (ELEVATER).
+METRICS: frozenset[str] = frozenset({"accuracy", "mean_per_class"})
 
 _REQUIRED_STR_KEYS: tuple[str, ...] = (
     "name",
@@ -98,9 +100,10 @@ _OPTIONAL_STR_KEYS: tuple[str, ...] = (
     "folder_names",
     "class_subset",
     "notes",
+    "metric",
 )
 _REQUIRED_KEYS: tuple[str, ...] = _REQUIRED_STR_KEYS + ("num_classes", "sources")
-_KNOWN_KEYS: frozenset[str] = frozenset(_REQUIRED_KEYS + _OPTIONAL_STR_KEYS + ("variant_files",))
+_KNOWN_KEYS: frozenset[str] = frozenset(_REQUIRED_KEYS + _OPTIONAL_STR_KEYS + ("variant_files", "classnames"))
 _VARIANT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SUFFIX = ".yaml"
 
@@ -135,6 +138,8 @@ class DatasetDescriptor:
     class_subset: Optional[str] = None
     variant_files: Optional[dict[str, str]] = field(default=None, hash=False)
     notes: Optional[str] = None
+    metric: Optional[str] = None
+    classnames: Optional[tuple[str, ...]] = field(default=None, hash=False)
     #: The YAML file this descriptor was read from (not part of equality).
     source_path: Optional[Path] = field(default=None, compare=False, repr=False)
 
@@ -286,6 +291,14 @@ def _parse(data: Any, path: Path) -> DatasetDescriptor:
     _check_choice(s["role"], ROLES, "role", path)
     _check_choice(s["folder_names"], FOLDER_NAMES, "folder_names", path)
     _check_choice(s["class_subset"], CLASS_SUBSETS, "class_subset", path)
+    _check_choice(s["metric"], METRICS, "metric", path)
+    classnames = data.get("classnames")
+    if classnames is not None:
+        if not isinstance(classnames, list) or not all(isinstance(c, (str, int)) for c in classnames):
+            raise _fail(path, "classnames", "expected a list of class names")
+        classnames = tuple(str(c) for c in classnames)
+        if len(classnames) != num_classes:
+            raise _fail(path, "classnames", f"lists {len(classnames)} names but num_classes is {num_classes}")
 
     template = s["template"]
     assert template is not None
@@ -351,6 +364,8 @@ def _parse(data: Any, path: Path) -> DatasetDescriptor:
         class_subset=s["class_subset"],
         variant_files=variant_files,
         notes=s["notes"],
+        metric=s["metric"],
+        classnames=classnames,
         source_path=path,
     )
 
