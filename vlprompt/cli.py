@@ -34,6 +34,7 @@ COMMANDS = {
     "classify": "classify images (a folder or files) with a saved prompt; writes predictions.csv/json",
     "tta": "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
     "eval-fewshot": "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
+    "eval-multitask": "multitask prompt tuning (MVLPT): a source prompt from several tasks, used on target tasks",
     "demo": "the offline demo on the embedded default (configs/eval/shapeworld_*.yaml)",
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
             from vlprompt.apps.tta import main as run
         elif command == "eval-fewshot":
             from vlprompt.apps.fewshot import main as run
+        elif command == "eval-multitask":
+            from vlprompt.apps.multitask import main as run
         else:
             from vlprompt.apps.classify import main as run
         _quiet_lightning()

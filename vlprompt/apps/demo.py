@@ -6,7 +6,8 @@ embedded CLIP's pretraining), then evaluates zero-shot CLIP against few-shot pro
 accuracies. Results, tables and a plot land in ``outputs/demo/<timestamp>/``.
 
 A config with a top-level ``tta`` section (``shapeworld_tta``) instead compares zero-shot, TPT
-and DiffTPT on a shifted test split, with no training.
+and DiffTPT on a shifted test split, with no training; one with ``source`` and ``targets`` task
+sets (``shapeworld_multitask``) runs multitask prompt tuning (MVLPT, :mod:`vlprompt.apps.multitask`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         help="an evaluation YAML, or the name of one shipped in configs/eval/ (shapeworld_demo: "
         "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel; "
         "shapeworld_transfer: source domain to held-out classes and other domains; "
-        "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split)",
+        "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split; shapeworld_multitask: "
+        "MVLPT, a prompt from three source tasks used on held-out target tasks)",
     )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
     parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     raw = yaml.safe_load(config.read_text()) or {}
     if "tta" in raw:
         return _tta_demo(raw["tta"], args, output_dir, config.resolve().parent)
+    if "targets" in raw:
+        return _multitask_demo(config, args, parser, output_dir)
     cfg = load_eval_config(config)
     if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
@@ -87,3 +91,25 @@ def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path, config_d
         config["data"].get("init_args", {}).get("domain", ""), first["predicted"], time.perf_counter() - started,
         format_comparison(summaries), output_dir,
     )
+
+
+def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    from vlprompt.apps.multitask import format_summary, load_multitask_config, run_multitask_eval
+
+    cfg = load_multitask_config(config)
+    if args.methods:
+        missing = set(args.methods) - set(cfg.methods)
+        if missing:
+            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
+        cfg.methods = {m: cfg.methods[m] for m in args.methods}
+    if args.shots:
+        cfg.targets.shots = args.shots
+    if args.seeds:
+        cfg.source.seeds = args.seeds
+    if args.max_epochs:
+        for spec in cfg.methods.values():
+            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
+            spec["source_trainer"] = {**(spec.get("source_trainer") or {}), "max_epochs": args.max_epochs}
+    started = time.perf_counter()
+    results = run_multitask_eval(cfg, output_dir)
+    log.info("%s\nTables: %s", format_summary(results, cfg, time.perf_counter() - started), output_dir / "summary.md")

@@ -53,7 +53,7 @@ from vlprompt.eval.tables import (
     transfer_table,
     write_csv,
 )
-from vlprompt.methods import PromptClassifier
+from vlprompt.methods import PromptClassifier, PromptModule
 from vlprompt.prompts import ZeroShotPrompt
 from vlprompt.resources import bundled_dir
 
@@ -133,17 +133,24 @@ class Recipe:
 
 
 class MethodRecipe(Recipe):
-    """A method as ``vlprompt fit`` would run it (``model:`` holds :class:`PromptClassifier`'s
-    arguments but the backbone and the class names)."""
+    """A method as ``vlprompt fit`` would run it (``model:`` holds the arguments of ``module``,
+    :class:`PromptClassifier` by default, but the backbone and the class names). The same method
+    YAML builds a :class:`~vlprompt.methods.MultiTaskPromptClassifier` with ``module=``."""
+
+    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
+                 trainer: dict[str, Any] | None = None, *, module: type[PromptModule] = PromptClassifier) -> None:
+        self.module = module
+        super().__init__(configs, model, trainer)
 
     def add_model_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_class_arguments(PromptClassifier, "model", skip={"backbone", "classnames"}, instantiate=False,
+        parser.add_class_arguments(self.module, "model", skip={"backbone", "classnames"}, instantiate=False,
                                    sub_configs=True)
 
-    def build(self, backbone: Backbone, classnames: Sequence[str]) -> tuple[PromptClassifier, dict[str, Any]]:
-        """A fresh model and the trainer arguments the method sets (fresh callback instances)."""
+    def build(self, backbone: Backbone, classnames: Sequence[str], **model_args: Any) -> tuple[PromptModule, dict[str, Any]]:
+        """A fresh model (``model_args`` override the recipe's) and the trainer arguments the method
+        sets (fresh callback instances)."""
         built = self.instantiate()
-        model = PromptClassifier(backbone, classnames=list(classnames), **dict(vars(built.model)))
+        model = self.module(backbone, classnames=list(classnames), **{**dict(vars(built.model)), **model_args})
         return model, self.trainer_args(built)
 
 

@@ -17,39 +17,46 @@ log = logging.getLogger(__name__)
 _MARKER = "shapeworld.json"
 
 
-def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", seed: int = 0) -> Path:
-    """Write the ShapeWorld classification dataset into ``root`` unless it is already there.
+def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", seed: int = 0, task: str = "pairs") -> Path:
+    """Write the ShapeWorld classification dataset of ``task`` (:data:`~vlprompt.data.world.TASKS`)
+    into ``root`` unless it is already there.
 
     Generation is deterministic, so a folder written earlier with the same settings is reused; a
     folder written with other settings is an error rather than a silent mix-up.
     """
     root = Path(root).expanduser()
-    settings = {"domain": domain, "seed": seed}
+    settings: dict[str, object] = {"domain": domain, "seed": seed}
+    if task != "pairs":  # folders of the held-out pairs written before tasks existed stay valid
+        settings["task"] = task
     marker = root / _MARKER
     if (root / world.SPLIT_FILE).is_file():
         found = json.loads(marker.read_text()) if marker.is_file() else None
         if found != settings:
             raise ValueError(
                 f"{root} holds a ShapeWorld dataset made with {found}, not {settings}; "
-                "pass another root (each domain needs its own folder)"
+                "pass another root (each task and domain needs its own folder)"
             )
         return root
-    log.info("generating the ShapeWorld %s dataset in %s (once)", domain, root)
-    world.write_classification_dataset(root, seed=seed, domain=domain)
+    log.info("generating the ShapeWorld %s %s dataset in %s (once)", task, domain, root)
+    world.write_classification_dataset(root, seed=seed, domain=domain, task=task)
     marker.write_text(json.dumps(settings) + "\n")
     return root
 
 
 class ShapeWorldDataModule(FewShotDataModule):
-    """Few-shot data over the 16 held-out (colour, shape) classes of ShapeWorld, generated on
-    first use. Other arguments as for :class:`~vlprompt.data.FewShotDataModule`.
+    """Few-shot data over a ShapeWorld task, generated on first use: by default the 16 held-out
+    (colour, shape) classes. Other arguments as for :class:`~vlprompt.data.FewShotDataModule`.
 
     Args:
-        root: where the dataset is (or will be) written; default ``outputs/shapeworld-<domain>``.
+        root: where the dataset is (or will be) written; default ``outputs/shapeworld-<domain>``
+            (``outputs/shapeworld-<task>-<domain>`` for the attribute tasks).
         domain: ``negative`` (photographic negatives: the demo's task, where the hand-written
             prompt is wrong about the images and a learned one can fix it), ``clean`` (positives
             on a new backdrop) or ``shifted`` (harder backgrounds and lighting, for test-time
             adaptation).
+        task: ``pairs`` (the held-out classes) or an attribute: ``colour``, ``shape``, ``texture``,
+            ``size``, ``position`` (:data:`~vlprompt.data.world.TASKS`; attribute images never
+            show a held-out pair).
     """
 
     def __init__(
@@ -57,11 +64,13 @@ class ShapeWorldDataModule(FewShotDataModule):
         root: str | None = None,
         *,
         domain: world.Domain = "negative",
+        task: str = "pairs",
         crop_scale: tuple[float, float] = (0.5, 1.0),  # objects are small: keep most of the frame
         **kwargs: Any,
     ) -> None:
         # crop_scale is in the signature (not a setdefault on kwargs) because jsonargparse passes
         # every FewShotDataModule default explicitly through **kwargs.
-        root = root or f"outputs/shapeworld-{domain}"
-        ensure_shapeworld(root, domain=domain)
+        root = root or (f"outputs/shapeworld-{domain}" if task == "pairs" else f"outputs/shapeworld-{task}-{domain}")
+        ensure_shapeworld(root, domain=domain, task=task)
+        self.task = task
         super().__init__(root, format="dassl", crop_scale=crop_scale, **kwargs)

@@ -38,6 +38,7 @@ the order or number of workers; same arguments give byte-identical PNG files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -58,6 +59,7 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SPLIT_FILE",
+    "TASKS",
     "TEXTURES",
     "ShapeSpec",
     "caption",
@@ -476,6 +478,30 @@ def pretraining_samples(n: int, seed: int = 0, start: int = 0, image_size: int =
         yield pretraining_sample(i, seed, image_size)
 
 
+#: The classification tasks of the world (for multitask prompt tuning): ``pairs`` are the 16
+#: held-out (colour, shape) classes; each other task names one attribute of the object. Attribute
+#: tasks draw their images from the pretraining combinations only, so no held-out pair appears in
+#: them (a multitask source never sees a target's classes).
+TASKS: dict[str, tuple[str, ...]] = {
+    "pairs": tuple(CLASSNAMES),
+    "colour": _COLOUR_NAMES,
+    "shape": SHAPES,
+    "texture": TEXTURES,
+    "size": SIZES,
+    "position": tuple(POSITIONS),
+}
+_STREAM_TASK = 3
+
+
+def _task_spec(task: str, value: str, rng: np.random.Generator) -> ShapeSpec:
+    if task == "pairs":
+        return sample_spec(rng, combos=[class_spec(value)])
+    if task in ("colour", "shape"):
+        combos = [(c, s) for c, s in _PRETRAIN_COMBOS if (c if task == "colour" else s) == value]
+        return sample_spec(rng, combos=combos)
+    return dataclasses.replace(sample_spec(rng), **{task: value})
+
+
 def write_classification_dataset(
     root: str | Path,
     *,
@@ -485,31 +511,35 @@ def write_classification_dataset(
     seed: int = 0,
     domain: Domain = "clean",
     image_size: int = 64,
+    task: str = "pairs",
 ) -> Path:
-    """Write the held-out-class classification dataset in the CoOp/Dassl layout.
+    """Write a classification dataset of the world in the CoOp/Dassl layout: the held-out
+    (colour, shape) classes (``task="pairs"``) or one attribute's values (see :data:`TASKS`).
 
     Images go to ``root/images/<class_name>/<split>_<i>.png`` (spaces in class names become
     underscores); ``root/split_zhou_ShapeWorld.json`` lists ``[relpath, label, classname]`` per
-    split with paths relative to ``root/images``. Labels index :data:`CLASSNAMES`. Returns ``root``.
+    split with paths relative to ``root/images``. Labels index ``TASKS[task]``. Returns ``root``.
     """
+    if task not in TASKS:
+        raise ValueError(f"unknown ShapeWorld task {task!r}; tasks: {list(TASKS)}")
     root = Path(root)
     counts = {"train": n_train_per_class, "val": n_val_per_class, "test": n_test_per_class}
     split: dict[str, list[list[object]]] = {s: [] for s in _SPLITS}
-    for label, (colour, shape) in enumerate(HELD_OUT):
-        classname = CLASSNAMES[label]
+    for label, classname in enumerate(TASKS[task]):
         folder = classname.replace(" ", "_")
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         for split_id, split_name in enumerate(_SPLITS):
             for i in range(counts[split_name]):
-                rng = np.random.default_rng([seed, _STREAM_CLASSIFY, split_id, label, i])
-                spec = sample_spec(rng, combos=[(colour, shape)])
-                image = render(spec, rng, image_size=image_size, domain=domain)
+                # The pairs keep the streams they always had, so their images never change.
+                stream = [_STREAM_CLASSIFY] if task == "pairs" else [_STREAM_TASK, list(TASKS).index(task)]
+                rng = np.random.default_rng([seed, *stream, split_id, label, i])
+                image = render(_task_spec(task, classname, rng), rng, image_size=image_size, domain=domain)
                 relpath = f"{folder}/{split_name}_{i}.png"
                 image.save(root / "images" / relpath, format="PNG", optimize=False)
                 split[split_name].append([relpath, label, classname])
     with open(root / SPLIT_FILE, "w", encoding="utf-8") as f:
         json.dump(split, f, indent=1)
         f.write("\n")
-    log.info("Wrote ShapeWorld classification dataset (%s) to %s: %s", domain, root,
+    log.info("Wrote ShapeWorld %s dataset (%s) to %s: %s", task, domain, root,
              {k: len(v) for k, v in split.items()})
     return root

@@ -9,7 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Result", "base_novel_table", "harmonic_mean", "read_csv", "shots_table", "summarise", "transfer_table", "write_csv"]
+__all__ = ["Result", "base_novel_table", "harmonic_mean", "read_csv", "shots_table", "summarise", "multitask_table",
+           "transfer_table", "write_csv"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,29 @@ def transfer_table(results: Sequence[Result], methods: Sequence[str], targets: S
                  if method == m and all(t in v for t in targets)]
         cells.append(_fmt(*_seed_stats(means)) if means else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def multitask_table(results: Sequence[Result], methods: Sequence[str], targets: Sequence[str], shots: int) -> str:
+    """Markdown table of multitask prompt tuning on target tasks at ``shots``: one row per method and
+    way of using it (``setting``: zero-shot, single, source, mvlpt-init, multitask), one column per
+    target task (``dataset``) and the mean over the targets (mean of each seed's mean, with its spread)."""
+    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    per_seed: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
+    for r in results:
+        if r.shots in (0, shots):  # zero-shot and the untuned source prompt belong to every shot count
+            cells[(r.method, r.setting, r.dataset)].append(r.accuracy)
+            per_seed[(r.method, r.setting, r.seed)][r.dataset] = r.accuracy
+    lines = ["| method | prompt | " + " | ".join(targets) + " | mean |", "|---" * (len(targets) + 3) + "|"]
+    rows = [("zeroshot", "zero-shot")] + [(m, v) for m in methods for v in ("single", "source", "mvlpt-init", "multitask")]
+    for method, setting in rows:
+        if not any((method, setting, t) in cells for t in targets):
+            continue
+        row = [_fmt(*_seed_stats(cells[(method, setting, t)])) if (method, setting, t) in cells else "" for t in targets]
+        means = [statistics.fmean(v[t] for t in targets) for (m, s, _), v in per_seed.items()
+                 if (m, s) == (method, setting) and all(t in v for t in targets)]
+        row.append(_fmt(*_seed_stats(means)) if means else "")
+        lines.append(f"| {'' if method == 'zeroshot' else method} | {setting} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

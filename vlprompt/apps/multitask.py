@@ -1,0 +1,270 @@
+"""Multitask prompt tuning and transfer (MVLPT): a source prompt learned on several tasks at once,
+then used on held-out target tasks.
+
+For every method, the source tasks are tuned together (:class:`~vlprompt.methods.MultiTaskPromptClassifier`)
+once per source seed, and the seeds' prompts are averaged element-wise into one source prompt
+(:func:`~vlprompt.prompts.average_prompts`). On each target task, at each shot count, four ways of
+using the encoder are compared:
+
+* ``zero-shot``: the hand-written prompt;
+* ``single``: a prompt tuned on the target task alone, from scratch;
+* ``source``: the source prompt as it is, no target tuning;
+* ``mvlpt-init``: the target task tuned alone, starting from the source prompt;
+* ``multitask``: all target tasks tuned together, starting from the source prompt.
+
+Driven by a YAML file in the project's config dialect (``configs/eval/shapeworld_multitask.yaml``)::
+
+    backbone: {class_path: vlprompt.backbones.OpenCLIPBackbone, init_args: {model_name: zoo:shapeworld-clip-tiny}}
+    source:
+      tasks:                              # name -> data module (shots and seed are set per run)
+        colour: {class_path: vlprompt.data.ShapeWorldDataModule, init_args: {task: colour}}
+      shots: 16
+      seeds: [1, 2, 3]
+      data: {sampling: mixed, batch_size: 32}    # MultiTaskDataModule arguments
+    targets:
+      tasks: {pairs: {class_path: vlprompt.data.ShapeWorldDataModule, init_args: {task: pairs}}}
+      shots: [1, 4]
+      seeds: [1]
+      data: {sampling: mixed, batch_size: 8}
+    zeroshot: {templates: "a photo of a {}."}
+    methods:
+      coop:
+        config: ../methods/mvlpt_coop.yaml       # a method YAML, as for eval-fewshot
+        model: {...}                             # overrides
+        trainer: {max_epochs: 20}                # target tuning
+        source_trainer: {max_epochs: 10}         # source tuning (default: trainer)
+    trainer: {accelerator: cpu}
+
+Writes ``results.csv``, ``summary.md`` and the prompts (``prompts/<method>/source`` is the
+averaged source prompt) into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import yaml
+
+from vlprompt.apps.fewshot import MethodRecipe, instantiate, resolve_config_path
+from vlprompt.backbones import Backbone
+from vlprompt.data.multitask import MultiTaskDataModule
+from vlprompt.eval.tables import Result, multitask_table, write_csv
+from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
+from vlprompt.methods.module import PromptModule
+from vlprompt.prompts import ZeroShotPrompt, average_prompts
+
+__all__ = ["MultiTaskConfig", "TaskSet", "load_multitask_config", "main", "run_multitask_eval", "VARIANTS"]
+
+log = logging.getLogger(__name__)
+
+#: The ways of using the encoder on a target task, in table order.
+VARIANTS = ("zero-shot", "single", "source", "mvlpt-init", "multitask")
+
+
+@dataclass
+class TaskSet:
+    """Tasks (name -> ``{class_path, init_args}`` of a data module), how many shots and which
+    seeds, and the :class:`MultiTaskDataModule` arguments (sampling, batch size ...)."""
+
+    tasks: dict[str, dict[str, Any]]
+    shots: int | list[int] = 16
+    seeds: list[int] = field(default_factory=lambda: [1])
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("give at least one task (name: {class_path, init_args})")
+        for name, spec in self.tasks.items():
+            if not isinstance(spec, dict) or "class_path" not in spec:
+                raise ValueError(f"task {name!r}: give class_path and init_args of a data module")
+
+
+@dataclass
+class MultiTaskConfig:
+    """What to run; see the module docstring for the YAML form."""
+
+    backbone: dict[str, Any]
+    source: TaskSet
+    targets: TaskSet
+    methods: dict[str, dict[str, Any]]
+    zeroshot: dict[str, Any] | None = field(default_factory=lambda: {"templates": "photo"})
+    trainer: dict[str, Any] = field(default_factory=dict)
+    config_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, dict):
+            self.source = TaskSet(**self.source)
+        if isinstance(self.targets, dict):
+            self.targets = TaskSet(**self.targets)
+        for name, spec in self.methods.items():
+            unknown = set(spec) - {"config", "model", "trainer", "source_trainer"}
+            if "config" not in spec or unknown:
+                raise ValueError(f"method {name!r}: give `config:` (a method YAML) and optionally `model:`, "
+                                 f"`trainer:`, `source_trainer:` (unknown keys: {sorted(unknown)})")
+
+    def recipe(self, method: str, module: type[PromptModule], trainer_key: str = "trainer") -> MethodRecipe:
+        spec = self.methods[method]
+        configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
+        trainer = spec.get(trainer_key) or spec.get("trainer")
+        return MethodRecipe([resolve_config_path(c, self.config_dir) for c in configs], spec.get("model"), trainer,
+                            module=module)
+
+
+def load_multitask_config(path: str | Path) -> MultiTaskConfig:
+    """Read a multitask evaluation YAML (unknown keys are an error)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(MultiTaskConfig)} - {"config_dir"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    return MultiTaskConfig(**raw, config_dir=path.resolve().parent)
+
+
+def _score(metrics: dict[str, float], dm: Any) -> float:
+    """The task's own metric (a descriptor may declare mean per-class accuracy), in %."""
+    key = "test/acc_per_class_mean" if getattr(dm, "metric", None) == "mean_per_class" else "test/acc"
+    return 100.0 * metrics[key]
+
+
+class _Runner:
+    def __init__(self, cfg: MultiTaskConfig, output_dir: Path) -> None:
+        self.cfg, self.output_dir = cfg, output_dir
+        self.backbone: Backbone = instantiate(Backbone, cfg.backbone)
+        # Parse every recipe up front: a typo fails before any training.
+        self.recipes = {(m, kind): cfg.recipe(m, module, key) for m in cfg.methods
+                        for kind, module, key in (("source", MultiTaskPromptClassifier, "source_trainer"),
+                                                  ("multitask", MultiTaskPromptClassifier, "trainer"),
+                                                  ("single", PromptClassifier, "trainer"))}
+
+    def trainer(self, **overrides: Any) -> pl.Trainer:
+        return pl.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+                             "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                             **self.cfg.trainer, **overrides})
+
+    def task(self, tasks: TaskSet, name: str, shots: int, seed: int) -> pl.LightningDataModule:
+        return instantiate(pl.LightningDataModule, tasks.tasks[name], shots=shots, seed=seed)
+
+    def tasks(self, tasks: TaskSet, shots: int, seed: int) -> MultiTaskDataModule:
+        modules = {name: self.task(tasks, name, shots, seed) for name in tasks.tasks}
+        return MultiTaskDataModule(modules, **tasks.data)
+
+    def fit(self, recipe: MethodRecipe, dm: pl.LightningDataModule, seed: int, **model_args: Any) -> PromptModule:
+        pl.seed_everything(seed, workers=True, verbose=False)
+        model, trainer_args = recipe.build(self.backbone, dm.classnames, **model_args)
+        self.trainer(**{"max_epochs": 20, **trainer_args, "limit_val_batches": 0}).fit(model, datamodule=dm)
+        return model
+
+    def test(self, model: PromptModule, dm: pl.LightningDataModule) -> float:
+        return _score(self.trainer().test(model, datamodule=dm, verbose=False)[0], dm)
+
+    def source_prompt(self, method: str) -> Path:
+        """Tune on the source tasks once per seed; the seeds' prompts averaged."""
+        source, folder = self.cfg.source, self.output_dir / "prompts" / method
+        shots = source.shots if isinstance(source.shots, int) else source.shots[0]
+        seeds = []
+        for seed in source.seeds:
+            model = self.fit(self.recipes[(method, "source")], self.tasks(source, shots, seed), seed)
+            seeds.append(model.save_prompt(folder / f"source-seed{seed}", overwrite=True))
+            log.info("%s: source prompt of seed %d, source tasks %s", method, seed,
+                     ", ".join(f"{k} {100 * (v or 0):.1f}%" for k, v in self.test_tasks(model, source, shots, seed).items()))
+        return average_prompts(seeds, folder / "source", overwrite=True)
+
+    def test_tasks(self, model: MultiTaskPromptClassifier, tasks: TaskSet, shots: int, seed: int) -> dict[str, float | None]:
+        self.trainer().test(model, datamodule=self.tasks(tasks, shots, seed), verbose=False)
+        return dict(model.task_results)
+
+    def zeroshot(self) -> list[Result]:
+        if self.cfg.zeroshot is None:
+            return []
+        templates = self.cfg.zeroshot.get("templates", "photo")
+        out = []
+        for name in self.cfg.targets.tasks:
+            dm = self.task(self.cfg.targets, name, -1, 1)
+            model = PromptClassifier(self.backbone, functools.partial(ZeroShotPrompt, templates=templates), dm.classnames)
+            out.append(Result("zeroshot", 0, 0, "zero-shot", self.test(model, dm), name))
+        return out
+
+    def method(self, method: str) -> list[Result]:
+        source, targets = self.source_prompt(method), self.cfg.targets
+        results = []
+        for name in targets.tasks:  # the source prompt as it is
+            dm = self.task(targets, name, -1, 1)
+            model, _ = self.recipes[(method, "single")].build(self.backbone, dm.classnames, init_prompt=str(source))
+            results.append(Result(method, 0, 0, "source", self.test(model, dm), name))
+        for shots in ([targets.shots] if isinstance(targets.shots, int) else targets.shots):
+            for seed in targets.seeds:
+                for name in targets.tasks:
+                    for variant, init in (("single", None), ("mvlpt-init", str(source))):
+                        dm = self.task(targets, name, shots, seed)
+                        model = self.fit(self.recipes[(method, "single")], dm, seed, init_prompt=init)
+                        results.append(Result(method, shots, seed, variant, self.test(model, dm), name))
+                dm = self.tasks(targets, shots, seed)
+                model = self.fit(self.recipes[(method, "multitask")], dm, seed, init_prompt=str(source))
+                scores = self.test_tasks(model, targets, shots, seed)
+                results += [Result(method, shots, seed, "multitask", 100.0 * s, name) for name, s in scores.items()
+                            if s is not None]
+                log.info("%s %d-shot seed %d: %s", method, shots, seed, ", ".join(
+                    f"{r.setting} {r.dataset} {r.accuracy:.1f}%" for r in results if r.shots == shots and r.seed == seed))
+        return results
+
+
+def run_multitask_eval(cfg: MultiTaskConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
+    """Run the source tuning and every target comparison; write ``results.csv`` and ``summary.md``."""
+    output_dir = Path(output_dir)
+    results_file = output_dir / "results.csv"
+    if results_file.exists() and not overwrite:
+        raise FileExistsError(f"{results_file} exists; choose another --output-dir or pass --overwrite")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run is ours to print
+        logging.getLogger(name).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    runner = _Runner(cfg, output_dir)
+    results = runner.zeroshot()
+    from tqdm.auto import tqdm
+
+    for method in tqdm(cfg.methods, desc="methods", unit="method"):
+        results += runner.method(method)
+        write_csv(results, results_file)  # keep partial results if interrupted
+    write_csv(results, results_file)
+    (output_dir / "summary.md").write_text(format_summary(results, cfg, time.perf_counter() - started))
+    return results
+
+
+def format_summary(results: Sequence[Result], cfg: MultiTaskConfig, seconds: float) -> str:
+    targets = list(cfg.targets.tasks)
+    lines = ["# Multitask prompt tuning (MVLPT)", "",
+             f"Source tasks: {', '.join(cfg.source.tasks)} ({cfg.source.shots} shots, seeds {cfg.source.seeds}, "
+             f"prompts averaged); target tasks: {', '.join(targets)} (seeds {cfg.targets.seeds}); {seconds:.0f} s.", ""]
+    for shots in sorted({r.shots for r in results if r.shots > 0}):
+        lines += [f"## {shots} shots per target class (accuracy %)", "",
+                  multitask_table(results, list(cfg.methods), targets, shots), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``vlprompt eval-multitask``."""
+    parser = argparse.ArgumentParser(prog="vlprompt eval-multitask", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="multitask evaluation YAML (see configs/eval/shapeworld_multitask.yaml)")
+    parser.add_argument("--output-dir", default="outputs/eval_multitask")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output-dir")
+    parser.add_argument("--methods", nargs="+", help="only these methods from the config")
+    args = parser.parse_args(argv)
+    cfg = load_multitask_config(resolve_config_path(args.config))
+    if args.methods:
+        missing = set(args.methods) - set(cfg.methods)
+        if missing:
+            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
+        cfg.methods = {m: cfg.methods[m] for m in args.methods}
+    results = run_multitask_eval(cfg, args.output_dir, overwrite=args.overwrite)
+    log.info("results:\n%s\nwritten to %s", format_summary(results, cfg, 0), args.output_dir)
