@@ -30,7 +30,7 @@ def _config(tmp_path, tiny_model_dir, dassl_folder, image_folder):
         "trainer": {"accelerator": "cpu"},
     }
     path = tmp_path / "multitask.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
@@ -59,12 +59,12 @@ def test_bad_configs_are_one_line_errors(tmp_path, tiny_model_dir, dassl_folder,
     path = _config(tmp_path, tiny_model_dir, dassl_folder, image_folder)
     raw = yaml.safe_load(path.read_text())
     raw["methods"]["coop"]["sauce"] = 1
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(SystemExit):
         main(["eval-multitask", "--config", str(path), "--output-dir", str(tmp_path / "o")])
     assert "unknown keys: ['sauce']" in capsys.readouterr().err
     del raw["methods"]["coop"]["sauce"]
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(SystemExit):
         main(["eval-multitask", "--config", str(path), "--methods", "vpt"])
     assert "not in the config" in capsys.readouterr().err

@@ -35,6 +35,7 @@ COMMANDS = {
     "tta": "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
     "eval-fewshot": "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
     "eval-multitask": "multitask prompt tuning (MVLPT): a source prompt from several tasks, used on target tasks",
+    "transferability": "which tasks help each other: task x task transfer matrix, heat map and task groups",
     "demo": "the offline demo on the embedded default (configs/eval/shapeworld_*.yaml)",
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             from vlprompt.apps.fewshot import main as run
         elif command == "eval-multitask":
             from vlprompt.apps.multitask import main as run
+        elif command == "transferability":
+            from vlprompt.apps.transferability import main as run
         else:
             from vlprompt.apps.classify import main as run
         _quiet_lightning()

@@ -62,7 +62,7 @@ from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
 from vlprompt.methods.module import PromptModule
 from vlprompt.prompts import ZeroShotPrompt, average_prompts
 
-__all__ = ["MultiTaskConfig", "TaskSet", "load_multitask_config", "main", "run_multitask_eval", "VARIANTS"]
+__all__ = ["VARIANTS", "MultiTaskConfig", "TaskRunner", "TaskSet", "load_multitask_config", "main", "run_multitask_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -136,27 +136,21 @@ def _score(metrics: dict[str, float], dm: Any) -> float:
     return 100.0 * metrics[key]
 
 
-class _Runner:
-    def __init__(self, cfg: MultiTaskConfig, output_dir: Path) -> None:
-        self.cfg, self.output_dir = cfg, output_dir
-        self.backbone: Backbone = instantiate(Backbone, cfg.backbone)
-        # Parse every recipe up front: a typo fails before any training.
-        self.recipes = {(m, kind): cfg.recipe(m, module, key) for m in cfg.methods
-                        for kind, module, key in (("source", MultiTaskPromptClassifier, "source_trainer"),
-                                                  ("multitask", MultiTaskPromptClassifier, "trainer"),
-                                                  ("single", PromptClassifier, "trainer"))}
+class TaskRunner:
+    """Tuning and testing prompts on tasks, as the applications over several tasks need it: one
+    backbone, one trainer configuration, data modules built from ``{class_path, init_args}``."""
+
+    def __init__(self, backbone: dict[str, Any], trainer: dict[str, Any]) -> None:
+        self.backbone: Backbone = instantiate(Backbone, backbone)
+        self.trainer_config = trainer
 
     def trainer(self, **overrides: Any) -> pl.Trainer:
         return pl.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
                              "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-                             **self.cfg.trainer, **overrides})
+                             **self.trainer_config, **overrides})
 
-    def task(self, tasks: TaskSet, name: str, shots: int, seed: int) -> pl.LightningDataModule:
-        return instantiate(pl.LightningDataModule, tasks.tasks[name], shots=shots, seed=seed)
-
-    def tasks(self, tasks: TaskSet, shots: int, seed: int) -> MultiTaskDataModule:
-        modules = {name: self.task(tasks, name, shots, seed) for name in tasks.tasks}
-        return MultiTaskDataModule(modules, **tasks.data)
+    def data(self, spec: dict[str, Any], shots: int, seed: int) -> pl.LightningDataModule:
+        return instantiate(pl.LightningDataModule, spec, shots=shots, seed=seed)
 
     def fit(self, recipe: MethodRecipe, dm: pl.LightningDataModule, seed: int, **model_args: Any) -> PromptModule:
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -165,7 +159,30 @@ class _Runner:
         return model
 
     def test(self, model: PromptModule, dm: pl.LightningDataModule) -> float:
+        """Accuracy in %, with the task's own metric."""
         return _score(self.trainer().test(model, datamodule=dm, verbose=False)[0], dm)
+
+    def zeroshot(self, dm: pl.LightningDataModule, templates: str | list[str]) -> float:
+        model = PromptClassifier(self.backbone, functools.partial(ZeroShotPrompt, templates=templates), dm.classnames)
+        return self.test(model, dm)
+
+
+class _Runner(TaskRunner):
+    def __init__(self, cfg: MultiTaskConfig, output_dir: Path) -> None:
+        super().__init__(cfg.backbone, cfg.trainer)
+        self.cfg, self.output_dir = cfg, output_dir
+        # Parse every recipe up front: a typo fails before any training.
+        self.recipes = {(m, kind): cfg.recipe(m, module, key) for m in cfg.methods
+                        for kind, module, key in (("source", MultiTaskPromptClassifier, "source_trainer"),
+                                                  ("multitask", MultiTaskPromptClassifier, "trainer"),
+                                                  ("single", PromptClassifier, "trainer"))}
+
+    def task(self, tasks: TaskSet, name: str, shots: int, seed: int) -> pl.LightningDataModule:
+        return self.data(tasks.tasks[name], shots, seed)
+
+    def tasks(self, tasks: TaskSet, shots: int, seed: int) -> MultiTaskDataModule:
+        modules = {name: self.task(tasks, name, shots, seed) for name in tasks.tasks}
+        return MultiTaskDataModule(modules, **tasks.data)
 
     def source_prompt(self, method: str) -> Path:
         """Tune on the source tasks once per seed; the seeds' prompts averaged."""
@@ -183,16 +200,12 @@ class _Runner:
         self.trainer().test(model, datamodule=self.tasks(tasks, shots, seed), verbose=False)
         return dict(model.task_results)
 
-    def zeroshot(self) -> list[Result]:
+    def zeroshot_results(self) -> list[Result]:
         if self.cfg.zeroshot is None:
             return []
         templates = self.cfg.zeroshot.get("templates", "photo")
-        out = []
-        for name in self.cfg.targets.tasks:
-            dm = self.task(self.cfg.targets, name, -1, 1)
-            model = PromptClassifier(self.backbone, functools.partial(ZeroShotPrompt, templates=templates), dm.classnames)
-            out.append(Result("zeroshot", 0, 0, "zero-shot", self.test(model, dm), name))
-        return out
+        return [Result("zeroshot", 0, 0, "zero-shot", self.zeroshot(self.task(self.cfg.targets, name, -1, 1), templates), name)
+                for name in self.cfg.targets.tasks]
 
     def method(self, method: str) -> list[Result]:
         source, targets = self.source_prompt(method), self.cfg.targets
@@ -230,7 +243,7 @@ def run_multitask_eval(cfg: MultiTaskConfig, output_dir: str | Path, *, overwrit
         logging.getLogger(name).setLevel(logging.WARNING)
     started = time.perf_counter()
     runner = _Runner(cfg, output_dir)
-    results = runner.zeroshot()
+    results = runner.zeroshot_results()
     from tqdm.auto import tqdm
 
     for method in tqdm(cfg.methods, desc="methods", unit="method"):

@@ -1,4 +1,5 @@
-"""Pictures of results: accuracy against the number of shots; the views of test-time tuning."""
+"""Pictures of results: accuracy against the number of shots; the views of test-time tuning; the
+task x task transfer matrix of a transferability study."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from vlprompt.eval.tables import Result, summarise
 
-__all__ = ["plot_accuracy_vs_shots", "plot_views"]
+__all__ = ["plot_accuracy_vs_shots", "plot_transfer_matrix", "plot_views"]
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -83,4 +84,30 @@ def plot_views(views: torch.Tensor, preprocess_cfg: dict[str, Any], kept: Sequen
             ax.add_patch(matplotlib.patches.Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False,
                                                       edgecolor="limegreen", linewidth=3))
     fig.suptitle(title + f"\n{len(kept_set)} of {len(views)} views kept (green)", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_transfer_matrix(gains: Sequence[Sequence[float]], sources: Sequence[str], targets: Sequence[str],
+                         path: str | Path, title: str = "Transfer gain (points)") -> Path:
+    """Heat map of ``gains[s][t]`` (what tuning on source ``s`` adds on target ``t``, in accuracy
+    points), diverging around 0, each cell labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.tensor([[float(v) for v in row] for row in gains])
+    limit = max(1.0, float(values.abs().max()))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(targets), 1.0 + 0.6 * len(sources)), dpi=120)
+    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(len(targets)), labels=list(targets), rotation=45, ha="right")
+    ax.set_yticks(range(len(sources)), labels=list(sources))
+    ax.set_xlabel("target task")
+    ax.set_ylabel("source task")
+    for i in range(len(sources)):
+        for j in range(len(targets)):
+            ax.text(j, i, f"{values[i, j]:+.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(values[i, j]) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title)
     return _save(fig, path)
