@@ -21,6 +21,7 @@ Driven by a YAML file in the project's config dialect (``configs/eval/shapeworld
       shots: 16
       seeds: [1, 2, 3]
       data: {sampling: mixed, batch_size: 32}    # MultiTaskDataModule arguments
+      loss: union                                # or task
     targets:
       tasks: {pairs: {class_path: vlprompt.data.ShapeWorldDataModule, init_args: {task: pairs}}}
       shots: [1, 4]
@@ -73,12 +74,14 @@ VARIANTS = ("zero-shot", "single", "source", "mvlpt-init", "multitask")
 @dataclass
 class TaskSet:
     """Tasks (name -> ``{class_path, init_args}`` of a data module), how many shots and which
-    seeds, and the :class:`MultiTaskDataModule` arguments (sampling, batch size ...)."""
+    seeds, the :class:`MultiTaskDataModule` arguments (sampling, batch size ...) and the loss of
+    multitask tuning (``union`` or ``task``, see :class:`MultiTaskPromptClassifier`)."""
 
     tasks: dict[str, dict[str, Any]]
     shots: int | list[int] = 16
     seeds: list[int] = field(default_factory=lambda: [1])
     data: dict[str, Any] = field(default_factory=dict)
+    loss: str = "union"
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -190,7 +193,7 @@ class _Runner(TaskRunner):
         shots = source.shots if isinstance(source.shots, int) else source.shots[0]
         seeds = []
         for seed in source.seeds:
-            model = self.fit(self.recipes[(method, "source")], self.tasks(source, shots, seed), seed)
+            model = self.fit(self.recipes[(method, "source")], self.tasks(source, shots, seed), seed, loss=source.loss)
             seeds.append(model.save_prompt(folder / f"source-seed{seed}", overwrite=True))
             log.info("%s: source prompt of seed %d, source tasks %s", method, seed,
                      ", ".join(f"{k} {100 * (v or 0):.1f}%" for k, v in self.test_tasks(model, source, shots, seed).items()))
@@ -222,7 +225,7 @@ class _Runner(TaskRunner):
                         model = self.fit(self.recipes[(method, "single")], dm, seed, init_prompt=init)
                         results.append(Result(method, shots, seed, variant, self.test(model, dm), name))
                 dm = self.tasks(targets, shots, seed)
-                model = self.fit(self.recipes[(method, "multitask")], dm, seed, init_prompt=str(source))
+                model = self.fit(self.recipes[(method, "multitask")], dm, seed, init_prompt=str(source), loss=targets.loss)
                 scores = self.test_tasks(model, targets, shots, seed)
                 results += [Result(method, shots, seed, "multitask", 100.0 * s, name) for name, s in scores.items()
                             if s is not None]
