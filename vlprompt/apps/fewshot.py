@@ -66,6 +66,7 @@ __all__ = [
     "instantiate",
     "load_eval_config",
     "main",
+    "prepare_output_dir",
     "resolve_config_path",
     "run_fewshot_eval",
 ]
@@ -312,16 +313,23 @@ def _zero_shot(templates: str | list[str]) -> functools.partial:
     return functools.partial(ZeroShotPrompt, templates=templates)
 
 
-def run_fewshot_eval(cfg: EvaluationConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
-    """Run every configured evaluation and write the tables and plot into ``output_dir``."""
+def prepare_output_dir(output_dir: str | Path, marker: str, overwrite: bool) -> Path:
+    """Create the output folder of an evaluation, refusing one that already holds ``marker`` (its
+    results) unless ``overwrite``, and quiet Lightning's per-run chatter: one line per run is ours."""
     output_dir = Path(output_dir)
-    results_file = output_dir / "results.csv"
-    if results_file.exists() and not overwrite:
-        raise FileExistsError(f"{results_file} exists; choose another --output-dir or pass --overwrite")
+    if (output_dir / marker).exists() and not overwrite:
+        raise FileExistsError(f"{output_dir / marker} exists; choose another --output-dir or pass --overwrite")
     output_dir.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
-    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run is ours to print
+    for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return output_dir
+
+
+def run_fewshot_eval(cfg: EvaluationConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
+    """Run every configured evaluation and write the tables and plot into ``output_dir``."""
+    output_dir = prepare_output_dir(output_dir, "results.csv", overwrite)
+    results_file = output_dir / "results.csv"
     runner = _Runner(cfg, output_dir)
     started = time.perf_counter()
     results = runner.zeroshot()

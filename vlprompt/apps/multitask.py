@@ -46,7 +46,6 @@ import argparse
 import functools
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -55,7 +54,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from vlprompt.apps.fewshot import MethodRecipe, instantiate, resolve_config_path
+from vlprompt.apps.fewshot import MethodRecipe, instantiate, prepare_output_dir, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.data.multitask import MultiTaskDataModule
 from vlprompt.eval.tables import Result, multitask_table, write_csv
@@ -236,14 +235,8 @@ class _Runner(TaskRunner):
 
 def run_multitask_eval(cfg: MultiTaskConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
     """Run the source tuning and every target comparison; write ``results.csv`` and ``summary.md``."""
-    output_dir = Path(output_dir)
+    output_dir = prepare_output_dir(output_dir, "results.csv", overwrite)
     results_file = output_dir / "results.csv"
-    if results_file.exists() and not overwrite:
-        raise FileExistsError(f"{results_file} exists; choose another --output-dir or pass --overwrite")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
-    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run is ours to print
-        logging.getLogger(name).setLevel(logging.WARNING)
     started = time.perf_counter()
     runner = _Runner(cfg, output_dir)
     results = runner.zeroshot_results()

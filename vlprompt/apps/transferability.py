@@ -33,14 +33,13 @@ import argparse
 import csv
 import logging
 import time
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vlprompt.apps.fewshot import MethodRecipe, resolve_config_path
+from vlprompt.apps.fewshot import MethodRecipe, prepare_output_dir, resolve_config_path
 from vlprompt.apps.multitask import TaskRunner
 from vlprompt.eval.plots import plot_transfer_matrix
 
@@ -132,13 +131,7 @@ def _write_matrix(path: Path, matrix: dict[str, dict[str, float]]) -> None:
 
 def run_transferability(cfg: TransferabilityConfig, output_dir: str | Path, *, overwrite: bool = False) -> TransferabilityStudy:
     """Tune on every task, use each prompt on every task, write the matrices, heat map and groups."""
-    output_dir = Path(output_dir)
-    if (output_dir / "gain.csv").exists() and not overwrite:
-        raise FileExistsError(f"{output_dir / 'gain.csv'} exists; choose another --output-dir or pass --overwrite")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    output_dir = prepare_output_dir(output_dir, "gain.csv", overwrite)
     started = time.perf_counter()
     runner, recipe, names = TaskRunner(cfg.backbone, cfg.trainer), cfg.recipe(), list(cfg.tasks)
     test_data = {t: runner.data(cfg.tasks[t], -1, cfg.seed) for t in names}
