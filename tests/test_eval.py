@@ -134,6 +134,20 @@ def test_shipped_evaluation_configs_parse():
         raw = yaml.safe_load(path.read_text())
         if "tta" in raw:
             continue
+        if "targets" in raw:  # multitask (MVLPT): each method builds multitask and single-task models
+            from vlprompt.apps.multitask import load_multitask_config
+            from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
+
+            cfg = load_multitask_config(path)
+            for name in cfg.methods:
+                cfg.recipe(name, MultiTaskPromptClassifier, "source_trainer")
+                cfg.recipe(name, PromptClassifier)
+            continue
+        if "tasks" in raw:  # a transferability study
+            from vlprompt.apps.transferability import load_transferability_config
+
+            load_transferability_config(path).recipe()
+            continue
         cfg = load_eval_config(path)
         for name in cfg.methods:
             cfg.recipe(name)
