@@ -14,7 +14,7 @@ from torch.utils.data import RandomSampler
 
 from vlprompt.data import FewShotDataModule, MultiTaskDataModule, Task, TaskBatchSampler
 from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier, task_scores
-from vlprompt.prompts import CoOpPromptLearner
+from vlprompt.prompts import PROMPT_LEARNERS, CoOpPromptLearner
 
 COOP = functools.partial(CoOpPromptLearner, n_ctx=4)
 
@@ -234,3 +234,22 @@ def test_mismatched_prompts_are_refused(backbone, tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="tensors do not match"):
         load_initial_prompt(VPTPromptLearner(backbone, ["u"], n_tokens=4), a)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(set(PROMPT_LEARNERS) - {"zeroshot"}))
+def test_every_learner_tunes_on_several_tasks(name, backbone, two_tasks, tmp_path):
+    """Generic over learners: one step on the union of classes moves only the prompt, and each
+    task is then scored on its own classes."""
+    from test_prompt_contract import TINY_KWARGS
+
+    dm = multitask(two_tasks, sampling="round_robin")
+    factory = functools.partial(PROMPT_LEARNERS[name], **TINY_KWARGS.get(name, {}))
+    pl.seed_everything(0)
+    model = MultiTaskPromptClassifier(backbone, factory, dm.classnames, loss="task", optimizer=adam, lr_scheduler="constant")
+    before = {k: v.clone() for k, v in model.prompt_learner.state_dict().items()}
+    frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
+    trainer(tmp_path, max_steps=2).fit(model, datamodule=dm)
+    assert any(not torch.equal(v, model.prompt_learner.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in frozen.items())
+    trainer(tmp_path).test(model, datamodule=dm, verbose=False)
+    assert set(model.task_results) == {"base", "all"} and all(0 <= s <= 1 for s in model.task_results.values())

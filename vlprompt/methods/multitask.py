@@ -156,9 +156,10 @@ class MultiTaskPromptClassifier(PromptModule):
         output, logits, labels = self._step(batch, "train")
         if logits is None:
             return None
-        if self.loss_mode == "task":
-            logits = self.own_task_logits(logits, self._task_ids(batch, labels))
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        scored = self.own_task_logits(logits, self._task_ids(batch, labels)) if self.loss_mode == "task" else logits
+        loss = F.cross_entropy(scored, labels, label_smoothing=self.label_smoothing)
+        # The learner's own regulariser (KgCoOp, PromptSRC) sees every class's logit: -inf
+        # entries would make its distances infinite.
         extra = self.prompt_learner.extra_loss(output, logits, labels)
         if extra is not None:
             self.log("train/extra_loss", extra.detach())
