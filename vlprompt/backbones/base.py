@@ -36,6 +36,9 @@ class Backbone(nn.Module, ABC):
 
     #: False for vision-only encoders (timm): methods then need a learned classification head.
     has_text: bool = True
+    #: Encode at most this many prompts at a time in ``encode_text_embeddings`` (None: all at once).
+    #: A memory setting only, never part of ``identity``; backbones that do not chunk leave it None.
+    text_chunk_size: int | None = None
 
     text_width: int
     vision_width: int

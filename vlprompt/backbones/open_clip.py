@@ -11,6 +11,7 @@ from typing import Any
 import open_clip
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlprompt.backbones.base import Backbone
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, run_block_maybe_checkpointed, vit_tower
@@ -84,6 +85,12 @@ class OpenCLIPBackbone(Backbone):
             storing them (the model's own ``set_grad_checkpointing``, honoured by vlprompt's
             prompted block loops too): much less memory for deep prompts on ViT-L/H, same
             results, about a third more compute. Not part of the backbone's identity.
+        text_chunk_size: encode at most this many prompts at a time, each chunk truncated to its own
+            longest pooled position, and with ``grad_checkpointing`` keep only each chunk's inputs
+            for the backward pass (one chunk's activations are recomputed at a time). Bounds text
+            memory when many classes are encoded together (multitask training over the union of
+            classes of all tasks). Same results; None encodes all prompts at once. Not part of the
+            backbone's identity.
     """
 
     def __init__(
@@ -94,10 +101,13 @@ class OpenCLIPBackbone(Backbone):
         precision: str = "fp32",
         truncate_text: bool = True,
         grad_checkpointing: bool = False,
+        text_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         from vlprompt.zoo import resolve_model_name
 
+        if text_chunk_size is not None and text_chunk_size < 1:
+            raise ValueError(f"text_chunk_size must be a positive number of prompts or None, got {text_chunk_size}")
         resolved = resolve_model_name(model_name)
         if not resolved.startswith(("local-dir:", "hf-hub:")) and resolved not in open_clip.list_models():
             import difflib
@@ -131,6 +141,7 @@ class OpenCLIPBackbone(Backbone):
         self.model = model
         self.tokenizer = open_clip.get_tokenizer(resolved)
         self.truncate_text = truncate_text
+        self.text_chunk_size = text_chunk_size
 
         tower = _text_tower(model)
         self._tower = tower
@@ -154,6 +165,12 @@ class OpenCLIPBackbone(Backbone):
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.freeze()
+
+    def _apply(self, fn, *args: Any, **kwargs: Any) -> OpenCLIPBackbone:
+        super()._apply(fn, *args, **kwargs)
+        # .to()/.double() replace buffers (the causal mask) with new tensors: look them up again.
+        self._tower = _text_tower(self.model)
+        return self
 
     # -- introspection -----------------------------------------------------------------------
     def _infer_embed_dim(self) -> int:
@@ -213,8 +230,38 @@ class OpenCLIPBackbone(Backbone):
         deep_prompts: Sequence[torch.Tensor] | None = None,
         prompt_start: int = 1,
     ) -> torch.Tensor:
-        tower = self._tower
         token_ids = token_ids.to(embeddings.device)
+        n, size = embeddings.shape[0], self.text_chunk_size
+        if size is None or n <= size:
+            return self._encode_text_chunk(embeddings, token_ids, deep_prompts, prompt_start)
+        deep_prompts = list(deep_prompts or [])
+        # Checkpoint whole chunks: autograd keeps only each chunk's inputs, and the backward pass
+        # recomputes one chunk at a time (its blocks then run plainly, not checkpointed again).
+        recompute = (
+            self.grad_checkpointing
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in [embeddings, *deep_prompts])
+        )
+        features = []
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            chunk_prompts = [p[rows] if p.dim() == 3 else p for p in deep_prompts]  # [N, n, D] per prompt
+            args = (embeddings[rows], token_ids[rows], chunk_prompts, prompt_start)
+            if recompute:
+                features.append(checkpoint(self._encode_text_chunk, *args, checkpoint_blocks=False, use_reentrant=False))
+            else:
+                features.append(self._encode_text_chunk(*args))
+        return torch.cat(features)
+
+    def _encode_text_chunk(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+        checkpoint_blocks: bool = True,
+    ) -> torch.Tensor:
+        tower = self._tower
         pooled_at = self.pool_indices(token_ids)
         # Causal attention: the feature at position p only sees tokens <= p, so everything after
         # the last pooled position is dead weight. Dropping it is exact (text_length_needed).
@@ -231,7 +278,7 @@ class OpenCLIPBackbone(Backbone):
             pad_mask = self._padding_mask(token_ids, length, x.dtype)
             attn_mask = pad_mask if attn_mask is None else attn_mask.unsqueeze(0) + pad_mask
         x = x + tower.positional_embedding[:length].to(cast_dtype)
-        x = self._run_text_blocks(x, attn_mask, deep_prompts, prompt_start)
+        x = self._run_text_blocks(x, attn_mask, deep_prompts, prompt_start, checkpoint_blocks)
 
         if tower.cls_emb is not None:
             pooled = tower.ln_final(x[:, -1])
@@ -259,6 +306,7 @@ class OpenCLIPBackbone(Backbone):
         attn_mask: torch.Tensor | None,
         deep_prompts: Sequence[torch.Tensor] | None,
         prompt_start: int,
+        checkpoint_blocks: bool = True,
     ) -> torch.Tensor:
         transformer = self._tower.transformer
         blocks = transformer.resblocks
@@ -269,13 +317,16 @@ class OpenCLIPBackbone(Backbone):
                 f"{len(blocks)} layers (deep prompts apply to layers 1..{len(blocks) - 1})."
             )
         batch_first = getattr(transformer, "batch_first", True)
+
+        def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if checkpoint_blocks:
+                return run_block_maybe_checkpointed(transformer, block, x, attn_mask=attn_mask)
+            return block(x, attn_mask=attn_mask)
+
         for i, block in enumerate(blocks):
             if 1 <= i <= len(deep_prompts):
                 x = _replace_tokens(x, deep_prompts[i - 1].to(x.dtype), prompt_start)
-            if batch_first:
-                x = run_block_maybe_checkpointed(transformer, block, x, attn_mask=attn_mask)
-            else:
-                x = run_block_maybe_checkpointed(transformer, block, x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+            x = run(block, x) if batch_first else run(block, x.transpose(0, 1)).transpose(0, 1)
         return x
 
     # -- images ------------------------------------------------------------------------------
