@@ -165,6 +165,9 @@ class TaskRunner:
         return _score(self.trainer().test(model, datamodule=dm, verbose=False)[0], dm)
 
     def zeroshot(self, dm: pl.LightningDataModule, templates: str | list[str]) -> float:
+        """Zero-shot accuracy in %; ``templates: dataset`` takes the dataset descriptor's template."""
+        if templates == "dataset":
+            templates = getattr(dm, "template", None) or "photo"
         model = PromptClassifier(self.backbone, functools.partial(ZeroShotPrompt, templates=templates), dm.classnames)
         return self.test(model, dm)
 
@@ -233,11 +236,26 @@ class _Runner(TaskRunner):
         return results
 
 
+def _check_tasks(cfg: MultiTaskConfig) -> None:
+    """Build every task's data once before anything is trained: all that is missing, in one error."""
+    problems = []
+    for name, spec in [*((f"source {n}", t) for n, t in cfg.source.tasks.items()),
+                       *((f"target {n}", t) for n, t in cfg.targets.tasks.items())]:
+        try:
+            instantiate(pl.LightningDataModule, spec)
+        except Exception as err:  # noqa: BLE001 - collected and raised together below
+            cause = err.__cause__ or err
+            problems.append(f"{name}: {str(cause).splitlines()[0].rstrip(':')}")
+    if problems:
+        raise ValueError(f"{len(problems)} task(s) cannot be read: " + "; ".join(problems))
+
+
 def run_multitask_eval(cfg: MultiTaskConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:
     """Run the source tuning and every target comparison; write ``results.csv`` and ``summary.md``."""
     output_dir = prepare_output_dir(output_dir, "results.csv", overwrite)
     results_file = output_dir / "results.csv"
     started = time.perf_counter()
+    _check_tasks(cfg)
     runner = _Runner(cfg, output_dir)
     results = runner.zeroshot_results()
     from tqdm.auto import tqdm
@@ -268,8 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="outputs/eval_multitask")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output-dir")
     parser.add_argument("--methods", nargs="+", help="only these methods from the config")
+    parser.add_argument("--root", help="the data root of every source and target task")
     args = parser.parse_args(argv)
     cfg = load_multitask_config(resolve_config_path(args.config))
+    if args.root:
+        for spec in [*cfg.source.tasks.values(), *cfg.targets.tasks.values()]:
+            spec.setdefault("init_args", {})["root"] = args.root
     if args.methods:
         missing = set(args.methods) - set(cfg.methods)
         if missing:
