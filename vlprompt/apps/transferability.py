@@ -165,7 +165,7 @@ def run_transferability(cfg: TransferabilityConfig, output_dir: str | Path, *, o
     what = f"tuned with {cfg.target_shots} shots from the source prompt vs from scratch" if cfg.finetune \
         else "source prompt as it is vs the zero-shot prompt"
     plot_transfer_matrix([[gain[s][t] for t in names] for s in names], names, names, output_dir / "transfer.png",
-                         title=f"Gain on the target (points): {what}")
+                         title=f"Gain on the target task, in points: {what}")
     lines = ["# Task groups", "", f"Gain on each target: {what}; tasks share a group when each one's prompt "
              f"raises the other's accuracy by more than {cfg.threshold} points ({time.perf_counter() - started:.0f} s).", "",
              "| target | baseline | " + " | ".join(f"from {s}" for s in names) + " |", "|---" * (len(names) + 2) + "|"]

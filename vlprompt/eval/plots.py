@@ -3,6 +3,7 @@ task x task transfer matrix of a transferability study."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,5 +110,5 @@ def plot_transfer_matrix(gains: Sequence[Sequence[float]], sources: Sequence[str
             ax.text(j, i, f"{values[i, j]:+.1f}", ha="center", va="center", fontsize=8,
                     color="white" if abs(values[i, j]) > 0.6 * limit else "black")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 48)), fontsize=9)
     return _save(fig, path)
