@@ -66,7 +66,9 @@ __all__ = [
     "instantiate",
     "load_eval_config",
     "main",
+    "method_recipe",
     "prepare_output_dir",
+    "read_config",
     "resolve_config_path",
     "run_fewshot_eval",
 ]
@@ -155,6 +157,30 @@ class MethodRecipe(Recipe):
         return model, self.trainer_args(built)
 
 
+def method_recipe(spec: dict[str, Any], config_dir: Path | None, *, trainer_key: str = "trainer",
+                  module: type[PromptModule] = PromptClassifier) -> MethodRecipe:
+    """The recipe of a method entry of an evaluation YAML (``config:`` one or more method YAMLs,
+    relative to ``config_dir``; ``model:`` and ``trainer_key`` (else ``trainer:``) overrides)."""
+    configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
+    return MethodRecipe([resolve_config_path(c, config_dir) for c in configs], spec.get("model"),
+                        spec.get(trainer_key) or spec.get("trainer"), module=module)
+
+
+C = TypeVar("C")
+
+
+def read_config(cls: type[C], path: str | Path) -> C:
+    """Read an evaluation YAML into the dataclass ``cls`` (unknown keys are an error); relative
+    method config paths resolve against the YAML's folder (``config_dir``)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(cls)} - {"config_dir"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    return cls(**raw, config_dir=path.resolve().parent)
+
+
 @dataclass
 class TransferProtocol:
     """Train on the source data once per seed (``shots`` per class of its ``subset``), then test on
@@ -202,10 +228,7 @@ class EvaluationConfig:
                 raise ValueError(f"method {name!r}: unknown keys {sorted(unknown)} (config, model, trainer)")
 
     def recipe(self, method: str) -> MethodRecipe:
-        spec = self.methods[method]
-        configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-        paths = [resolve_config_path(c, self.config_dir) for c in configs]
-        return MethodRecipe(paths, spec.get("model"), spec.get("trainer"))
+        return method_recipe(self.methods[method], self.config_dir)
 
     def set_data_root(self, root: str) -> None:
         """Point the source and every target data module at the data root ``root``."""
@@ -225,13 +248,7 @@ class EvaluationConfig:
 
 def load_eval_config(path: str | Path) -> EvaluationConfig:
     """Read an evaluation YAML (unknown keys are an error)."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(EvaluationConfig)} - {"config_dir"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
-    return EvaluationConfig(**raw, config_dir=path.resolve().parent)
+    return read_config(EvaluationConfig, path)
 
 
 class _Runner:

@@ -47,14 +47,20 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import yaml
 
-from vlprompt.apps.fewshot import MethodRecipe, instantiate, prepare_output_dir, resolve_config_path
+from vlprompt.apps.fewshot import (
+    MethodRecipe,
+    instantiate,
+    method_recipe,
+    prepare_output_dir,
+    read_config,
+    resolve_config_path,
+)
 from vlprompt.backbones import Backbone
 from vlprompt.data.multitask import MultiTaskDataModule
 from vlprompt.eval.tables import Result, multitask_table, write_csv
@@ -114,22 +120,12 @@ class MultiTaskConfig:
                                  f"`trainer:`, `source_trainer:` (unknown keys: {sorted(unknown)})")
 
     def recipe(self, method: str, module: type[PromptModule], trainer_key: str = "trainer") -> MethodRecipe:
-        spec = self.methods[method]
-        configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-        trainer = spec.get(trainer_key) or spec.get("trainer")
-        return MethodRecipe([resolve_config_path(c, self.config_dir) for c in configs], spec.get("model"), trainer,
-                            module=module)
+        return method_recipe(self.methods[method], self.config_dir, trainer_key=trainer_key, module=module)
 
 
 def load_multitask_config(path: str | Path) -> MultiTaskConfig:
     """Read a multitask evaluation YAML (unknown keys are an error)."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in fields(MultiTaskConfig)} - {"config_dir"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
-    return MultiTaskConfig(**raw, config_dir=path.resolve().parent)
+    return read_config(MultiTaskConfig, path)
 
 
 def _score(metrics: dict[str, float], dm: Any) -> float:

@@ -33,13 +33,11 @@ import argparse
 import csv
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vlprompt.apps.fewshot import MethodRecipe, prepare_output_dir, resolve_config_path
+from vlprompt.apps.fewshot import MethodRecipe, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.apps.multitask import TaskRunner
 from vlprompt.eval.plots import plot_transfer_matrix
 
@@ -72,19 +70,12 @@ class TransferabilityConfig:
             raise ValueError("method: give `config:` (a method YAML) and optionally `model:` and `trainer:`")
 
     def recipe(self) -> MethodRecipe:
-        configs = self.method["config"] if isinstance(self.method["config"], list) else [self.method["config"]]
-        return MethodRecipe([resolve_config_path(c, self.config_dir) for c in configs], self.method.get("model"),
-                            self.method.get("trainer"))
+        return method_recipe(self.method, self.config_dir)
 
 
 def load_transferability_config(path: str | Path) -> TransferabilityConfig:
     """Read a transferability YAML (unknown keys are an error)."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - ({f.name for f in fields(TransferabilityConfig)} - {"config_dir"})
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-    return TransferabilityConfig(**raw, config_dir=path.resolve().parent)
+    return read_config(TransferabilityConfig, path)
 
 
 def task_groups(gain: dict[str, dict[str, float]], threshold: float) -> list[list[str]]:
