@@ -153,6 +153,10 @@ def test_bad_tasks_are_clear_errors(two_tasks, backbone):
         multitask(two_tasks, metrics={"nope": "accuracy"})
     with pytest.raises(ValueError, match="sampling must be"):
         multitask(two_tasks, sampling="grouped")
+    no_classes = fewshot(next(iter(two_tasks.values())).root)
+    no_classes.classnames = []
+    with pytest.raises(ValueError, match="task 'empty' has no classes"):
+        multitask({**two_tasks, "empty": no_classes})
     model = MultiTaskPromptClassifier(backbone, COOP, ["a", "b", "c"])
     with pytest.raises(ValueError, match="not the prompt's 3"):
         model.set_tasks([Task("t", 0, ("a", "b"))])
