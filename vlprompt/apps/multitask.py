@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -91,6 +92,11 @@ class TaskSet:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("give at least one task (name: {class_path, init_args})")
+        if self.loss not in ("union", "task"):
+            raise ValueError(f"loss must be union or task, not {self.loss!r}")
+        unknown = set(self.data) - (set(inspect.signature(MultiTaskDataModule).parameters) - {"tasks"})
+        if unknown:
+            raise ValueError(f"data: {sorted(unknown)} are not MultiTaskDataModule arguments")
         for name, spec in self.tasks.items():
             if not isinstance(spec, dict) or "class_path" not in spec:
                 raise ValueError(f"task {name!r}: give class_path and init_args of a data module")
@@ -293,5 +299,5 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
         cfg.methods = {m: cfg.methods[m] for m in args.methods}
-    results = run_multitask_eval(cfg, args.output_dir, overwrite=args.overwrite)
-    log.info("results:\n%s\nwritten to %s", format_summary(results, cfg, 0), args.output_dir)
+    run_multitask_eval(cfg, args.output_dir, overwrite=args.overwrite)
+    log.info("results:\n%s\nwritten to %s", (Path(args.output_dir) / "summary.md").read_text(), args.output_dir)
