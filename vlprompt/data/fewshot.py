@@ -8,6 +8,7 @@ import logging
 import os
 import math
 import random
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,8 +144,11 @@ def load_or_sample_few_shot(
         data[split] = {"samples_sha256": digest, "paths": [s.path for s in picked]}
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
+            # A staging file of this process's own, moved into place at once: DDP ranks draw the
+            # same shots and may save them at the same moment, and a reader never sees half a file.
+            handle, tmp = tempfile.mkstemp(prefix=f".{cache_file.name}.", dir=cache_file.parent)
+            with os.fdopen(handle, "w") as f:
+                f.write(json.dumps(data, indent=1))
             os.replace(tmp, cache_file)
         except OSError as err:
             log.warning("could not save the few-shot draw to %s (%s); it will be drawn again next time", cache_file, err)
