@@ -9,6 +9,15 @@ from vlprompt.data.images import ImageDataset, build_eval_transform, build_train
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
 from vlprompt.data.protocol import ClassificationData
 from vlprompt.data.test_images import TestImagesDataModule
+from vlprompt.data.segmentation import (
+    VOC_CLASSNAMES,
+    SegmentationDataModule,
+    SegmentationDataset,
+    SegmentationSample,
+    collate_segmentation,
+    read_tunevlseg,
+    read_voc,
+)
 
 __all__ = [
     "ClassificationData",
@@ -35,4 +44,11 @@ __all__ = [
     "read_imagefolder",
     "sample_few_shot",
     "subset_classes",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "SegmentationSample",
+    "VOC_CLASSNAMES",
+    "collate_segmentation",
+    "read_tunevlseg",
+    "read_voc",
 ]
