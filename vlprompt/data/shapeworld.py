@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.data.datamodule import FewShotDataModule
+from vlprompt.data.segmentation import SegmentationDataModule
 from vlprompt.data import world
 
-__all__ = ["ShapeWorldDataModule", "ensure_shapeworld"]
+__all__ = ["ShapeWorldDataModule", "ShapeWorldSegmentationDataModule", "ensure_shapeworld"]
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +19,9 @@ _MARKER = "shapeworld.json"
 
 
 def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", seed: int = 0, task: str = "pairs") -> Path:
-    """Write the ShapeWorld classification dataset of ``task`` (:data:`~vlprompt.data.world.TASKS`)
-    into ``root`` unless it is already there.
+    """Write the ShapeWorld classification dataset of ``task`` (:data:`~vlprompt.data.world.TASKS`),
+    or the referring-segmentation dataset (``task="segmentation"``), into ``root`` unless it is
+    already there.
 
     Generation is deterministic, so a folder written earlier with the same settings is reused; a
     folder written with other settings is an error rather than a silent mix-up.
@@ -29,7 +31,8 @@ def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", se
     if task != "pairs":  # folders of the held-out pairs written before tasks existed stay valid
         settings["task"] = task
     marker = root / _MARKER
-    if (root / world.SPLIT_FILE).is_file():
+    done = root / ("anns/train.json" if task == "segmentation" else world.SPLIT_FILE)
+    if done.is_file():
         found = json.loads(marker.read_text()) if marker.is_file() else None
         if found != settings:
             raise ValueError(
@@ -38,7 +41,10 @@ def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", se
             )
         return root
     log.info("generating the ShapeWorld %s %s dataset in %s (once)", task, domain, root)
-    world.write_classification_dataset(root, seed=seed, domain=domain, task=task)
+    if task == "segmentation":
+        world.write_segmentation_dataset(root, seed=seed, domain=domain)
+    else:
+        world.write_classification_dataset(root, seed=seed, domain=domain, task=task)
     marker.write_text(json.dumps(settings) + "\n")
     return root
 
@@ -74,3 +80,20 @@ class ShapeWorldDataModule(FewShotDataModule):
         ensure_shapeworld(root, domain=domain, task=task)
         self.task = task
         super().__init__(root, format="dassl", crop_scale=crop_scale, **kwargs)
+
+
+class ShapeWorldSegmentationDataModule(SegmentationDataModule):
+    """Referring segmentation on ShapeWorld, generated on first use: two held-out (colour, shape)
+    objects per image, one mask and prompts (``"red star"``, a description) per object
+    (:func:`~vlprompt.data.world.write_segmentation_dataset`). Other arguments as for
+    :class:`~vlprompt.data.segmentation.SegmentationDataModule`.
+
+    Args:
+        root: where the dataset is (or will be) written; default ``outputs/shapeworld-seg-<domain>``.
+        domain: ``clean``, ``negative`` or ``shifted``.
+    """
+
+    def __init__(self, root: str | None = None, *, domain: world.Domain = "clean", **kwargs: Any) -> None:
+        root = root or f"outputs/shapeworld-seg-{domain}"
+        ensure_shapeworld(root, domain=domain, task="segmentation")
+        super().__init__(root, format="tunevlseg", **kwargs)

@@ -68,8 +68,10 @@ __all__ = [
     "pretraining_sample",
     "pretraining_samples",
     "render",
+    "render_scene",
     "sample_spec",
     "write_classification_dataset",
+    "write_segmentation_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -338,23 +340,35 @@ def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, doma
     shift: different backdrop and clutter) or ``"shifted"`` (harder shift for test-time adaptation:
     dark or blotchy backgrounds, coloured lighting, colourful clutter).
     """
+    return render_scene([spec], rng, image_size=image_size, domain=domain)[0]
+
+
+def render_scene(specs: list[ShapeSpec], rng: np.random.Generator, image_size: int = 64, domain: Domain = "clean"
+                 ) -> tuple[Image.Image, list[np.ndarray]]:
+    """Draw several objects on one background, in order (a later one covers an earlier one where
+    they overlap), and return the image and each object's visible mask (boolean ``[H, W]``).
+    One object draws exactly what :func:`render` draws."""
     if domain == "negative":
-        return invert(render(spec, rng, image_size=image_size, domain="clean"))
+        image, masks = render_scene(specs, rng, image_size=image_size, domain="clean")
+        return invert(image), masks
     size = image_size
     img = _background(rng, size, domain)
-
-    rgb = np.asarray(COLOURS[spec.colour], np.float32)
-    rgb = np.clip(rgb * rng.uniform(0.88, 1.08) + rng.uniform(-12, 12, size=3), 0, 255)
-    fx, fy = POSITIONS[spec.position]
-    centre = (
-        (fx + rng.uniform(-0.04, 0.04)) * size,
-        (fy + rng.uniform(-0.04, 0.04)) * size,
-    )
-    radius = (0.17 if spec.size == "small" else 0.27) * size * rng.uniform(0.9, 1.1)
-    angle = rng.uniform(-0.26, 0.26)
-    mask = _shape_mask(spec.shape, centre, radius, angle, size)[..., None]
-    tex = _texture(spec.texture, rgb, rng, size)
-    img = img * (1 - mask) + tex * mask
+    masks: list[np.ndarray] = []
+    for spec in specs:
+        rgb = np.asarray(COLOURS[spec.colour], np.float32)
+        rgb = np.clip(rgb * rng.uniform(0.88, 1.08) + rng.uniform(-12, 12, size=3), 0, 255)
+        fx, fy = POSITIONS[spec.position]
+        centre = (
+            (fx + rng.uniform(-0.04, 0.04)) * size,
+            (fy + rng.uniform(-0.04, 0.04)) * size,
+        )
+        radius = (0.17 if spec.size == "small" else 0.27) * size * rng.uniform(0.9, 1.1)
+        angle = rng.uniform(-0.26, 0.26)
+        mask = _shape_mask(spec.shape, centre, radius, angle, size)[..., None]
+        tex = _texture(spec.texture, rgb, rng, size)
+        img = img * (1 - mask) + tex * mask
+        covered = mask[..., 0] > 0.5
+        masks = [m & ~covered for m in masks] + [covered]
 
     if domain == "shifted":
         # Coloured, uneven lighting over the whole scene.
@@ -367,7 +381,7 @@ def render(spec: ShapeSpec, rng: np.random.Generator, image_size: int = 64, doma
     else:
         noise = 4.0 if domain == "pretrain" else 3.0
     img = img + rng.normal(0, noise, size=img.shape)
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB"), masks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,4 +556,53 @@ def write_classification_dataset(
         f.write("\n")
     log.info("Wrote ShapeWorld %s dataset (%s) to %s: %s", task, domain, root,
              {k: len(v) for k, v in split.items()})
+    return root
+
+
+_STREAM_SEGMENT = 4
+
+
+def write_segmentation_dataset(
+    root: str | Path,
+    *,
+    n_train: int = 256,
+    n_val: int = 64,
+    n_test: int = 128,
+    seed: int = 0,
+    domain: Domain = "clean",
+    image_size: int = 64,
+) -> Path:
+    """Write a referring-segmentation dataset of the world in TuneVLSeg's layout
+    (``images/``, ``masks/``, ``anns/{train,val,test}.json``; see
+    :func:`vlprompt.data.segmentation.read_tunevlseg`).
+
+    Every image shows two objects of two different held-out (colour, shape) classes at two of the
+    five positions, so a mask is only right if the prompt was read. Each object is an entry: its
+    binary mask (0/255 PNG, what is visible of it) and prompts ``p0`` (the class name, e.g.
+    ``"red star"``) and ``p1`` (a description in the words of :func:`caption`). Returns ``root``.
+    """
+    root = Path(root)
+    for folder in ("images", "masks", "anns"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    for split_id, split in enumerate(_SPLITS):
+        entries = []
+        for i in range(counts[split]):
+            rng = np.random.default_rng([seed, _STREAM_SEGMENT, split_id, i])
+            first, second = rng.choice(len(HELD_OUT), size=2, replace=False)
+            places = rng.choice(len(POSITIONS), size=2, replace=False)
+            specs = [
+                dataclasses.replace(sample_spec(rng, combos=[HELD_OUT[int(k)]]), position=tuple(POSITIONS)[int(p)])
+                for k, p in ((first, places[0]), (second, places[1]))
+            ]
+            image, masks = render_scene(specs, rng, image_size=image_size, domain=domain)
+            name = f"{split}_{i}"
+            image.save(root / "images" / f"{name}.png", format="PNG", optimize=False)
+            for k, (spec, mask) in enumerate(zip(specs, masks)):
+                mask_name = f"{name}_{k}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(root / "masks" / mask_name)
+                entries.append({"img_name": f"{name}.png", "mask_name": mask_name,
+                                "prompts": {"p0": spec.classname, "p1": caption(spec, rng).rstrip(".")}})
+        (root / "anns" / f"{split}.json").write_text(json.dumps(entries, indent=1) + "\n")
+    log.info("Wrote ShapeWorld segmentation dataset (%s) to %s: %s", domain, root, counts)
     return root
