@@ -139,6 +139,35 @@ class Backbone(nn.Module, ABC):
             placement: ``after_cls`` (VPT) or ``after_patches`` (MaPLe).
         """
 
+    def encode_image_layers(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int],
+        visual_prompts: Sequence[torch.Tensor] | None = None,
+        placement: PromptPlacement = "after_cls",
+    ) -> list[torch.Tensor]:
+        """Token sequences ``[B, prefix + patches, vision_width]`` of the image tower after blocks
+        ``layers`` (0-based), with optional visual prompts (as in :meth:`encode_image`) removed
+        from them; blocks after the deepest one asked for are not run. For segmentation decoders
+        that read intermediate layers (CLIPSeg). ``vision_prefix_tokens`` and ``patch_size`` say
+        how to turn the sequence into a grid."""
+        tower = getattr(self, "_vision", None)
+        if tower is None:
+            raise NotImplementedError(getattr(self, "_vision_error", f"{type(self).__name__} has no ViT image tower"))
+        if visual_prompts:
+            self.check_visual_prompts(len(visual_prompts))
+        return tower.encode_layers(images, layers, list(visual_prompts or ()), placement)
+
+    @property
+    def vision_prefix_tokens(self) -> int:
+        """Tokens before the patches in the image tower's sequence (class and register tokens)."""
+        return self._vision.num_prefix_tokens
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Pixels per patch of the image tower, (height, width)."""
+        return self._vision.patch_size
+
     def check_visual_prompts(self, depth: int = 1) -> None:
         """Raise a clear error unless the image tower takes ``depth`` layers of visual prompts."""
         if self.vision_layers is None:

@@ -45,7 +45,9 @@ class ViTTower:
 
     ``embed`` gives the token sequence after positional embeddings (before any pre-norm),
     ``pre_norm`` the norm applied before the blocks, ``blocks`` the transformer blocks and
-    ``head`` turns the final tokens (prompts removed) into the tower's output features.
+    ``head`` turns the final tokens (prompts removed) into the tower's output features. The
+    sequence is ``num_prefix_tokens`` (class and register tokens) then the patches, row by row, of
+    ``patch_size`` pixels each.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class ViTTower:
         blocks: Sequence[nn.Module],
         run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         head: Callable[[torch.Tensor], torch.Tensor],
+        patch_size: tuple[int, int],
     ) -> None:
         self.width = width
+        self.patch_size = tuple(patch_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.embed, self.pre_norm, self.head = embed, pre_norm, head
         self.blocks = list(blocks)
@@ -80,11 +84,38 @@ class ViTTower:
         ``prompts[0]`` (``[n, width]`` or ``[B, n, width]``) is inserted into the embedded
         sequence; ``prompts[i]`` for ``i >= 1`` replaces those ``n`` tokens before block ``i``.
         """
-        if placement not in PLACEMENTS:
-            raise ValueError(f"visual prompt placement must be one of {PLACEMENTS}, not {placement!r}")
         if not prompts:
             raise ValueError("visual prompts: give at least the input-layer prompt")
-        n = prompts[0].shape[-2]
+        x, _ = self._run(images, prompts, placement)
+        return self.head(x)
+
+    def encode_layers(
+        self,
+        images: torch.Tensor,
+        layers: Sequence[int],
+        prompts: Sequence[torch.Tensor] = (),
+        placement: PromptPlacement = "after_cls",
+    ) -> list[torch.Tensor]:
+        """The token sequences ``[B, prefix + patches, width]`` after blocks ``layers`` (0-based),
+        visual prompts (as in :meth:`encode`, or none) removed; the blocks after the deepest one
+        asked for are not run (what a segmentation decoder reading intermediate layers needs)."""
+        if not layers or min(layers) < 0 or max(layers) >= self.layers:
+            raise ValueError(f"layers must be block indices 0..{self.layers - 1}, got {list(layers)}")
+        _, taken = self._run(images, prompts, placement, collect=sorted(set(layers)))
+        return [taken[i] for i in layers]
+
+    def _run(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[torch.Tensor],
+        placement: PromptPlacement,
+        collect: Sequence[int] = (),
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The block loop: the final tokens (prompts removed; None when stopped early at the last
+        block in ``collect``) and the tokens after each block in ``collect``."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"visual prompt placement must be one of {PLACEMENTS}, not {placement!r}")
+        n = prompts[0].shape[-2] if prompts else 0
         for i, p in enumerate(prompts):
             if p.shape[-1] != self.width or p.shape[-2] != n:
                 raise ValueError(
@@ -93,14 +124,19 @@ class ViTTower:
                 )
         x = self.embed(images)
         start = self.num_prefix_tokens if placement == "after_cls" else x.shape[1]
-        x = _insert_tokens(x, prompts[0].to(x.dtype), start)
+        if prompts:
+            x = _insert_tokens(x, prompts[0].to(x.dtype), start)
         x = self.pre_norm(x)
+        taken: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             if 1 <= i < len(prompts):
                 x = _insert_tokens(x, prompts[i].to(x.dtype), start, replace=True)
             x = self.run_block(block, x)
-        x = torch.cat([x[:, :start], x[:, start + n :]], dim=1)
-        return self.head(x)
+            if i in collect:
+                taken[i] = torch.cat([x[:, :start], x[:, start + n :]], dim=1)
+                if i == collect[-1]:
+                    return None, taken
+        return torch.cat([x[:, :start], x[:, start + n :]], dim=1), taken
 
 
 def _insert_tokens(x: torch.Tensor, prompt: torch.Tensor, start: int, *, replace: bool = False) -> torch.Tensor:
@@ -159,6 +195,7 @@ def _open_clip_vit(visual: nn.Module) -> ViTTower:
         blocks=transformer.resblocks,
         run_block=run_block,
         head=head,
+        patch_size=tuple(visual.conv1.kernel_size),
     )
 
 
@@ -189,4 +226,5 @@ def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
         blocks=model.blocks,
         run_block=lambda block, x: run_block_maybe_checkpointed(model, block, x),
         head=head,
+        patch_size=tuple(model.patch_embed.patch_size),
     )
