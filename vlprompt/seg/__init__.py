@@ -1,6 +1,15 @@
 """Segmentation with vision-language models: metrics (Dice, IoU per image and dataset-wide), losses,
 and heads over a prompted backbone."""
 
+from vlprompt.seg.decoder import CLIPSegDecoder, default_extract_layers
 from vlprompt.seg.metrics import SegmentationScores, binary_scores
 
-__all__ = ["SegmentationScores", "binary_scores"]
+__all__ = ["CLIPSegDecoder", "DiceBCELoss", "SegmentationScores", "binary_scores", "default_extract_layers"]
+
+
+def __getattr__(name: str):
+    if name == "DiceBCELoss":  # imports MONAI, only when asked for
+        from vlprompt.seg.losses import DiceBCELoss
+
+        return DiceBCELoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
