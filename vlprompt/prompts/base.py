@@ -98,9 +98,19 @@ class PromptLearner(nn.Module):
         return len(self.classnames)
 
     # -- encoding ------------------------------------------------------------------------------
+    def image_prompts(self) -> tuple[list[torch.Tensor] | None, str]:
+        """The visual prompts this learner puts into the image tower and where (``after_cls`` or
+        ``after_patches``); ``(None, "after_cls")`` for learners that leave images alone. The one
+        place a learner states its visual prompts: :meth:`encode_images` and the intermediate
+        layers a segmentation decoder reads both use it."""
+        return None, "after_cls"
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Image features for this prompt (plain encoder unless the learner prompts images)."""
-        return self.backbone.encode_image(images)
+        prompts, placement = self.image_prompts()
+        if prompts is None:
+            return self.backbone.encode_image(images)
+        return self.backbone.encode_image(images, prompts, placement)
 
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Class text features ``[C, D]`` (or ``[B, C, D]`` if :attr:`image_conditioned`)."""

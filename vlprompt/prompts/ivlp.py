@@ -78,7 +78,7 @@ class IVLPPromptLearner(CoOpPromptLearner):
     def deep_text_prompts(self) -> list[torch.Tensor]:
         return list(self.text_prompts) if hasattr(self, "text_prompts") else []
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def image_prompts(self) -> tuple[list[torch.Tensor] | None, str]:
         if not hasattr(self, "vision_prompts"):
-            return self.backbone.encode_image(images)
-        return self.backbone.encode_image(images, list(self.vision_prompts), self.placement)
+            return None, self.placement
+        return list(self.vision_prompts), self.placement

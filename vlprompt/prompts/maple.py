@@ -78,8 +78,8 @@ class MaPLePromptLearner(CoOpPromptLearner):
         deep = [f(p) for f, p in zip(getattr(self, "compound_prompt_projections", []), self.deep_text_prompts())]
         return [self.proj(self.ctx), *deep]
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image(images, self.visual_prompts(), self.placement)
+    def image_prompts(self) -> tuple[list[torch.Tensor], str]:
+        return self.visual_prompts(), self.placement
 
     def load_dassl_checkpoint(self, path: str | Path) -> None:
         """Load every prompt tensor from a checkpoint of the MaPLe reference code."""

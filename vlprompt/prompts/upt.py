@@ -75,5 +75,5 @@ class UPTPromptLearner(CoOpPromptLearner):
         unified = self.unified_prompts()
         return self.encode_prompts(unified[0], list(unified[1:]))
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image(images, list(self.vision_proj(self.unified_prompts())), self.placement)
+    def image_prompts(self) -> tuple[list[torch.Tensor], str]:
+        return list(self.vision_proj(self.unified_prompts())), self.placement

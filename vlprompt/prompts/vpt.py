@@ -75,8 +75,8 @@ class VPTPromptLearner(PromptLearner):
         if not hasattr(self, "head"):
             self.head = nn.Linear(self.backbone.embed_dim, len(classnames))
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.encode_image(images, list(self.prompts), self.placement)
+    def image_prompts(self) -> tuple[list[torch.Tensor], str]:
+        return list(self.prompts), self.placement
 
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.zero_shot.text_features() if self.zero_shot is not None else None
