@@ -17,6 +17,7 @@ _EXPORTS = {
     "warmup_cosine": "module",
     "PromptModule": "module",
     "MultiTaskPromptClassifier": "multitask",
+    "PromptSegmenter": "segmentation",
     "task_scores": "multitask",
     "ImageFeatureCache": "features",
     "ClassCounts": "metrics",
@@ -40,6 +41,7 @@ __all__ = [
     "MultiTaskPromptClassifier",
     "PromptClassifier",
     "PromptModule",
+    "PromptSegmenter",
     "RandomStateCheckpoint",
     "TestTimePromptTuning",
     "UnreadableImages",
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from vlprompt.methods.classifier import PromptClassifier
     from vlprompt.methods.module import PromptModule, warmup_cosine
     from vlprompt.methods.multitask import MultiTaskPromptClassifier, task_scores
+    from vlprompt.methods.segmentation import PromptSegmenter
     from vlprompt.methods.features import ImageFeatureCache
     from vlprompt.methods.metrics import ClassCounts, UnreadableImages
     from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights

@@ -204,8 +204,12 @@ class PromptModule(pl.LightningModule):
         self._log_unreadable("train")
 
     # -- optimisation ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimiser updates: the prompt's learnable tensors (a head too, in subclasses)."""
+        return [p for p in self.prompt_learner.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        params = [p for p in self.prompt_learner.parameters() if p.requires_grad]
+        params = self.trainable_parameters()
         if not params:
             raise ValueError(f"the {self.prompt_learner.name} prompt has no learnable parameters; nothing to fit")
         optimizer = self.optimizer_factory(params)

@@ -1,0 +1,98 @@
+"""PromptSegmenter: prompts reach the towers, gradients reach only what is trained, training
+lowers the loss, checkpoints and decoder weights hold the learned tensors only."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from test_prompt_contract import TINY_KWARGS
+from vlprompt.data import ShapeWorldSegmentationDataModule
+from vlprompt.methods import PromptSegmenter
+from vlprompt.methods.segmentation import load_decoder_weights, save_decoder_weights
+from vlprompt.prompts import PROMPT_LEARNERS
+
+pytest.importorskip("monai")
+
+PROMPTS = ["red star", "blue circle", "red star"]
+
+
+def learner(name):
+    return functools.partial(PROMPT_LEARNERS[name], **TINY_KWARGS.get(name, {}))
+
+
+def images(n=3, seed=0):
+    """Random images, the third a copy of the first (it is paired with the same prompt)."""
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    x[2] = x[0]
+    return x
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop", "vpt", "maple", "upt", "ivlp"])
+def test_a_prompt_change_changes_the_masks_and_only_prompts_get_gradients(name, backbone):
+    torch.manual_seed(0)
+    # Reading the last block too, so every deep visual prompt is used (blocks after the deepest
+    # layer read are not run, and their prompts get no gradient: CLIPSeg's depth limit).
+    model = PromptSegmenter(backbone, learner(name), extract_layers=[0, 2], reduce_dim=16, n_heads=2)
+    before = model(images(), PROMPTS)
+    assert before.shape == (3, 1, 32, 32)
+    assert torch.allclose(before[0], before[2]) and not torch.allclose(before[0], before[1])  # same image and prompt
+    with torch.no_grad():
+        for p in model.prompt_learner.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = model(images(), PROMPTS)
+    assert not torch.allclose(before, after)
+    after.sum().backward()
+    learned = [p for p in model.prompt_learner.parameters() if p.requires_grad]
+    assert learned and all(p.grad is not None for p in learned)
+    assert all(p.grad is None for p in model.decoder.parameters()) and all(p.grad is None for p in backbone.parameters())
+
+
+def test_zero_shot_is_the_plain_model_and_a_trained_decoder_joins_the_gradients(backbone):
+    torch.manual_seed(0)
+    model = PromptSegmenter(backbone, reduce_dim=16, n_heads=2, train_decoder=True)
+    layers = backbone.encode_image_layers(images(), model.decoder.extract_layers)
+    plain = model.decoder(layers, backbone.encode_text(PROMPTS), backbone.vision_prefix_tokens, (32, 32))
+    assert torch.allclose(model(images(), PROMPTS), plain, atol=1e-6)  # "{}": the prompt text as it is
+    model(images(), PROMPTS).sum().backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.decoder.parameters()}
+    with pytest.raises(ValueError, match="empty segmentation prompt"):
+        model(images(), ["red star", " ", "x"])
+    with pytest.raises(ValueError, match="nothing to fit"):
+        PromptSegmenter(backbone, reduce_dim=16, n_heads=2).configure_optimizers()
+
+
+def test_decoder_weights_round_trip_and_refuse_another_layout(backbone, tmp_path):
+    torch.manual_seed(0)
+    model = PromptSegmenter(backbone, reduce_dim=16, n_heads=2, train_decoder=True)
+    path = save_decoder_weights(model.decoder, tmp_path / "decoder.safetensors")
+    again = PromptSegmenter(backbone, learner("coop"), reduce_dim=16, n_heads=2, decoder_weights=str(path))
+    assert all(torch.equal(a, b) for a, b in zip(model.decoder.state_dict().values(), again.decoder.state_dict().values()))
+    with pytest.raises(ValueError, match="trained reading layers"):
+        PromptSegmenter(backbone, reduce_dim=16, n_heads=2, extract_layers=[0, 2], decoder_weights=str(path))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_decoder_weights(PromptSegmenter(backbone, reduce_dim=8, n_heads=2, train_decoder=True).decoder, path)
+
+
+def test_fit_lowers_the_loss_and_the_checkpoint_holds_no_encoder(backbone, tmp_path):
+    pl.seed_everything(0)
+    dm = ShapeWorldSegmentationDataModule(str(tmp_path / "seg"), domain="clean", batch_size=16, eval_batch_size=64,
+                                          num_workers=0, augment=False)
+    model = PromptSegmenter(backbone, learner("coop"), reduce_dim=16, n_heads=2, train_decoder=True,
+                            optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), lr_scheduler="constant")
+    trainer = lambda **kw: pl.Trainer(**{"accelerator": "cpu", "logger": False, "enable_progress_bar": False,  # noqa: E731
+                                         "enable_model_summary": False, "num_sanity_val_steps": 0,
+                                         "enable_checkpointing": False, "limit_val_batches": 0, **kw})
+    before = trainer().test(model, datamodule=dm, verbose=False)[0]
+    trainer(max_epochs=4, enable_checkpointing=True, default_root_dir=tmp_path).fit(model, datamodule=dm)
+    after = trainer().test(model, datamodule=dm, verbose=False)[0]
+    assert after["test/dice_dataset"] > before["test/dice_dataset"] + 0.1, (before, after)
+    assert set(model.test_results) == {"dice_per_image", "iou_per_image", "dice_dataset", "iou_dataset"}
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not any(k.startswith("backbone.") for k in state) and any(k.startswith("decoder.") for k in state)
+    assert "prompt_learner.ctx" in state

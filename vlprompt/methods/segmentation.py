@@ -1,0 +1,250 @@
+"""``PromptSegmenter``: text-prompted segmentation by prompt tuning a frozen vision-language model
+(TuneVLSeg: Adhikari et al., "TuneVLSeg: Prompt Tuning Benchmark for Vision-Language Segmentation
+Models", ACCV 2024), generic over prompt learners.
+
+Every prompt learner of vlprompt works: textual ones (CoOp, CoCoOp, KgCoOp) shape the text feature
+that conditions the decoder, visual ones (VPT, shallow or deep) shape the image tower's tokens the
+decoder reads, multimodal ones (IVLP, MaPLe, UPT, PromptSRC) both. The decoder is a
+:class:`~vlprompt.seg.CLIPSegDecoder` over the backbone's intermediate layers; it is frozen
+(``train_decoder=False``, the VLSM's own head, loaded from ``decoder_weights``) or trained with the
+prompt, and when trained its parameters take part in every output whatever the prompt strategy.
+
+Each image comes with its own prompt text. At every step the learner is pointed at the batch's
+distinct prompts (as it would be at class names), and each image is conditioned on its prompt's
+feature. Loss: Dice + 0.2 BCE (MONAI, as TuneVLSeg); metrics: Dice and IoU per image and
+dataset-wide (:class:`~vlprompt.seg.SegmentationScores`), at the network's resolution. A learner's
+own classification regulariser (KgCoOp, PromptSRC) is not used here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.optim import Optimizer
+
+from vlprompt.backbones import Backbone
+from vlprompt.data.classnames import normalize_classname
+from vlprompt.methods.module import SPLIT_OF_STAGE, OptimizerFactory, PromptModule
+from vlprompt.prompts import PromptLearnerFactory
+from vlprompt.seg.decoder import CLIPSegDecoder
+from vlprompt.seg.metrics import SegmentationScores
+
+__all__ = ["PromptSegmenter", "load_decoder_weights", "save_decoder_weights"]
+
+log = logging.getLogger(__name__)
+
+
+def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
+    # TuneVLSeg's optimiser.
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+def save_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> Path:
+    """Save a decoder's weights (safetensors) with its layout in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+    save_file(state, str(path), metadata={"extract_layers": ",".join(map(str, decoder.extract_layers))})
+    return path
+
+
+def load_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> None:
+    """Load weights saved by :func:`save_decoder_weights` (no pickle), refusing another layout."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"decoder weights {path} not found")
+    with safe_open(str(path), "pt") as f:
+        layers = (f.metadata() or {}).get("extract_layers")
+    if layers is not None and [int(x) for x in layers.split(",")] != decoder.extract_layers:
+        raise ValueError(f"{path} was trained reading layers {layers}, this decoder reads {decoder.extract_layers}")
+    state = load_file(str(path))
+    own = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state.items()}
+    if own != saved:
+        differ = sorted(k for k in set(own) | set(saved) if own.get(k) != saved.get(k))
+        raise ValueError(f"{path} does not fit this decoder (other backbone or settings): {differ[:6]}")
+    decoder.load_state_dict(state)
+
+
+class PromptSegmenter(PromptModule):
+    """Segment each image where its text prompt says (see the module docstring).
+
+    Args:
+        backbone: the frozen encoder (a ViT image tower).
+        prompt_learner: factory ``(backbone, names) -> PromptLearner``; zero-shot (the prompt text
+            as it is, ``templates="{}"``) when None.
+        extract_layers: image-tower blocks the decoder reads (default: a quarter, half and three
+            quarters down, CLIPSeg's 3/6/9 of 12).
+        reduce_dim, n_heads: the decoder's width and attention heads.
+        decoder_weights: a trained decoder (safetensors, :func:`save_decoder_weights`).
+        train_decoder: train the decoder with the prompt (else it stays as loaded).
+        lambda_dice, lambda_bce: loss weights (1 and 0.2 as TuneVLSeg).
+        optimizer: factory over the trainable parameters (AdamW, lr 1e-3, weight decay 1e-4).
+        Other arguments as for :class:`~vlprompt.methods.module.PromptModule`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        prompt_learner: PromptLearnerFactory | None = None,
+        *,
+        extract_layers: list[int] | None = None,
+        reduce_dim: int = 64,
+        n_heads: int = 4,
+        decoder_weights: str | None = None,
+        train_decoder: bool = False,
+        lambda_dice: float = 1.0,
+        lambda_bce: float = 0.2,
+        optimizer: OptimizerFactory = _adamw,
+        lr_scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_epochs: int = 0,
+        warmup_lr: float = 1e-5,
+        init_prompt: str | None = None,
+    ) -> None:
+        if prompt_learner is None:
+            from functools import partial
+
+            from vlprompt.prompts import ZeroShotPrompt
+
+            prompt_learner = partial(ZeroShotPrompt, templates="{}")
+        super().__init__(backbone, prompt_learner, ["object"], optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=False,
+                         init_prompt=init_prompt)
+        self.save_hyperparameters(ignore=list(self._not_hyperparameters))
+        self.decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=reduce_dim, n_heads=n_heads)
+        if decoder_weights:
+            load_decoder_weights(self.decoder, decoder_weights)
+        elif not train_decoder:
+            log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")
+        self.train_decoder = train_decoder
+        self.decoder.requires_grad_(train_decoder)
+        from vlprompt.seg.losses import DiceBCELoss
+
+        self.loss = DiceBCELoss(lambda_dice, lambda_bce)
+        self.val_scores, self.test_scores = SegmentationScores(), SegmentationScores()
+        #: Dice and IoU of the last test (per image and dataset-wide).
+        self.test_results: dict[str, float] = {}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = super().trainable_parameters()
+        return params + (list(self.decoder.parameters()) if self.train_decoder else [])
+
+    def configure_optimizers(self):
+        if not self.trainable_parameters():
+            raise ValueError(f"nothing to fit: the {self.prompt_learner.name} prompt has no learnable parameters "
+                             "and the decoder is frozen (train_decoder=False)")
+        return super().configure_optimizers()
+
+    # -- forward -------------------------------------------------------------------------------
+    def text_conditions(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
+        """The conditioning feature of each image's prompt ``[B, embed_dim]``, through the learner."""
+        distinct = list(dict.fromkeys(prompts))
+        if any(not normalize_classname(p) for p in distinct):
+            raise ValueError(f"empty segmentation prompt in {list(prompts)[:8]}")
+        learner = self.prompt_learner
+        if learner.classnames != [normalize_classname(p) for p in distinct]:
+            learner.set_classnames(distinct)
+            learner.to(images.device)  # new token buffers are made on the CPU
+        index = torch.tensor([distinct.index(p) for p in prompts], device=images.device)
+        if learner.image_conditioned:  # CoCoOp: one classifier per image
+            features = learner.text_features(learner.encode_images(images))
+            return features[torch.arange(len(prompts), device=images.device), index]
+        features = learner.text_features()
+        if features is None:
+            raise ValueError(f"the {learner.name} prompt gives no text features (a learned linear head?); "
+                             "segmentation conditions on text")
+        return features[index]
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Mask logits ``[B, 1, H, W]`` of ``images`` for ``prompts`` (one per image)."""
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        visual, placement = self.prompt_learner.image_prompts()
+        layers = self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
+        cond = self.text_conditions(prompts, images)
+        return self.decoder(layers, cond, self.backbone.vision_prefix_tokens, tuple(images.shape[-2:]))
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _batch_logits(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        self._count_unreadable(batch, stage)
+        if batch["image"] is None:
+            return None
+        return self(batch["image"], batch["prompt"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        logits = self._batch_logits(batch, "train")
+        if logits is None:
+            return None
+        loss = self.loss(logits, batch["mask"], batch.get("ignore"))
+        self._check_finite(loss)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, scores: SegmentationScores) -> None:
+        logits = self._batch_logits(batch, stage)
+        if logits is not None:
+            if stage == "val":
+                self.log("val/loss", self.loss(logits, batch["mask"], batch.get("ignore")), batch_size=len(logits),
+                         sync_dist=True)
+            scores.update(logits > 0, batch["mask"] > 0.5, batch.get("ignore"))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val", self.val_scores)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test", self.test_scores)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]] | None:
+        """Each image's mask probability at its original size, with its path and prompt."""
+        logits = self._batch_logits(batch, "predict")
+        if logits is None:
+            return None
+        out = []
+        for i, prob in enumerate(logits.sigmoid()):
+            size = tuple(batch["orig_size"][i]) if "orig_size" in batch else tuple(prob.shape[-2:])
+            prob = F.interpolate(prob[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            out.append({"image": batch.get("image_path", [None] * len(logits))[i], "prompt": batch["prompt"][i],
+                        "probability": prob.cpu()})
+        return out
+
+    def _log_scores(self, stage: str, scores: SegmentationScores) -> dict[str, float]:
+        values = {k: float(v) for k, v in scores.compute().items()}
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=stage == "val" and name == "dice_per_image", sync_dist=True)
+        scores.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.val_scores.reset()
+            return
+        self._log_scores("val", self.val_scores)
+        self._log_unreadable("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_scores("test", self.test_scores)
+        self._log_unreadable("test")
+
+    # -- the data module: image-text-mask data, no class names to follow -------------------------------
+    def _data(self) -> Any:
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def setup(self, stage: str) -> None:
+        dm = self._data()
+        if dm is not None and hasattr(dm, "set_preprocess"):
+            dm.set_preprocess(self.backbone.preprocess_cfg)
+
+    def _fingerprint(self, stage: str) -> str:
+        dm = self._data()
+        dataset = dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None and hasattr(dm, "dataset") else None
+        return getattr(dataset, "fingerprint", stage)
