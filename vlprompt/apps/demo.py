@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
         "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel; "
         "shapeworld_transfer: source domain to held-out classes and other domains; "
         "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split; shapeworld_multitask: "
-        "MVLPT, a prompt from three source tasks used on held-out target tasks)",
+        "MVLPT, a prompt from three source tasks used on held-out target tasks; seg/shapeworld_demo: "
+        "referring segmentation, zero-shot vs text, visual and multimodal prompts)",
     )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
     parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
@@ -51,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the embedded model is missing; build it with `python tools/build_embedded_model.py`")
     config = Path(args.config)
     if not config.is_file():
-        config = bundled_dir("configs") / "eval" / f"{args.config.removesuffix('.yaml')}.yaml"
+        config = bundled_dir("configs") / ("" if "/" in args.config else "eval") / f"{args.config.removesuffix('.yaml')}.yaml"
         if not config.is_file():
-            known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml"))
+            known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml")) + ["seg/shapeworld_demo"]
             raise SystemExit(f"--config {args.config!r}: no such file, and not a shipped config ({', '.join(known)})")
     output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
     raw = yaml.safe_load(config.read_text()) or {}
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         return _tta_demo(raw["tta"], args, output_dir, config.resolve().parent)
     if "targets" in raw:
         return _multitask_demo(config, args, parser, output_dir)
+    if "segmentation" in raw:
+        return _segmentation_demo(config, args, output_dir)
     cfg = load_eval_config(config)
     if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
@@ -113,3 +116,21 @@ def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.Arg
     started = time.perf_counter()
     results = run_multitask_eval(cfg, output_dir)
     log.info("%s\nTables: %s", format_summary(results, cfg, time.perf_counter() - started), output_dir / "summary.md")
+
+
+def _segmentation_demo(config: Path, args: argparse.Namespace, output_dir: Path) -> None:
+    from vlprompt.apps.segmentation import SegmentationEvalConfig, format_table, run_segmentation_eval
+
+    cfg = SegmentationEvalConfig.read(config)
+    if args.methods:
+        cfg.methods = {m: cfg.methods[m] for m in args.methods if m in cfg.methods}
+    if args.max_epochs:
+        for spec in cfg.methods.values():
+            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
+    if args.data_root:
+        cfg.data.setdefault("init_args", {})["root"] = args.data_root
+    started = time.perf_counter()
+    rows = run_segmentation_eval(cfg, output_dir)
+    log.info("Referring segmentation, ShapeWorld %s test split, embedded tiny CLIP + its CLIPSeg-style head (%.0f s):"
+             "\n%s\nOverlays: %s", cfg.data.get("init_args", {}).get("domain", ""), time.perf_counter() - started,
+             format_table(rows), output_dir / "overlays.png")

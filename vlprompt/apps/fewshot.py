@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import logging
 import time
 import warnings
@@ -146,14 +147,18 @@ class MethodRecipe(Recipe):
         super().__init__(configs, model, trainer)
 
     def add_model_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_class_arguments(self.module, "model", skip={"backbone", "classnames"}, instantiate=False,
-                                   sub_configs=True)
+        skip = {"backbone", "classnames"} & set(inspect.signature(self.module).parameters)
+        parser.add_class_arguments(self.module, "model", skip=skip, instantiate=False, sub_configs=True)
 
-    def build(self, backbone: Backbone, classnames: Sequence[str], **model_args: Any) -> tuple[PromptModule, dict[str, Any]]:
-        """A fresh model (``model_args`` override the recipe's) and the trainer arguments the method
-        sets (fresh callback instances)."""
+    def build(self, backbone: Backbone, classnames: Sequence[str] | None = None,
+              **model_args: Any) -> tuple[PromptModule, dict[str, Any]]:
+        """A fresh model (``model_args`` override the recipe's; no class names for modules that take
+        none, such as :class:`~vlprompt.methods.PromptSegmenter`) and the trainer arguments the
+        method sets (fresh callback instances)."""
         built = self.instantiate()
-        model = self.module(backbone, classnames=list(classnames), **{**dict(vars(built.model)), **model_args})
+        if classnames is not None:
+            model_args = {"classnames": list(classnames), **model_args}
+        model = self.module(backbone, **{**dict(vars(built.model)), **model_args})
         return model, self.trainer_args(built)
 
 

@@ -158,7 +158,7 @@ class TaskRunner:
 
     def fit(self, recipe: MethodRecipe, dm: pl.LightningDataModule, seed: int, **model_args: Any) -> PromptModule:
         pl.seed_everything(seed, workers=True, verbose=False)
-        model, trainer_args = recipe.build(self.backbone, dm.classnames, **model_args)
+        model, trainer_args = recipe.build(self.backbone, getattr(dm, "classnames", None), **model_args)
         self.trainer(**{"max_epochs": 20, **trainer_args, "limit_val_batches": 0}).fit(model, datamodule=dm)
         return model
 

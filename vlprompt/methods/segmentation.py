@@ -86,7 +86,8 @@ class PromptSegmenter(PromptModule):
         extract_layers: image-tower blocks the decoder reads (default: a quarter, half and three
             quarters down, CLIPSeg's 3/6/9 of 12).
         reduce_dim, n_heads: the decoder's width and attention heads.
-        decoder_weights: a trained decoder (safetensors, :func:`save_decoder_weights`).
+        decoder_weights: a trained decoder (safetensors, :func:`save_decoder_weights`), or
+            ``zoo:NAME`` for the head shipped with an embedded model.
         train_decoder: train the decoder with the prompt (else it stays as loaded).
         lambda_dice, lambda_bce: loss weights (1 and 0.2 as TuneVLSeg).
         optimizer: factory over the trainable parameters (AdamW, lr 1e-3, weight decay 1e-4).
@@ -123,6 +124,10 @@ class PromptSegmenter(PromptModule):
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=reduce_dim, n_heads=n_heads)
         if decoder_weights:
+            if decoder_weights.startswith("zoo:"):
+                from vlprompt.zoo import decoder_weights_path
+
+                decoder_weights = str(decoder_weights_path(decoder_weights))
             load_decoder_weights(self.decoder, decoder_weights)
         elif not train_decoder:
             log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ZOO_DIR", "available_models", "diffusion_model_dir", "model_dir", "resolve_model_name"]
+__all__ = [
+    "DECODER_BUILD_FILE",
+    "DECODER_FILE",
+    "ZOO_DIR",
+    "available_models",
+    "decoder_weights_path",
+    "diffusion_model_dir",
+    "model_dir",
+    "resolve_model_name",
+]
 
 ZOO_DIR = Path(__file__).resolve().parent
 _PREFIX = "zoo:"
+#: A CLIP model's segmentation head (``tools/build_embedded_vlsm.py``), next to its weights.
+DECODER_FILE = "clipseg_decoder.safetensors"
+DECODER_BUILD_FILE = "CLIPSEG_BUILD.json"
 
 
 def available_models() -> list[str]:
@@ -51,4 +63,13 @@ def diffusion_model_dir(name: str) -> Path:
             f"No embedded diffusion model {name!r} in {ZOO_DIR}. Available: {found or 'none'}. "
             "Build it with `python tools/build_diffusion_model.py`."
         )
+    return path
+
+
+def decoder_weights_path(name: str) -> Path:
+    """The segmentation head trained for the embedded CLIP model ``name`` (``zoo:`` prefix optional)."""
+    path = model_dir(name) / DECODER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} has no segmentation head ({path}); build it with "
+                                "`python tools/build_embedded_vlsm.py`")
     return path
