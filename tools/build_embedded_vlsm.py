@@ -101,11 +101,13 @@ def main() -> None:
     if args.check:
         expected = json.loads((args.out / DECODER_BUILD_FILE).read_text())["weights_sha256"]
         with tempfile.TemporaryDirectory() as tmp:
-            got = build(Path(tmp), argparse.Namespace(**{**vars(args), "check": False, "out": Path(tmp)}))
+            got = build(Path(tmp), argparse.Namespace(**{**vars(args), "check": False, "out": tmp}))
         same = got["weights_sha256"] == expected
         log.info("rebuilt weights %s the shipped ones", "match" if same else "DIFFER from")
         raise SystemExit(0 if same else 1)
-    build(args.out, argparse.Namespace(**{**vars(args), "out": str(args.out)}))
+    out = Path(args.out).resolve()
+    shown = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
+    build(out, argparse.Namespace(**{**vars(args), "out": shown}))
 
 
 if __name__ == "__main__":
