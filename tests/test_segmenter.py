@@ -76,6 +76,8 @@ def test_decoder_weights_round_trip_and_refuse_another_layout(backbone, tmp_path
         PromptSegmenter(backbone, reduce_dim=16, n_heads=2, extract_layers=[0, 2], decoder_weights=str(path))
     with pytest.raises(ValueError, match="does not fit"):
         load_decoder_weights(PromptSegmenter(backbone, reduce_dim=8, n_heads=2, train_decoder=True).decoder, path)
+    # A decoder loaded from a file takes the width and heads it was built with.
+    assert PromptSegmenter(backbone, decoder_weights=str(path)).decoder.film_mul.out_features == 16
 
 
 def test_fit_lowers_the_loss_and_the_checkpoint_holds_no_encoder(backbone, tmp_path):

@@ -33,6 +33,7 @@ COMMANDS = {
     "predict": "run the model's predict step over a data module",
     "classify": "classify images (a folder or files) with a saved prompt; writes predictions.csv/json",
     "tta": "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
+    "segment": "segment a folder of images with text prompts; writes mask PNGs, overlays and segments.csv",
     "eval-fewshot": "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
     "eval-multitask": "multitask prompt tuning (MVLPT): a source prompt from several tasks, used on target tasks",
     "transferability": "which tasks help each other: task x task transfer matrix, heat map and task groups",
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             from vlprompt.apps.fewshot import main as run
         elif command == "eval-multitask":
             from vlprompt.apps.multitask import main as run
+        elif command == "segment":
+            from vlprompt.apps.segment import main as run
         elif command == "transferability":
             from vlprompt.apps.transferability import main as run
         else:

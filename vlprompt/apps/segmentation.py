@@ -36,7 +36,7 @@ from vlprompt.apps.fewshot import instantiate, method_recipe, prepare_output_dir
 from vlprompt.apps.multitask import TaskRunner
 from vlprompt.methods import PromptSegmenter
 
-__all__ = ["SegmentationEvalConfig", "format_table", "run_segmentation_eval"]
+__all__ = ["SegmentationEvalConfig", "format_table", "overlay_mask", "run_segmentation_eval", "save_overlays"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+def overlay_mask(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """``image`` (``[H, W, 3]`` uint8) with the pixels of ``mask`` tinted ``colour``."""
     out = image.astype(np.float32).copy()
     out[mask] = 0.45 * out[mask] + 0.55 * np.asarray(colour, np.float32)
     return out.astype(np.uint8)
@@ -101,12 +102,12 @@ def save_overlays(models: dict[str, PromptSegmenter], dm: Any, count: int, path:
         image = np.asarray(Image.open(sample.image).convert("RGB"))
         truth = item["mask"][0].numpy() > 0.5
         truth = np.asarray(Image.fromarray(truth).resize(image.shape[1::-1], Image.NEAREST))
-        panels = [("image", image), ("ground truth", _overlay(image, truth, (0, 200, 0)))]
+        panels = [("image", image), ("ground truth", overlay_mask(image, truth, (0, 200, 0)))]
         for name, model in models.items():
             with torch.no_grad():
                 logits = model(item["image"][None].to(model.device), [item["prompt"]])
             pred = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear")[0, 0] > 0
-            panels.append((name, _overlay(image, pred.cpu().numpy(), (230, 40, 40))))
+            panels.append((name, overlay_mask(image, pred.cpu().numpy(), (230, 40, 40))))
         for ax, (title, picture) in zip(row, panels):
             ax.imshow(picture)
             ax.set_title(title if title != "image" else f'"{item["prompt"]}"', fontsize=8)

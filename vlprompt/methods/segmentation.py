@@ -34,7 +34,7 @@ from vlprompt.prompts import PromptLearnerFactory
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.metrics import SegmentationScores
 
-__all__ = ["PromptSegmenter", "load_decoder_weights", "save_decoder_weights"]
+__all__ = ["PromptSegmenter", "decoder_layout", "load_decoder_weights", "save_decoder_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +51,35 @@ def save_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    save_file(state, str(path), metadata={"extract_layers": ",".join(map(str, decoder.extract_layers))})
+    save_file(state, str(path), metadata={"extract_layers": ",".join(map(str, decoder.extract_layers)),
+                                          "reduce_dim": str(decoder.film_mul.out_features),
+                                          "n_heads": str(decoder.blocks[0].self_attn.num_heads)})
     return path
 
 
-def load_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> None:
-    """Load weights saved by :func:`save_decoder_weights` (no pickle), refusing another layout."""
+def decoder_layout(path: str | Path) -> dict[str, Any]:
+    """The layout a saved decoder was built with (``extract_layers``, ``reduce_dim``, ``n_heads``;
+    what the file records)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"decoder weights {path} not found")
     with safe_open(str(path), "pt") as f:
-        layers = (f.metadata() or {}).get("extract_layers")
-    if layers is not None and [int(x) for x in layers.split(",")] != decoder.extract_layers:
+        meta = f.metadata() or {}
+    layout: dict[str, Any] = {}
+    if "extract_layers" in meta:
+        layout["extract_layers"] = [int(x) for x in meta["extract_layers"].split(",")]
+    layout.update({k: int(meta[k]) for k in ("reduce_dim", "n_heads") if k in meta})
+    return layout
+
+
+def load_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> None:
+    """Load weights saved by :func:`save_decoder_weights` (no pickle), refusing another layout."""
+    from safetensors.torch import load_file
+
+    layers = decoder_layout(path).get("extract_layers")
+    if layers is not None and layers != decoder.extract_layers:
         raise ValueError(f"{path} was trained reading layers {layers}, this decoder reads {decoder.extract_layers}")
     state = load_file(str(path))
     own = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
@@ -87,7 +101,8 @@ class PromptSegmenter(PromptModule):
             quarters down, CLIPSeg's 3/6/9 of 12).
         reduce_dim, n_heads: the decoder's width and attention heads.
         decoder_weights: a trained decoder (safetensors, :func:`save_decoder_weights`), or
-            ``zoo:NAME`` for the head shipped with an embedded model.
+            ``zoo:NAME`` for the head shipped with an embedded model. Its recorded width and heads
+            are used (``reduce_dim``/``n_heads`` are for a new decoder).
         train_decoder: train the decoder with the prompt (else it stays as loaded).
         lambda_dice, lambda_bce: loss weights (1 and 0.2 as TuneVLSeg).
         optimizer: factory over the trainable parameters (AdamW, lr 1e-3, weight decay 1e-4).
@@ -122,12 +137,14 @@ class PromptSegmenter(PromptModule):
                          warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=False,
                          init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
-        self.decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=reduce_dim, n_heads=n_heads)
-        if decoder_weights:
-            if decoder_weights.startswith("zoo:"):
-                from vlprompt.zoo import decoder_weights_path
+        if decoder_weights and decoder_weights.startswith("zoo:"):
+            from vlprompt.zoo import decoder_weights_path
 
-                decoder_weights = str(decoder_weights_path(decoder_weights))
+            decoder_weights = str(decoder_weights_path(decoder_weights))
+        layout = decoder_layout(decoder_weights) if decoder_weights else {}
+        self.decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
+                                                   n_heads=layout.get("n_heads", n_heads))
+        if decoder_weights:
             load_decoder_weights(self.decoder, decoder_weights)
         elif not train_decoder:
             log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")
