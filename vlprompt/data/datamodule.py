@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
 from vlprompt.data.images import (
     ImageDataset,
     OnError,
+    SplitLoaders,
     build_eval_transform,
     build_train_transform,
-    collate_skipping,
-    eval_sampler,
 )
 from vlprompt.data.sources import SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
 
@@ -39,7 +37,7 @@ DEFAULT_PREPROCESS: dict[str, Any] = {
 }
 
 
-class FewShotDataModule(pl.LightningDataModule):
+class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
     """Few-shot classification data in the CoOp protocol.
 
     The training set holds ``shots`` images per class drawn with ``seed`` (saved as JSON and
@@ -262,35 +260,6 @@ class FewShotDataModule(pl.LightningDataModule):
             transform, key = self._transform(split)
             self.datasets[split] = ImageDataset(samples, transform, on_error=self.on_error, transform_key=key)
             log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
-        sampler = None if train else eval_sampler(self.datasets[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.datasets:
-            self.setup("validate")
-        return self._loader("val") if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 def _carve_validation(drawn: list) -> dict[str, list]:

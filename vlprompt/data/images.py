@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.transforms import v2 as T
 
 from vlprompt.data.sources import Sample
@@ -20,6 +20,7 @@ __all__ = [
     "EvalDistributedSampler",
     "ImageDataset",
     "OnError",
+    "SplitLoaders",
     "build_eval_transform",
     "build_train_transform",
     "collate_skipping",
@@ -199,3 +200,41 @@ def eval_sampler(dataset: Dataset) -> EvalDistributedSampler | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return EvalDistributedSampler(dataset)
     return None
+
+
+class SplitLoaders:
+    """The loaders of a data module whose set-up fills ``self.datasets`` (split -> dataset):
+    shuffled training batches, evaluation split over processes without padding
+    (:class:`EvalDistributedSampler`), ``predict`` on the test split, an absent validation split
+    skipped. Needs ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``setup``; subclasses
+    set :attr:`collate_fn`."""
+
+    collate_fn: Callable = staticmethod(collate_skipping)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            sampler=None if train else eval_sampler(dataset),
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets:
+            self.setup("validate")
+        return self._loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -52,11 +52,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
-from vlprompt.data.images import OnError, UnreadableImageError, eval_sampler, load_rgb
+from vlprompt.data.images import OnError, SplitLoaders, UnreadableImageError, load_rgb
 from vlprompt.data.sources import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -481,7 +481,7 @@ def collate_segmentation(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- data module -------------------------------------------------------------------------------------
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     """Train/val/test/predict loaders of image-text-mask data (TuneVLSeg's task).
 
     Reads ``root`` in ``format`` ``tunevlseg`` (:func:`read_tunevlseg`) or ``voc``
@@ -504,6 +504,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         on_error: ``skip`` unreadable images (logged and counted in ``batch["skipped"]``) or ``raise``.
         seed: see :class:`SegmentationDataset` (None: Lightning's seeding governs the draws).
     """
+
+    collate_fn = staticmethod(collate_segmentation)
 
     def __init__(
         self,
@@ -597,30 +599,3 @@ class SegmentationDataModule(pl.LightningDataModule):
                 hflip=self.hflip, on_error=self.on_error, seed=self.seed, **self._preprocess_args())
             log.info("%s: %d samples", split, len(samples))
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
-        dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=None if train else eval_sampler(dataset),
-            num_workers=self.num_workers,
-            collate_fn=collate_segmentation,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.datasets:
-            self.setup("validate")
-        return self._loader("val") if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
