@@ -37,7 +37,7 @@ COMMANDS = {
     "eval-fewshot": "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
     "eval-multitask": "multitask prompt tuning (MVLPT): a source prompt from several tasks, used on target tasks",
     "transferability": "which tasks help each other: task x task transfer matrix, heat map and task groups",
-    "demo": "the offline demo on the embedded default (configs/eval/shapeworld_*.yaml)",
+    "demo": "the offline demos on the embedded default (configs/eval/shapeworld_*.yaml, configs/seg/)",
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
 #: where vlprompt's own code lives: an error raised here carries the project's own message.
@@ -54,7 +54,8 @@ class CommandParser(argparse.ArgumentParser):
 
 def _overview() -> str:
     lines = ["usage: vlprompt <command> [options]   (vlprompt <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
