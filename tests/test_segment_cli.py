@@ -64,3 +64,21 @@ def test_a_prompt_from_another_backbone_is_refused(tmp_path, tiny_model_dir, hea
         main(["segment", "--images", str(tmp_path / "one.png"), "--text", "x", "--out", str(tmp_path / "o"),
               "--backbone", f"local-dir:{tiny_model_dir}", "--decoder", str(head), "--prompt", str(tmp_path / "prompt")])
     assert "different weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_and_test_run_segmentation_configs_and_segment_uses_the_saved_prompt(tmp_path):
+    from vlprompt.resources import bundled_dir
+
+    config = str(bundled_dir("configs") / "seg" / "shapeworld_coop.yaml")
+    data = ["--data.init_args.root", str(tmp_path / "seg"), "--trainer.logger", "false"]
+    main(["fit", "--config", config, *data, "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--model.init_args.train_decoder", "true", "--save_prompt", str(tmp_path / "prompt")])
+    assert (tmp_path / "prompt" / "config.json").is_file() and (tmp_path / "prompt" / "decoder.safetensors").is_file()
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    main(["test", "--config", config, *data, "--ckpt_path", str(last)])
+    images = sorted((tmp_path / "seg" / "images").glob("test_*.png"))[:2]
+    main(["segment", "--images", *map(str, images), "--text", "red star", "--prompt", str(tmp_path / "prompt"),
+          "--out", str(tmp_path / "out"), "--device", "cpu"])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "segments.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/segment", help="where masks/, overlays/ and segments.csv go")
     parser.add_argument("--backbone", default="zoo:shapeworld-clip-tiny", help="open_clip model name or zoo:NAME")
     parser.add_argument("--pretrained", default=None, help="the backbone's pretrained tag or checkpoint file")
-    parser.add_argument("--decoder", default="zoo:shapeworld-clip-tiny",
-                        help="the segmentation head: a safetensors file or zoo:NAME")
+    parser.add_argument("--decoder", default=None,
+                        help="the segmentation head: a safetensors file or zoo:NAME (default: the head saved with "
+                             "--prompt, else zoo:shapeworld-clip-tiny)")
     parser.add_argument("--prompt", default=None, help="a saved prompt tuned for segmentation (default: zero-shot)")
     parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
@@ -112,5 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     from vlprompt.apps.classify import _expand
 
     images = [Path(p) for p in _expand(args.images)]
-    segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=args.decoder,
+    decoder = args.decoder
+    if decoder is None:
+        saved = Path(args.prompt) / "decoder.safetensors" if args.prompt else None
+        decoder = str(saved) if saved is not None and saved.is_file() else "zoo:shapeworld-clip-tiny"
+    segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=decoder,
                    prompt=args.prompt, threshold=args.threshold, device=args.device, overwrite=args.overwrite)

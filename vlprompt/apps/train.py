@@ -9,7 +9,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from vlprompt.methods import PromptClassifier
+from vlprompt.methods import PromptClassifier, PromptModule
 from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["VLPromptCLI", "check_checkpoint_path", "run_lightning_cli"]
@@ -47,8 +47,12 @@ class VLPromptCLI(LightningCLI):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
+    #: Whether the model takes the data's class names (classifiers do, segmenters do not).
+    link_classnames: bool = True
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
+        if self.link_classnames:
+            parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument("--save_prompt", type=str | None, default=None,
@@ -78,7 +82,7 @@ class VLPromptCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
-        if not isinstance(self.model, PromptClassifier):
+        if not isinstance(self.model, PromptModule):
             return
         target = self._prompt_target()
         if self.trainer.interrupted:
@@ -99,6 +103,44 @@ class VLPromptCLI(LightningCLI):
             raise failed
 
 
+class SegmentationCLI(VLPromptCLI):
+    """The same commands over :class:`~vlprompt.methods.PromptSegmenter` (no class names). With
+    ``--ckpt_path`` the configs define the model and the checkpoint restores its tensors:
+    Lightning's re-parsing of the checkpoint's hyper-parameters would drop the backbone, which
+    (frozen, rebuilt from the config) is not among them."""
+
+    link_classnames = False
+
+    def _parse_ckpt_path(self) -> None:
+        return None
+
+
+def _model_class(argv: list[str]) -> str | None:
+    """The ``model: class_path`` a ``--config`` file names, if any (segmentation configs do)."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    found = None
+    for path in paths:
+        if Path(path).is_file():
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+            if isinstance(model, dict) and model.get("class_path"):
+                found = model["class_path"]
+    return found
+
+
 def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
-    """Run ``vlprompt fit|validate|test|predict`` with these arguments."""
-    return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
+    """Run ``vlprompt fit|validate|test|predict`` with these arguments: over
+    :class:`PromptClassifier`, or over :class:`~vlprompt.methods.PromptSegmenter` when a config
+    names it as ``model: class_path`` (``configs/seg/``)."""
+    class_path = _model_class(argv)
+    if class_path is None:
+        return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
+    if class_path.rpartition(".")[2] != "PromptSegmenter":
+        raise ValueError(f"model class_path {class_path!r}: vlprompt fit runs PromptClassifier (no class_path) or "
+                         "vlprompt.methods.PromptSegmenter")
+    from vlprompt.methods import PromptSegmenter
+
+    return SegmentationCLI(PromptSegmenter, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+                           save_config_kwargs={"overwrite": False})

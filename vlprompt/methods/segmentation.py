@@ -157,6 +157,14 @@ class PromptSegmenter(PromptModule):
         #: Dice and IoU of the last test (per image and dataset-wide).
         self.test_results: dict[str, float] = {}
 
+    def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Save the learned prompt; a trained decoder goes with it (``decoder.safetensors`` in the
+        same folder, which ``vlprompt segment --prompt`` picks up)."""
+        directory = super().save_prompt(directory, overwrite=overwrite)
+        if self.train_decoder:
+            save_decoder_weights(self.decoder, Path(directory) / "decoder.safetensors")
+        return directory
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = super().trainable_parameters()
         return params + (list(self.decoder.parameters()) if self.train_decoder else [])
