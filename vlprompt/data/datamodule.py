@@ -239,27 +239,20 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         samples, _ = subset_classes(samples, self.samples.classnames, self.subset)
         return samples
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, ("train", "val", "test")):
-            if split in self.datasets:
-                continue
-            samples = self.split_samples(split)
-            if not samples and split == "val":
-                log.info("no validation split; validation is skipped")
-                continue
-            if not samples:
-                raise ValueError(f"the {split} split of {self.root} is empty (subset={self.subset})")
-            present = {s.label for s in samples}
-            empty = [name for label, name in enumerate(self.classnames) if label not in present]
-            if empty and split == "train":
-                raise ValueError(f"{self.root}: classes without training images: {empty[:10]}; add images or drop the classes")
-            if empty:
-                log.warning("%s split: %d classes have no images and cannot be scored: %s",
-                            split, len(empty), ", ".join(empty[:10]))
-            transform, key = self._transform(split)
-            self.datasets[split] = ImageDataset(samples, transform, on_error=self.on_error, transform_key=key)
-            log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
+    def _empty_hint(self) -> str:
+        return f" (subset={self.subset})"
+
+    def build_dataset(self, split: str, samples: list) -> ImageDataset:
+        present = {s.label for s in samples}
+        empty = [name for label, name in enumerate(self.classnames) if label not in present]
+        if empty and split == "train":
+            raise ValueError(f"{self.root}: classes without training images: {empty[:10]}; add images or drop the classes")
+        if empty:
+            log.warning("%s split: %d classes have no images and cannot be scored: %s",
+                        split, len(empty), ", ".join(empty[:10]))
+        transform, key = self._transform(split)
+        log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
+        return ImageDataset(samples, transform, on_error=self.on_error, transform_key=key)
 
 
 def _carve_validation(drawn: list) -> dict[str, list]:

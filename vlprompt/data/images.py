@@ -203,13 +203,33 @@ def eval_sampler(dataset: Dataset) -> EvalDistributedSampler | None:
 
 
 class SplitLoaders:
-    """The loaders of a data module whose set-up fills ``self.datasets`` (split -> dataset):
-    shuffled training batches, evaluation split over processes without padding
-    (:class:`EvalDistributedSampler`), ``predict`` on the test split, an absent validation split
-    skipped. Needs ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``setup``; subclasses
-    set :attr:`collate_fn`."""
+    """Set-up and loaders of a data module with train/val/test splits: :meth:`setup` builds
+    ``self.datasets[split]`` from ``split_samples(split)`` through ``build_dataset(split,
+    samples)`` (an empty validation split is skipped, another empty split is an error); training
+    batches are shuffled, evaluation is split over processes without padding
+    (:class:`EvalDistributedSampler`), ``predict`` reads the test split. Needs ``batch_size``,
+    ``eval_batch_size``, ``num_workers`` and ``root``; subclasses set :attr:`collate_fn`."""
 
     collate_fn: Callable = staticmethod(collate_skipping)
+    _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+    def build_dataset(self, split: str, samples: list) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self._STAGE_SPLITS.get(stage, ("train", "val", "test")):
+            if split in self.datasets:
+                continue
+            samples = self.split_samples(split)
+            if not samples and split == "val":
+                log.info("no validation split; validation is skipped")
+                continue
+            if not samples:
+                raise ValueError(f"the {split} split of {self.root} is empty" + self._empty_hint())
+            self.datasets[split] = self.build_dataset(split, samples)
+
+    def _empty_hint(self) -> str:
+        return ""
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:

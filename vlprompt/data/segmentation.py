@@ -583,19 +583,8 @@ class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         return self.samples[split]
 
     # -- Lightning hooks -------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SEGMENTATION_SPLITS):
-            if split in self.datasets:
-                continue
-            samples = self.split_samples(split)
-            if not samples and split == "val":
-                log.info("no validation split; validation is skipped")
-                continue
-            if not samples:
-                raise ValueError(f"the {split} split of {self.root} is empty")
-            self.datasets[split] = SegmentationDataset(
-                samples, train=split == "train", augment=self.augment, crop_scale=self.crop_scale,
-                hflip=self.hflip, on_error=self.on_error, seed=self.seed, **self._preprocess_args())
-            log.info("%s: %d samples", split, len(samples))
+    def build_dataset(self, split: str, samples: list) -> SegmentationDataset:
+        log.info("%s: %d samples", split, len(samples))
+        return SegmentationDataset(samples, train=split == "train", augment=self.augment, crop_scale=self.crop_scale,
+                                   hflip=self.hflip, on_error=self.on_error, seed=self.seed, **self._preprocess_args())
 
