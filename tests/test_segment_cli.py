@@ -76,7 +76,7 @@ def test_fit_and_test_run_segmentation_configs_and_segment_uses_the_saved_prompt
           "--model.init_args.train_decoder", "true", "--save_prompt", str(tmp_path / "prompt")])
     assert (tmp_path / "prompt" / "config.json").is_file() and (tmp_path / "prompt" / "decoder.safetensors").is_file()
     last = next((tmp_path / "run").rglob("last.ckpt"))
-    main(["test", "--config", config, *data, "--ckpt_path", str(last)])
+    main(["test", "--config", config, *data, "--ckpt_path", str(last), "--trainer.default_root_dir", str(tmp_path / "test")])
     images = sorted((tmp_path / "seg" / "images").glob("test_*.png"))[:2]
     main(["segment", "--images", *map(str, images), "--text", "red star", "--prompt", str(tmp_path / "prompt"),
           "--out", str(tmp_path / "out"), "--device", "cpu"])
