@@ -1,0 +1,101 @@
+"""One segmentation training step per prompt strategy (text: CoOp, visual: VPT-deep, multimodal:
+MaPLe) at 352 px, plain vs vlprompt, on a random ViT-B-16 CLIP with a CLIPSeg-style head.
+
+- ``plain``: the whole image tower runs (its intermediate layers read on the way) and the text
+  tower runs over the full 77-token context, as a re-implemented CLIPSeg forward does;
+- ``vlprompt``: the image tower stops after the deepest layer the decoder reads (CLIPSeg's
+  depth limit; blocks 3/6/9 of 12 -> 9 blocks run) and the text is cut at its longest prompt (exact:
+  the text tower is causal).
+
+Both variants run in this process on the same model, images, prompts and masks; the script prints
+the median step time of each, their ratio, and the loss of each (the same: both are exact).
+
+    python benchmarks/segmentation_step.py                      # batch 4, 352 px, CPU
+    python benchmarks/segmentation_step.py --device cuda --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+
+from timing import timed
+from vlprompt.backbones import OpenCLIPBackbone
+from vlprompt.methods import PromptSegmenter
+from vlprompt.prompts import CoOpPromptLearner, MaPLePromptLearner, VPTPromptLearner
+
+log = logging.getLogger("benchmarks.segmentation_step")
+
+STRATEGIES = {
+    "text (CoOp)": functools.partial(CoOpPromptLearner, n_ctx=16),
+    "visual (VPT-deep)": functools.partial(VPTPromptLearner, n_tokens=8, templates="{}"),
+    "multimodal (MaPLe)": functools.partial(MaPLePromptLearner),
+}
+
+
+def _backbone(model: str, size: int, device: torch.device) -> OpenCLIPBackbone:
+    """A random-weight open_clip model at ``size`` px (positional embeddings for that grid)."""
+    cfg = open_clip.get_model_config(model)
+    cfg["vision_cfg"]["image_size"] = size
+    folder = Path(tempfile.mkdtemp(prefix="seg-bench-"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    return OpenCLIPBackbone(f"local-dir:{folder}").to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--size", type=int, default=352)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    backbone = _backbone(args.model, args.size, device)
+    images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
+    masks = (torch.rand(args.batch_size, 1, args.size, args.size, device=device) > 0.7).float()
+    prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
+    depth = backbone.vision_layers
+    log.info("%s at %d px, batch %d, %s; decoder reads blocks %s of %d", args.model, args.size, args.batch_size,
+             device, PromptSegmenter(backbone, train_decoder=True).decoder.extract_layers, depth)
+    log.info("%-20s %10s %10s %7s %11s %11s", "strategy", "plain s", "vlprompt s", "ratio", "plain loss", "vlprompt loss")
+    for name, factory in STRATEGIES.items():
+        results = {}
+        for variant in ("plain", "vlprompt"):
+            torch.manual_seed(1)
+            model = PromptSegmenter(backbone, factory, train_decoder=True).to(device)
+            optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+            backbone.truncate_text = variant == "vlprompt"
+            read = model.decoder.extract_layers
+            if variant == "plain":  # run every block, read the same ones on the way
+                every = functools.partial(OpenCLIPBackbone.encode_image_layers, backbone)
+                backbone.encode_image_layers = lambda x, layers, *a, **k: every(x, [*layers, depth - 1], *a, **k)[:-1]
+
+            def step() -> float:
+                loss = model.loss(model(images, prompts), masks)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                return loss.item()
+
+            with torch.no_grad():  # the same first loss in both variants (exactness)
+                first = model.loss(model(images, prompts), masks).item()
+            results[variant] = (timed(step, args.repeats, device)[0], first)
+            backbone.__dict__.pop("encode_image_layers", None)
+            assert model.decoder.extract_layers == read
+        (plain_t, plain_l), (fast_t, fast_l) = results["plain"], results["vlprompt"]
+        log.info("%-20s %10.3f %10.3f %6.2fx %11.5f %11.5f", name, plain_t, fast_t, plain_t / fast_t, plain_l, fast_l)
+    backbone.truncate_text = True
+
+
+if __name__ == "__main__":
+    main()
