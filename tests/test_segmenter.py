@@ -98,3 +98,19 @@ def test_fit_lowers_the_loss_and_the_checkpoint_holds_no_encoder(backbone, tmp_p
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert not any(k.startswith("backbone.") for k in state) and any(k.startswith("decoder.") for k in state)
     assert "prompt_learner.ctx" in state
+
+
+def test_cached_image_layers_are_exact_and_only_for_text_prompts(backbone, tmp_path):
+    dm = ShapeWorldSegmentationDataModule(str(tmp_path / "seg"), domain="clean", batch_size=8, eval_batch_size=16,
+                                          num_workers=0, augment=False)
+    test = lambda model: pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,  # noqa: E731
+                                    enable_model_summary=False).test(model, datamodule=dm, verbose=False)[0]
+    for name, cached in (("coop", True), ("vpt", False)):
+        torch.manual_seed(0)
+        model = PromptSegmenter(backbone, learner(name), reduce_dim=16, n_heads=2, train_decoder=True)
+        plain = PromptSegmenter(backbone, learner(name), reduce_dim=16, n_heads=2, train_decoder=True,
+                                cache_image_layers=False)
+        plain.load_state_dict(model.state_dict())
+        first, again, reference = test(model), test(model), test(plain)
+        assert first == pytest.approx(reference, abs=1e-6) and again == pytest.approx(reference, abs=1e-6)
+        assert (len(model.feature_cache) == len(dm.dataset("test"))) == cached, name  # visual prompts: never cached

@@ -104,6 +104,9 @@ class PromptSegmenter(PromptModule):
             ``zoo:NAME`` for the head shipped with an embedded model. Its recorded width and heads
             are used (``reduce_dim``/``n_heads`` are for a new decoder).
         train_decoder: train the decoder with the prompt (else it stays as loaded).
+        cache_image_layers: keep the image tower's layers of each image when the learner leaves the
+            image tower alone (textual prompts) and the images are not randomly augmented (always
+            in evaluation): exact, and the tower runs once per image instead of once per epoch.
         lambda_dice, lambda_bce: loss weights (1 and 0.2 as TuneVLSeg).
         optimizer: factory over the trainable parameters (AdamW, lr 1e-3, weight decay 1e-4).
         Other arguments as for :class:`~vlprompt.methods.module.PromptModule`.
@@ -119,6 +122,7 @@ class PromptSegmenter(PromptModule):
         n_heads: int = 4,
         decoder_weights: str | None = None,
         train_decoder: bool = False,
+        cache_image_layers: bool = True,
         lambda_dice: float = 1.0,
         lambda_bce: float = 0.2,
         optimizer: OptimizerFactory = _adamw,
@@ -150,6 +154,7 @@ class PromptSegmenter(PromptModule):
             log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")
         self.train_decoder = train_decoder
         self.decoder.requires_grad_(train_decoder)
+        self.cache_image_layers = cache_image_layers
         from vlprompt.seg.losses import DiceBCELoss
 
         self.loss = DiceBCELoss(lambda_dice, lambda_bce)
@@ -195,21 +200,41 @@ class PromptSegmenter(PromptModule):
                              "segmentation conditions on text")
         return features[index]
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Mask logits ``[B, 1, H, W]`` of ``images`` for ``prompts`` (one per image)."""
+    def forward(self, images: torch.Tensor, prompts: Sequence[str],
+                layers: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Mask logits ``[B, 1, H, W]`` of ``images`` for ``prompts`` (one per image); ``layers``:
+        the image tower's layers when already known (cached)."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        visual, placement = self.prompt_learner.image_prompts()
-        layers = self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
+        if layers is None:
+            visual, placement = self.prompt_learner.image_prompts()
+            layers = self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
         cond = self.text_conditions(prompts, images)
         return self.decoder(layers, cond, self.backbone.vision_prefix_tokens, tuple(images.shape[-2:]))
 
     # -- steps -----------------------------------------------------------------------------------
+    def _cached_layers(self, batch: dict[str, Any], stage: str) -> list[torch.Tensor] | None:
+        """The batch's image layers from the cache, when they cannot change (see
+        ``cache_image_layers``), else None."""
+        dm = self._data()
+        if (not self.cache_image_layers or "index" not in batch or self.prompt_learner.image_prompts()[0] is not None
+                or (stage == "train" and getattr(dm, "train_augmentation", True))):
+            return None
+        fingerprint = self._fingerprint(stage)
+        if fingerprint == stage:  # no dataset identity to key the cache on
+            return None
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return torch.stack(self.backbone.encode_image_layers(images, self.decoder.extract_layers), dim=1)
+
+        stacked = self.feature_cache.features(fingerprint, batch["index"], batch["image"], encode)
+        return list(stacked.unbind(1))
+
     def _batch_logits(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         self._count_unreadable(batch, stage)
         if batch["image"] is None:
             return None
-        return self(batch["image"], batch["prompt"])
+        return self(batch["image"], batch["prompt"], self._cached_layers(batch, stage))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         logits = self._batch_logits(batch, "train")
