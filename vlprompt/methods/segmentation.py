@@ -298,6 +298,11 @@ class PromptSegmenter(PromptModule):
         dm = self._data()
         if dm is not None and hasattr(dm, "set_preprocess"):
             dm.set_preprocess(self.backbone.preprocess_cfg)
+        # Each step points the learner at its batch's prompts, so after a run every process holds
+        # token buffers of other shapes. DDP copies rank 0's parameters and buffers to the others
+        # when it wraps the model (after this hook): start every run from the same placeholder.
+        if self.prompt_learner.classnames != ["object"]:
+            self.prompt_learner.set_classnames(["object"])
 
     def _fingerprint(self, stage: str) -> str:
         dm = self._data()
