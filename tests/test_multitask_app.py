@@ -46,7 +46,6 @@ def test_source_prompts_are_averaged_and_every_variant_is_scored(tmp_path, tiny_
     assert config["classnames"] == ["red square", "green square"] + ["blue square", "green square", "red square", "yellow square"]
     got = {(r.setting, r.dataset) for r in results}
     assert got == {(v, t) for v in VARIANTS for t in ("novel", "all")}
-    assert all(0 <= r.accuracy <= 100 for r in results)
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert len(rows) == len(results)
     summary = (tmp_path / "out" / "summary.md").read_text()

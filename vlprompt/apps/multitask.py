@@ -224,8 +224,8 @@ class _Runner(TaskRunner):
         for shots in ([targets.shots] if isinstance(targets.shots, int) else targets.shots):
             for seed in targets.seeds:
                 for name in targets.tasks:
+                    dm = self.task(targets, name, shots, seed)
                     for variant, init in (("single", None), ("mvlpt-init", str(source))):
-                        dm = self.task(targets, name, shots, seed)
                         model = self.fit(self.recipes[(method, "single")], dm, seed, init_prompt=init)
                         results.append(Result(method, shots, seed, variant, self.test(model, dm), name))
                 dm = self.tasks(targets, shots, seed)

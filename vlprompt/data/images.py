@@ -20,6 +20,7 @@ __all__ = [
     "EvalDistributedSampler",
     "ImageDataset",
     "OnError",
+    "STAGE_SPLITS",
     "SplitLoaders",
     "build_eval_transform",
     "build_train_transform",
@@ -202,6 +203,11 @@ def eval_sampler(dataset: Dataset) -> EvalDistributedSampler | None:
     return None
 
 
+#: The splits each Lightning stage reads (``None``: all of them).
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                                            "predict": ("test",)}
+
+
 class SplitLoaders:
     """Set-up and loaders of a data module with train/val/test splits: :meth:`setup` builds
     ``self.datasets[split]`` from ``split_samples(split)`` through ``build_dataset(split,
@@ -211,13 +217,12 @@ class SplitLoaders:
     ``eval_batch_size``, ``num_workers`` and ``root``; subclasses set :attr:`collate_fn`."""
 
     collate_fn: Callable = staticmethod(collate_skipping)
-    _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
     def build_dataset(self, split: str, samples: list) -> Dataset:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        for split in self._STAGE_SPLITS.get(stage, ("train", "val", "test")):
+        for split in STAGE_SPLITS.get(stage, ("train", "val", "test")):
             if split in self.datasets:
                 continue
             samples = self.split_samples(split)

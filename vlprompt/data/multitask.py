@@ -31,7 +31,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from vlprompt.data.images import ImageDataset, collate_skipping, eval_sampler
+from vlprompt.data.images import STAGE_SPLITS, ImageDataset, collate_skipping, eval_sampler
 from vlprompt.data.protocol import ClassificationData
 
 __all__ = ["MultiTaskDataModule", "MultiTaskDataset", "Task", "TaskBatchSampler", "TaskMetric", "TaskSampling"]
@@ -235,13 +235,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, ("train", "val", "test")):
-            if split in self.datasets:
-                continue
+        splits = [s for s in STAGE_SPLITS.get(stage, ("train", "val", "test")) if s not in self.datasets]
+        if splits:
+            for dm in self.modules.values():
+                dm.setup(stage)
+        for split in splits:
             parts = []
             for name, dm in self.modules.items():
-                dm.setup(stage)
                 part = dm.dataset(split)
                 if part is None and split == "train":
                     raise ValueError(f"task {name!r} has no training data")

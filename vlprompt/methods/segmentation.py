@@ -213,28 +213,27 @@ class PromptSegmenter(PromptModule):
         return self.decoder(layers, cond, self.backbone.vision_prefix_tokens, tuple(images.shape[-2:]))
 
     # -- steps -----------------------------------------------------------------------------------
-    def _cached_layers(self, batch: dict[str, Any], stage: str) -> list[torch.Tensor] | None:
-        """The batch's image layers from the cache, when they cannot change (see
-        ``cache_image_layers``), else None."""
+    def _image_layers(self, batch: dict[str, Any], stage: str) -> list[torch.Tensor]:
+        """The batch's image-tower layers: from the cache when they cannot change (no visual
+        prompts, no random augmentation; see ``cache_image_layers``), else encoded now."""
+        images = batch["image"]
+        visual, placement = self.prompt_learner.image_prompts()
         dm = self._data()
-        if (not self.cache_image_layers or "index" not in batch or self.prompt_learner.image_prompts()[0] is not None
-                or (stage == "train" and getattr(dm, "train_augmentation", True))):
-            return None
         fingerprint = self._fingerprint(stage)
-        if fingerprint == stage:  # no dataset identity to key the cache on
-            return None
+        if (visual is not None or not self.cache_image_layers or "index" not in batch or not fingerprint
+                or (stage == "train" and getattr(dm, "train_augmentation", True))):
+            return self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
 
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            return torch.stack(self.backbone.encode_image_layers(images, self.decoder.extract_layers), dim=1)
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return torch.stack(self.backbone.encode_image_layers(pixels, self.decoder.extract_layers), dim=1)
 
-        stacked = self.feature_cache.features(fingerprint, batch["index"], batch["image"], encode)
-        return list(stacked.unbind(1))
+        return list(self.feature_cache.features(fingerprint, batch["index"], images, encode).unbind(1))
 
     def _batch_logits(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         self._count_unreadable(batch, stage)
         if batch["image"] is None:
             return None
-        return self(batch["image"], batch["prompt"], self._cached_layers(batch, stage))
+        return self(batch["image"], batch["prompt"], self._image_layers(batch, stage))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         logits = self._batch_logits(batch, "train")
@@ -307,4 +306,4 @@ class PromptSegmenter(PromptModule):
     def _fingerprint(self, stage: str) -> str:
         dm = self._data()
         dataset = dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None and hasattr(dm, "dataset") else None
-        return getattr(dataset, "fingerprint", stage)
+        return getattr(dataset, "fingerprint", "")
