@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from vlprompt.backbones.vision import PromptPlacement
 
-__all__ = ["Backbone", "BackboneMismatchError", "check_backbone_identity"]
+__all__ = ["Backbone", "BackboneMismatchError", "check_backbone_identity", "run_deep_text_prompts"]
 
 
 class BackboneMismatchError(ValueError):
@@ -239,3 +239,29 @@ def check_backbone_identity(saved: dict[str, Any], current: dict[str, Any], what
             f"different weights (fingerprint {current.get('fingerprint')}). Prompts do not transfer "
             f"between checkpoints; pass strict=False to load it anyway."
         )
+
+
+def run_deep_text_prompts(
+    blocks: Sequence[nn.Module],
+    x: torch.Tensor,
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    deep_prompts: Sequence[torch.Tensor] | None,
+    prompt_start: int,
+) -> torch.Tensor:
+    """Run a text tower's ``blocks`` over ``x`` (``[N, L, D]``) with ``run(block, x)``; before block
+    ``i`` (``1 <= i <= len(deep_prompts)``) the ``n`` tokens from ``prompt_start`` are replaced by
+    ``deep_prompts[i - 1]`` (``[n, D]`` or ``[N, n, D]``): MaPLe/IVLP deep text prompting."""
+    deep_prompts = list(deep_prompts or [])
+    if len(deep_prompts) >= len(blocks):
+        raise ValueError(
+            f"{len(deep_prompts)} deep prompt layers given but the text tower has only "
+            f"{len(blocks)} layers (deep prompts apply to layers 1..{len(blocks) - 1})."
+        )
+    for i, block in enumerate(blocks):
+        if 1 <= i <= len(deep_prompts):
+            prompt = deep_prompts[i - 1].to(x.dtype)
+            if prompt.dim() == 2:
+                prompt = prompt.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :prompt_start], prompt, x[:, prompt_start + prompt.shape[1]:]], dim=1)
+        x = run(block, x)
+    return x

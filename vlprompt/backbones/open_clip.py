@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlprompt.backbones.base import Backbone
+from vlprompt.backbones.base import Backbone, run_deep_text_prompts
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, run_block_maybe_checkpointed, vit_tower
 
 __all__ = ["OpenCLIPBackbone"]
@@ -309,25 +309,18 @@ class OpenCLIPBackbone(Backbone):
         checkpoint_blocks: bool = True,
     ) -> torch.Tensor:
         transformer = self._tower.transformer
-        blocks = transformer.resblocks
-        deep_prompts = list(deep_prompts or [])
-        if len(deep_prompts) >= len(blocks):
-            raise ValueError(
-                f"{len(deep_prompts)} deep prompt layers given but the text tower has only "
-                f"{len(blocks)} layers (deep prompts apply to layers 1..{len(blocks) - 1})."
-            )
         batch_first = getattr(transformer, "batch_first", True)
 
         def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if not batch_first:
+                x = x.transpose(0, 1)
             if checkpoint_blocks:
-                return run_block_maybe_checkpointed(transformer, block, x, attn_mask=attn_mask)
-            return block(x, attn_mask=attn_mask)
+                x = run_block_maybe_checkpointed(transformer, block, x, attn_mask=attn_mask)
+            else:
+                x = block(x, attn_mask=attn_mask)
+            return x if batch_first else x.transpose(0, 1)
 
-        for i, block in enumerate(blocks):
-            if 1 <= i <= len(deep_prompts):
-                x = _replace_tokens(x, deep_prompts[i - 1].to(x.dtype), prompt_start)
-            x = run(block, x) if batch_first else run(block, x.transpose(0, 1)).transpose(0, 1)
-        return x
+        return run_deep_text_prompts(transformer.resblocks, x, run, deep_prompts, prompt_start)
 
     # -- images ------------------------------------------------------------------------------
     def encode_image(
@@ -382,10 +375,3 @@ class OpenCLIPBackbone(Backbone):
             ),
         }
 
-
-def _replace_tokens(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
-    """Return ``x`` with tokens ``start:start+n`` replaced by ``prompt`` (``[n, D]`` or ``[N, n, D]``)."""
-    n = prompt.shape[-2]
-    if prompt.dim() == 2:
-        prompt = prompt.expand(x.shape[0], -1, -1)
-    return torch.cat([x[:, :start], prompt, x[:, start + n :]], dim=1)

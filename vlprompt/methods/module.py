@@ -226,8 +226,14 @@ class PromptModule(pl.LightningModule):
         return [RandomStateCheckpoint()]
 
     # -- checkpoints hold the prompt only -------------------------------------------------------------
+    def frozen_modules(self) -> tuple[str, ...]:
+        """Submodules that are not learned here: checkpoints leave them out and take them from the
+        module being loaded into (the frozen encoder; a frozen head in subclasses)."""
+        return ("backbone",)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
+        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["vlprompt"] = {
             "backbone": self.backbone.identity,
             "method": self.prompt_learner.name,
@@ -238,5 +244,6 @@ class PromptModule(pl.LightningModule):
         info = checkpoint.get("vlprompt", {})
         if "backbone" in info:
             check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
-        # The frozen encoder is not in the checkpoint; keep the one we were built with.
-        checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        # Frozen modules are not in the checkpoint; keep the ones we were built with.
+        for name in self.frozen_modules():
+            checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in self.get_submodule(name).state_dict().items()})

@@ -4,10 +4,12 @@ Models", ACCV 2024), generic over prompt learners.
 
 Every prompt learner of vlprompt works: textual ones (CoOp, CoCoOp, KgCoOp) shape the text feature
 that conditions the decoder, visual ones (VPT, shallow or deep) shape the image tower's tokens the
-decoder reads, multimodal ones (IVLP, MaPLe, UPT, PromptSRC) both. The decoder is a
-:class:`~vlprompt.seg.CLIPSegDecoder` over the backbone's intermediate layers; it is frozen
-(``train_decoder=False``, the VLSM's own head, loaded from ``decoder_weights``) or trained with the
-prompt, and when trained its parameters take part in every output whatever the prompt strategy.
+decoder reads, multimodal ones (IVLP, MaPLe, UPT, PromptSRC) both. The head reads the backbone's
+intermediate layers: CLIPSeg's own decoder when the weights are CLIPSeg's
+(:class:`~vlprompt.backbones.HFCLIPBackbone`, :class:`~vlprompt.seg.HFCLIPSegHead`), else
+vlprompt's CLIPSeg-style :class:`~vlprompt.seg.CLIPSegDecoder` over any ViT backbone. It is frozen
+(``train_decoder=False``, the VLSM's own head) or trained with the prompt, and when trained its
+parameters take part in every output whatever the prompt strategy.
 
 Each image comes with its own prompt text. At every step the learner is pointed at the batch's
 distinct prompts (as it would be at class names), and each image is conditioned on its prompt's
@@ -25,16 +27,18 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim import Optimizer
 
 from vlprompt.backbones import Backbone
 from vlprompt.data.classnames import normalize_classname
 from vlprompt.methods.module import SPLIT_OF_STAGE, OptimizerFactory, PromptModule
 from vlprompt.prompts import PromptLearnerFactory
+from vlprompt.seg.clipseg import HFCLIPSegHead
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.metrics import SegmentationScores
 
-__all__ = ["PromptSegmenter", "decoder_layout", "load_decoder_weights", "save_decoder_weights"]
+__all__ = ["PromptSegmenter", "build_head", "decoder_layout", "load_decoder_weights", "save_decoder_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +48,21 @@ def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
 
-def save_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> Path:
-    """Save a decoder's weights (safetensors) with its layout in the metadata."""
+def save_decoder_weights(decoder: nn.Module, path: str | Path) -> Path:
+    """Save a segmentation head's weights (safetensors) with its ``layout()`` in the metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    save_file(state, str(path), metadata={"extract_layers": ",".join(map(str, decoder.extract_layers)),
-                                          "reduce_dim": str(decoder.film_mul.out_features),
-                                          "n_heads": str(decoder.blocks[0].self_attn.num_heads)})
+    meta = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in decoder.layout().items()}
+    save_file(state, str(path), metadata=meta)
     return path
 
 
 def decoder_layout(path: str | Path) -> dict[str, Any]:
-    """The layout a saved decoder was built with (``extract_layers``, ``reduce_dim``, ``n_heads``;
-    what the file records)."""
+    """The layout a saved head was built with (``head`` kind, ``extract_layers``, and for
+    vlprompt's decoder ``reduce_dim``, ``n_heads``; what the file records)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -67,18 +70,21 @@ def decoder_layout(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"decoder weights {path} not found")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    layout: dict[str, Any] = {}
+    layout: dict[str, Any] = {"head": meta.get("head", CLIPSegDecoder.kind)}  # files from before heads had kinds
     if "extract_layers" in meta:
         layout["extract_layers"] = [int(x) for x in meta["extract_layers"].split(",")]
     layout.update({k: int(meta[k]) for k in ("reduce_dim", "n_heads") if k in meta})
     return layout
 
 
-def load_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> None:
+def load_decoder_weights(decoder: nn.Module, path: str | Path) -> None:
     """Load weights saved by :func:`save_decoder_weights` (no pickle), refusing another layout."""
     from safetensors.torch import load_file
 
-    layers = decoder_layout(path).get("extract_layers")
+    layout = decoder_layout(path)
+    if layout["head"] != decoder.kind:
+        raise ValueError(f"{path} holds a {layout['head']} head, not a {decoder.kind} one (other backbone or head)")
+    layers = layout.get("extract_layers")
     if layers is not None and layers != decoder.extract_layers:
         raise ValueError(f"{path} was trained reading layers {layers}, this decoder reads {decoder.extract_layers}")
     state = load_file(str(path))
@@ -90,6 +96,35 @@ def load_decoder_weights(decoder: CLIPSegDecoder, path: str | Path) -> None:
     decoder.load_state_dict(state)
 
 
+def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
+               decoder_weights: str | None) -> nn.Module:
+    """The segmentation head ``head`` names for ``backbone`` (see :class:`PromptSegmenter`), with
+    ``decoder_weights`` loaded."""
+    if head not in ("auto", "model", "decoder"):
+        raise ValueError(f"head must be 'auto', 'model' or 'decoder', not {head!r}")
+    if decoder_weights and decoder_weights.startswith("zoo:"):
+        from vlprompt.zoo import decoder_weights_path
+
+        decoder_weights = str(decoder_weights_path(decoder_weights))
+    own = getattr(backbone, "vlsm_decoder", lambda: None)()
+    if head == "model" and own is None:
+        raise ValueError(f"head='model': {type(backbone).__name__} {getattr(backbone, 'model_name', '')!r} brings no "
+                         "segmentation decoder (CLIPSeg weights through HFCLIPBackbone do); use head='decoder'")
+    if own is not None and head != "decoder":
+        module, layers = own
+        if extract_layers is not None and list(extract_layers) != layers:
+            raise ValueError(f"the model's decoder reads layers {layers}; extract_layers={extract_layers} is for "
+                             "head='decoder' (vlprompt's CLIPSeg-style decoder)")
+        decoder: nn.Module = HFCLIPSegHead(module, layers)
+    else:
+        layout = decoder_layout(decoder_weights) if decoder_weights else {}
+        decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
+                                              n_heads=layout.get("n_heads", n_heads))
+    if decoder_weights:
+        load_decoder_weights(decoder, decoder_weights)
+    return decoder
+
+
 class PromptSegmenter(PromptModule):
     """Segment each image where its text prompt says (see the module docstring).
 
@@ -97,10 +132,14 @@ class PromptSegmenter(PromptModule):
         backbone: the frozen encoder (a ViT image tower).
         prompt_learner: factory ``(backbone, names) -> PromptLearner``; zero-shot (the prompt text
             as it is, ``templates="{}"``) when None.
-        extract_layers: image-tower blocks the decoder reads (default: a quarter, half and three
-            quarters down, CLIPSeg's 3/6/9 of 12).
-        reduce_dim, n_heads: the decoder's width and attention heads.
-        decoder_weights: a trained decoder (safetensors, :func:`save_decoder_weights`), or
+        head: ``model``: the decoder that came with the model's weights (CLIPSeg's, through
+            :class:`~vlprompt.backbones.HFCLIPBackbone`; :class:`~vlprompt.seg.HFCLIPSegHead`);
+            ``decoder``: vlprompt's CLIPSeg-style decoder over any ViT backbone
+            (:class:`~vlprompt.seg.CLIPSegDecoder`); ``auto``: the model's own when it has one.
+        extract_layers: image-tower blocks vlprompt's decoder reads (default: a quarter, half and
+            three quarters down, CLIPSeg's 3/6/9 of 12); the model's own decoder reads its own.
+        reduce_dim, n_heads: width and attention heads of a new vlprompt decoder.
+        decoder_weights: a trained head (safetensors, :func:`save_decoder_weights`), or
             ``zoo:NAME`` for the head shipped with an embedded model. Its recorded width and heads
             are used (``reduce_dim``/``n_heads`` are for a new decoder).
         train_decoder: train the decoder with the prompt (else it stays as loaded).
@@ -117,6 +156,7 @@ class PromptSegmenter(PromptModule):
         backbone: Backbone,
         prompt_learner: PromptLearnerFactory | None = None,
         *,
+        head: Literal["auto", "model", "decoder"] = "auto",
         extract_layers: list[int] | None = None,
         reduce_dim: int = 64,
         n_heads: int = 4,
@@ -141,16 +181,8 @@ class PromptSegmenter(PromptModule):
                          warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=False,
                          init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
-        if decoder_weights and decoder_weights.startswith("zoo:"):
-            from vlprompt.zoo import decoder_weights_path
-
-            decoder_weights = str(decoder_weights_path(decoder_weights))
-        layout = decoder_layout(decoder_weights) if decoder_weights else {}
-        self.decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
-                                                   n_heads=layout.get("n_heads", n_heads))
-        if decoder_weights:
-            load_decoder_weights(self.decoder, decoder_weights)
-        elif not train_decoder:
+        self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights)
+        if not decoder_weights and not train_decoder and isinstance(self.decoder, CLIPSegDecoder):
             log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")
         self.train_decoder = train_decoder
         self.decoder.requires_grad_(train_decoder)
@@ -169,6 +201,9 @@ class PromptSegmenter(PromptModule):
         if self.train_decoder:
             save_decoder_weights(self.decoder, Path(directory) / "decoder.safetensors")
         return directory
+
+    def frozen_modules(self) -> tuple[str, ...]:
+        return ("backbone",) if self.train_decoder else ("backbone", "decoder")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = super().trainable_parameters()

@@ -138,9 +138,9 @@ def backbone_from_identity(identity: dict[str, Any]) -> Backbone:
     """Build the backbone a saved prompt records (``config.json`` -> ``backbone``: type, name,
     pretrained). Embedded ``zoo:`` models and local files work offline; pretrained tags need the
     open_clip / Hugging Face cache or the network."""
-    from vlprompt.backbones import OpenCLIPBackbone, TimmBackbone
+    from vlprompt.backbones import HFCLIPBackbone, OpenCLIPBackbone, TimmBackbone
 
-    kinds = {"OpenCLIPBackbone": OpenCLIPBackbone, "TimmBackbone": TimmBackbone}
+    kinds = {"OpenCLIPBackbone": OpenCLIPBackbone, "TimmBackbone": TimmBackbone, "HFCLIPBackbone": HFCLIPBackbone}
     kind = kinds.get(identity.get("type", "OpenCLIPBackbone"))
     if kind is None:
         raise ValueError(f"cannot rebuild a {identity.get('type')!r} backbone from a saved prompt; pass backbone=")
@@ -148,6 +148,8 @@ def backbone_from_identity(identity: dict[str, Any]) -> Backbone:
         raise ValueError("the saved prompt does not record its backbone's model name; pass backbone=")
     log.info("rebuilding the prompt's backbone: %s %s (pretrained=%s)", kind.__name__, identity["name"],
              identity.get("pretrained"))
+    if kind is HFCLIPBackbone:
+        return kind(identity["name"])
     return kind(identity["name"], identity.get("pretrained"))
 
 

@@ -1,10 +1,11 @@
 """Segmentation with vision-language models: metrics (Dice, IoU per image and dataset-wide), losses,
 and heads over a prompted backbone."""
 
+from vlprompt.seg.clipseg import HFCLIPSegHead
 from vlprompt.seg.decoder import CLIPSegDecoder, default_extract_layers
 from vlprompt.seg.metrics import SegmentationScores, binary_scores
 
-__all__ = ["CLIPSegDecoder", "DiceBCELoss", "SegmentationScores", "binary_scores", "default_extract_layers"]
+__all__ = ["CLIPSegDecoder", "DiceBCELoss", "HFCLIPSegHead", "SegmentationScores", "binary_scores", "default_extract_layers"]
 
 
 def __getattr__(name: str):

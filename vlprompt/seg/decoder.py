@@ -12,6 +12,7 @@ removes the prompts before the decoder sees the tokens).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,13 @@ class CLIPSegDecoder(nn.Module):
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(n_layers))
         self.trans_conv = nn.ConvTranspose2d(reduce_dim, 1, kernel_size=patch_size, stride=patch_size)
+
+    kind = "clipseg-style"
+
+    def layout(self) -> dict[str, Any]:
+        """What a saved copy of this decoder records, to be rebuilt and to refuse another layout."""
+        return {"head": self.kind, "extract_layers": self.extract_layers, "reduce_dim": self.film_mul.out_features,
+                "n_heads": self.blocks[0].self_attn.num_heads}
 
     @classmethod
     def for_backbone(cls, backbone: Backbone, extract_layers: Sequence[int] | None = None, **kwargs) -> CLIPSegDecoder:
