@@ -1,5 +1,6 @@
 """One segmentation training step per prompt strategy (text: CoOp, visual: VPT-deep, multimodal:
-MaPLe) at 352 px, plain vs vlprompt, on a random ViT-B-16 CLIP with a CLIPSeg-style head.
+MaPLe) at 352 px, plain vs vlprompt, on a random ViT-B-16 CLIP with a CLIPSeg-style head, or
+(``--vlsm clipseg``) on a random CLIPSeg rd64-refined (transformers; ViT-B/16, its own decoder).
 
 - ``plain``: the whole image tower runs (its intermediate layers read on the way) and the text
   tower runs over the full 77-token context, as a re-implemented CLIPSeg forward does;
@@ -11,6 +12,7 @@ Both variants run in this process on the same model, images, prompts and masks; 
 the median step time of each, their ratio, and the loss of each (the same: both are exact).
 
     python benchmarks/segmentation_step.py                      # batch 4, 352 px, CPU
+    python benchmarks/segmentation_step.py --vlsm clipseg         # CLIPSeg's architecture
     python benchmarks/segmentation_step.py --device cuda --batch-size 32
 """
 
@@ -27,7 +29,7 @@ import open_clip
 import torch
 
 from timing import timed
-from vlprompt.backbones import OpenCLIPBackbone
+from vlprompt.backbones import Backbone, HFCLIPBackbone, OpenCLIPBackbone
 from vlprompt.methods import PromptSegmenter
 from vlprompt.prompts import CoOpPromptLearner, MaPLePromptLearner, VPTPromptLearner
 
@@ -49,9 +51,20 @@ def _backbone(model: str, size: int, device: torch.device) -> OpenCLIPBackbone:
     return OpenCLIPBackbone(f"local-dir:{folder}").to(device)
 
 
+def _clipseg(size: int, device: torch.device) -> HFCLIPBackbone:
+    """A random-weight CLIPSeg with the layout of ``CIDAS/clipseg-rd64-refined``."""
+    import transformers
+
+    config = transformers.CLIPSegConfig(vision_config={"patch_size": 16}, extract_layers=[3, 6, 9], reduce_dim=64,
+                                        use_complex_transposed_convolution=True)
+    model = transformers.CLIPSegForImageSegmentation(config)
+    return HFCLIPBackbone.from_model(model, name="random CLIPSeg rd64-refined", image_size=size).to(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip model (with vlprompt's CLIPSeg-style decoder)")
+    parser.add_argument("--vlsm", choices=["clipseg"], default=None, help="CLIPSeg's own architecture instead")
     parser.add_argument("--size", type=int, default=352)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -60,12 +73,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone = _backbone(args.model, args.size, device)
+    backbone: Backbone = _clipseg(args.size, device) if args.vlsm else _backbone(args.model, args.size, device)
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     masks = (torch.rand(args.batch_size, 1, args.size, args.size, device=device) > 0.7).float()
     prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
     depth = backbone.vision_layers
-    log.info("%s at %d px, batch %d, %s; decoder reads blocks %s of %d", args.model, args.size, args.batch_size,
+    log.info("%s at %d px, batch %d, %s; decoder reads blocks %s of %d", args.vlsm or args.model, args.size, args.batch_size,
              device, PromptSegmenter(backbone, train_decoder=True).decoder.extract_layers, depth)
     log.info("%-20s %10s %10s %7s %11s %11s", "strategy", "plain s", "vlprompt s", "ratio", "plain loss", "vlprompt loss")
     for name, factory in STRATEGIES.items():
@@ -77,7 +90,7 @@ def main() -> None:
             backbone.truncate_text = variant == "vlprompt"
             read = model.decoder.extract_layers
             if variant == "plain":  # run every block, read the same ones on the way
-                every = functools.partial(OpenCLIPBackbone.encode_image_layers, backbone)
+                every = functools.partial(type(backbone).encode_image_layers, backbone)
                 backbone.encode_image_layers = lambda x, layers, *a, **k: every(x, [*layers, depth - 1], *a, **k)[:-1]
 
             def step() -> float:

@@ -185,6 +185,8 @@ def test_a_trained_head_learns_with_the_prompt_and_round_trips(hf_backbone, tmp_
     with torch.no_grad():
         for p in seg.decoder.parameters():
             p.add_(0.1)
+    untouched = PromptSegmenter(hf_backbone)  # each segmenter trains its own copy of the model's head
+    assert not torch.equal(untouched.decoder.decoder.film_mul.weight, seg.decoder.decoder.film_mul.weight)
     path = save_decoder_weights(seg.decoder, tmp_path / "decoder.safetensors")
     fresh = HFCLIPBackbone(hf_backbone.model_name, local_files_only=True)
     again = PromptSegmenter(fresh, decoder_weights=str(path))
@@ -267,3 +269,47 @@ def test_unknown_or_missing_models_get_clear_errors(tmp_path):
                             intermediate_size=8).save_pretrained(folder)
     with pytest.raises(NotImplementedError, match="supports clip, clipseg"):
         HFCLIPBackbone(str(folder))
+
+
+def test_cli_fits_clipseg_from_the_shipped_config_and_segments_a_folder(clipseg_dir, reference, tmp_path):
+    """``configs/seg/clipseg_coop.yaml`` with the tiny CLIPSeg and a TuneVLSeg-layout folder, then
+    ``vlprompt segment --backbone hf:FOLDER`` with the saved prompt: masks as CLIPSeg's own output."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from test_seg_data import make_tunevlseg
+    from vlprompt.cli import main
+    from vlprompt.data.images import build_eval_transform
+    from vlprompt.resources import bundled_dir
+
+    data = make_tunevlseg(tmp_path / "data")
+    config = bundled_dir("configs") / "seg" / "clipseg_coop.yaml"
+    main(["fit", "--config", str(config), "--model.init_args.backbone.init_args.model_name", f"hf:{clipseg_dir}",
+          "--data.init_args.root", str(data), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
+          "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--save_prompt", str(tmp_path / "prompt")])
+    assert (tmp_path / "prompt" / "config.json").is_file() and not (tmp_path / "prompt" / "decoder.safetensors").exists()
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(photos / "a.png")
+    out = tmp_path / "segment"
+    main(["segment", "--images", str(photos), "--text", "a red star", "--backbone", f"hf:{clipseg_dir}",
+          "--out", str(out), "--device", "cpu"])
+    row = next(csv.DictReader(open(out / "segments.csv")))
+    mask = np.asarray(Image.open(row["mask"])) > 0
+    assert mask.shape == (30, 40)
+    # Zero-shot through vlprompt equals CLIPSeg's own logits, brought to the image's size.
+    model, tokenizer = reference
+    hf = HFCLIPBackbone(f"hf:{clipseg_dir}", local_files_only=True)
+    pixels = build_eval_transform({**hf.preprocess_cfg, "resize_mode": "squash"})(Image.open(photos / "a.png"))[None]
+    with torch.no_grad():
+        own = model(pixel_values=pixels, **tokenizer(["a red star"], return_tensors="pt")).logits.reshape(1, 1, SIZE, SIZE)
+    own = torch.nn.functional.interpolate(own, size=(30, 40), mode="bilinear")[0, 0].sigmoid().numpy() > 0.5
+    assert (mask == own).mean() > 0.999
+    # The tuned prompt segments too (and a prompt from another backbone would be refused).
+    main(["segment", "--images", str(photos), "--text", "a red star", "--backbone", f"hf:{clipseg_dir}",
+          "--prompt", str(tmp_path / "prompt"), "--out", str(tmp_path / "tuned"), "--device", "cpu"])
+    assert next(csv.DictReader(open(tmp_path / "tuned" / "segments.csv")))["status"] == "ok"

@@ -1,11 +1,13 @@
 """``vlprompt segment``: segment a folder of your images with text prompts, writing one mask PNG
 and one overlay per (image, prompt), at the image's own size, and ``segments.csv``.
 
-The model is a backbone with a CLIPSeg-style head (``--decoder``: a weights file or ``zoo:NAME``)
-and, optionally, a prompt tuned with ``vlprompt fit`` on segmentation data (``--prompt``: a saved
+The model is a backbone with a segmentation head: CLIPSeg's own through transformers
+(``--backbone hf:CIDAS/clipseg-rd64-refined`` or ``hf:/a/local/folder``), or vlprompt's CLIPSeg-style
+head over an open_clip model (``--decoder``: a weights file or ``zoo:NAME``); and, optionally, a prompt tuned with ``vlprompt fit`` on segmentation data (``--prompt``: a saved
 prompt folder); without one, the text is used as it is (zero-shot).
 
     vlprompt segment --images photos/ --text "red star" "blue circle" --out outputs/segment
+    vlprompt segment --images photos/ --text "a cat" --backbone hf:/models/clipseg-rd64-refined
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def _slug(text: str) -> str:
 
 
 def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone: str, pretrained: str | None,
-                   decoder: str, prompt: str | None, threshold: float = 0.5, device: str | None = None,
+                   decoder: str | None, prompt: str | None, threshold: float = 0.5, device: str | None = None,
                    overwrite: bool = False) -> list[dict[str, object]]:
     """Segment every image for every text; returns one row per (image, text): paths written,
     foreground share, status (``ok`` or ``unreadable``)."""
@@ -40,7 +42,7 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
     from tqdm.auto import tqdm
 
     from vlprompt.apps.segmentation import overlay_mask
-    from vlprompt.backbones import OpenCLIPBackbone
+    from vlprompt.backbones import load_backbone
     from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb
     from vlprompt.methods import PromptSegmenter
     from vlprompt.prompts import load_prompt
@@ -53,7 +55,7 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite or another --out")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_backbone = OpenCLIPBackbone(backbone, pretrained)
+    model_backbone = load_backbone(backbone, pretrained)
     factory = None
     if prompt is not None:
         saved = load_prompt(prompt, model_backbone)  # refuses a prompt learned on another backbone
@@ -97,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="a folder (searched recursively) or image files")
     parser.add_argument("--text", required=True, nargs="+", help="what to segment, one or more prompts")
     parser.add_argument("--out", default="outputs/segment", help="where masks/, overlays/ and segments.csv go")
-    parser.add_argument("--backbone", default="zoo:shapeworld-clip-tiny", help="open_clip model name or zoo:NAME")
+    parser.add_argument("--backbone", default="zoo:shapeworld-clip-tiny",
+                        help="open_clip model name, local-dir:FOLDER or zoo:NAME; hf:ID_OR_FOLDER for CLIPSeg (transformers)")
     parser.add_argument("--pretrained", default=None, help="the backbone's pretrained tag or checkpoint file")
     parser.add_argument("--decoder", default=None,
                         help="the segmentation head: a safetensors file or zoo:NAME (default: the head saved with "
-                             "--prompt, else zoo:shapeworld-clip-tiny)")
+                             "--prompt, else CLIPSeg's own for hf: backbones, else zoo:shapeworld-clip-tiny)")
     parser.add_argument("--prompt", default=None, help="a saved prompt tuned for segmentation (default: zero-shot)")
     parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
@@ -116,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     decoder = args.decoder
     if decoder is None:
         saved = Path(args.prompt) / "decoder.safetensors" if args.prompt else None
-        decoder = str(saved) if saved is not None and saved.is_file() else "zoo:shapeworld-clip-tiny"
+        if saved is not None and saved.is_file():
+            decoder = str(saved)
+        elif not args.backbone.startswith("hf:"):
+            decoder = "zoo:shapeworld-clip-tiny"
     segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=decoder,
                    prompt=args.prompt, threshold=args.threshold, device=args.device, overwrite=args.overwrite)

@@ -20,6 +20,7 @@ own classification regulariser (KgCoOp, PromptSRC) is not used here.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -115,7 +116,8 @@ def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, 
         if extract_layers is not None and list(extract_layers) != layers:
             raise ValueError(f"the model's decoder reads layers {layers}; extract_layers={extract_layers} is for "
                              "head='decoder' (vlprompt's CLIPSeg-style decoder)")
-        decoder: nn.Module = HFCLIPSegHead(module, layers)
+        # A copy per segmenter: training one must not change the head another starts from.
+        decoder: nn.Module = HFCLIPSegHead(copy.deepcopy(module), layers)
     else:
         layout = decoder_layout(decoder_weights) if decoder_weights else {}
         decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
