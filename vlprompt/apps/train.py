@@ -82,7 +82,7 @@ class VLPromptCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
-        if not isinstance(self.model, PromptModule):
+        if not isinstance(self.model, PromptModule) and not hasattr(self.model, "save_meta_prompt"):
             return
         target = self._prompt_target()
         if self.trainer.interrupted:
@@ -115,6 +115,11 @@ class SegmentationCLI(VLPromptCLI):
         return None
 
 
+class MetaLearningCLI(SegmentationCLI):
+    """``vlprompt fit`` over :class:`~vlprompt.methods.GRAMMetaLearner` (configs/gram/): meta-trains on
+    image-text pairs and saves the meta-prompt with its gradient regulator when fitting ends."""
+
+
 def _model_class(argv: list[str]) -> str | None:
     """The ``model: class_path`` a ``--config`` file names, if any (segmentation configs do)."""
     import yaml
@@ -132,15 +137,18 @@ def _model_class(argv: list[str]) -> str | None:
 
 def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
     """Run ``vlprompt fit|validate|test|predict`` with these arguments: over
-    :class:`PromptClassifier`, or over :class:`~vlprompt.methods.PromptSegmenter` when a config
-    names it as ``model: class_path`` (``configs/seg/``)."""
+    :class:`PromptClassifier`, or over :class:`~vlprompt.methods.PromptSegmenter` /
+    :class:`~vlprompt.methods.GRAMMetaLearner` when a config names it as ``model: class_path``
+    (``configs/seg/``, ``configs/gram/``)."""
     class_path = _model_class(argv)
     if class_path is None:
         return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
-    if class_path.rpartition(".")[2] != "PromptSegmenter":
-        raise ValueError(f"model class_path {class_path!r}: vlprompt fit runs PromptClassifier (no class_path) or "
-                         "vlprompt.methods.PromptSegmenter")
-    from vlprompt.methods import PromptSegmenter
+    from vlprompt.methods import GRAMMetaLearner, PromptSegmenter
 
-    return SegmentationCLI(PromptSegmenter, subclass_mode_model=True, subclass_mode_data=True, args=argv,
-                           save_config_kwargs={"overwrite": False})
+    kinds = {"PromptSegmenter": (SegmentationCLI, PromptSegmenter), "GRAMMetaLearner": (MetaLearningCLI, GRAMMetaLearner)}
+    kind = kinds.get(class_path.rpartition(".")[2])
+    if kind is None:
+        raise ValueError(f"model class_path {class_path!r}: vlprompt fit runs PromptClassifier (no class_path), "
+                         "vlprompt.methods.PromptSegmenter or vlprompt.methods.GRAMMetaLearner")
+    cli, module = kind
+    return cli(module, subclass_mode_model=True, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})

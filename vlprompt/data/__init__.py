@@ -7,6 +7,7 @@ from vlprompt.data.shapeworld import ShapeWorldDataModule, ShapeWorldSegmentatio
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+from vlprompt.data.pairs import ImageTextPairs, ImageTextPairsDataModule
 from vlprompt.data.protocol import ClassificationData
 from vlprompt.data.test_images import TestImagesDataModule
 from vlprompt.data.segmentation import (
@@ -24,6 +25,8 @@ __all__ = [
     "DEFAULT_PREPROCESS",
     "FewShotDataModule",
     "ImageDataset",
+    "ImageTextPairs",
+    "ImageTextPairsDataModule",
     "MultiTaskDataModule",
     "MultiTaskDataset",
     "Sample",

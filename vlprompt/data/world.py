@@ -70,6 +70,7 @@ __all__ = [
     "render",
     "render_scene",
     "sample_spec",
+    "write_caption_dataset",
     "write_classification_dataset",
     "write_segmentation_dataset",
 ]
@@ -605,4 +606,18 @@ def write_segmentation_dataset(
                                 "prompts": {"p0": spec.classname, "p1": caption(spec, rng).rstrip(".")}})
         (root / "anns" / f"{split}.json").write_text(json.dumps(entries, indent=1) + "\n")
     log.info("Wrote ShapeWorld segmentation dataset (%s) to %s: %s", domain, root, counts)
+    return root
+
+
+def write_caption_dataset(root: str | Path, n: int = 2048, *, seed: int = 0, start: int = 5_000_000,
+                          image_size: int = 64) -> Path:
+    """Write ``n`` captioned pretraining images of the world (``0000001.png`` + ``0000001.txt``; no
+    labels), samples ``start ..`` of :func:`pretraining_sample` (beyond those the embedded CLIP
+    was trained on): unlabelled image-text pairs for meta-learning (GRAM). Returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (image, text, _) in enumerate(pretraining_samples(n, seed=seed, start=start, image_size=image_size)):
+        image.save(root / f"{i:07d}.png", format="PNG", optimize=False)
+        (root / f"{i:07d}.txt").write_text(text + "\n")
+    log.info("Wrote %d ShapeWorld image-caption pairs to %s", n, root)
     return root

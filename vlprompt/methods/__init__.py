@@ -18,6 +18,8 @@ _EXPORTS = {
     "PromptModule": "module",
     "MultiTaskPromptClassifier": "multitask",
     "PromptSegmenter": "segmentation",
+    "GRAMMetaLearner": "gram",
+    "GradientRegulation": "gram",
     "task_scores": "multitask",
     "ImageFeatureCache": "features",
     "ClassCounts": "metrics",
@@ -36,7 +38,9 @@ __all__ = [
     "ClassCounts",
     "DiffTPT",
     "Episode",
+    "GRAMMetaLearner",
     "GaussianPromptAggregation",
+    "GradientRegulation",
     "ImageFeatureCache",
     "MultiTaskPromptClassifier",
     "PromptClassifier",
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from vlprompt.methods.module import PromptModule, warmup_cosine
     from vlprompt.methods.multitask import MultiTaskPromptClassifier, task_scores
     from vlprompt.methods.segmentation import PromptSegmenter
+    from vlprompt.methods.gram import GRAMMetaLearner, GradientRegulation
     from vlprompt.methods.features import ImageFeatureCache
     from vlprompt.methods.metrics import ClassCounts, UnreadableImages
     from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights

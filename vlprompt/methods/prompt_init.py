@@ -25,7 +25,9 @@ def load_initial_prompt(learner: PromptLearner, path: str | Path) -> None:
     accepted when they do (MVLPT initialises a target prompt from a source prompt that way),
     with a warning, and refused with what differs otherwise.
     """
-    path = Path(path)
+    from vlprompt.zoo import resolve_prompt_dir
+
+    path = resolve_prompt_dir(path)
     if path.is_dir():
         config = read_prompt_config(path)
         check_backbone_identity(config["backbone"], learner.backbone.identity, what=f"initial prompt {path}")

@@ -12,8 +12,13 @@ from vlprompt.prompts import PromptOutput
 __all__ = ["prompt_logits"]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when the features already are (exact checks in double precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def prompt_logits(output: PromptOutput, backbone: Backbone) -> torch.Tensor:
-    """Class logits ``[B, C]`` (float32).
+    """Class logits ``[B, C]`` (float32; float64 for float64 features).
 
     A learner with a learned head (VPT on a vision-only encoder) gives its logits itself. Otherwise
     the logits are CLIP's: the backbone's logit scale times the cosine similarity of the image
@@ -21,15 +26,15 @@ def prompt_logits(output: PromptOutput, backbone: Backbone) -> torch.Tensor:
     such as CoCoOp's), plus the backbone's logit bias when it has one (SigLIP).
     """
     if output.logits is not None:
-        return output.logits.float()
+        return _wide(output.logits)
     if output.image_features is None or output.text_features is None:
         raise ValueError("scoring needs image and text features (or logits from a learned head)")
-    image = F.normalize(output.image_features.float(), dim=-1)
-    text = F.normalize(output.text_features.float(), dim=-1)
+    image = F.normalize(_wide(output.image_features), dim=-1)
+    text = F.normalize(_wide(output.text_features), dim=-1)
     if text.dim() == 3:  # per-image classifiers
         logits = torch.einsum("bd,bcd->bc", image, text)
     else:
         logits = image @ text.t()
-    logits = backbone.logit_scale.float() * logits
+    logits = backbone.logit_scale.to(logits.dtype) * logits
     bias = backbone.logit_bias
-    return logits if bias is None else logits + bias.float()
+    return logits if bias is None else logits + bias.to(logits.dtype)

@@ -73,3 +73,17 @@ def decoder_weights_path(name: str) -> Path:
         raise FileNotFoundError(f"{name} has no segmentation head ({path}); build it with "
                                 "`python tools/build_embedded_vlsm.py`")
     return path
+
+
+def resolve_prompt_dir(path: str | Path) -> Path:
+    """A saved prompt's folder: ``zoo:MODEL/NAME`` names one shipped with an embedded model (GRAM
+    meta-prompts, ``zoo:shapeworld-clip-tiny/gram-coop``); anything else is a path."""
+    text = str(path)
+    if not text.startswith(_PREFIX):
+        return Path(path)
+    model, _, name = text.removeprefix(_PREFIX).partition("/")
+    folder = model_dir(model) / name
+    if not name or not folder.is_dir():
+        shipped = sorted(p.parent.name for p in model_dir(model).glob("*/config.json"))
+        raise FileNotFoundError(f"no prompt {text!r} ships with the embedded model {model!r}; shipped: {shipped or 'none'}")
+    return folder
