@@ -148,6 +148,17 @@ def test_shipped_evaluation_configs_parse():
 
             load_transferability_config(path).recipe()
             continue
-        cfg = load_eval_config(path)
+        if "settings" in raw:  # one few-shot evaluation per setting (GRAM)
+            from vlprompt.apps.fewshot import EvaluationConfig
+            from vlprompt.apps.gram import load_settings
+
+            settings, rest = load_settings(path)
+            cfg = EvaluationConfig(**{**rest, "data": next(iter(settings.values()))}, config_dir=path.parent)
+        else:
+            cfg = load_eval_config(path)
         for name in cfg.methods:
-            cfg.recipe(name)
+            recipe = cfg.recipe(name)
+            if name.endswith("+gram"):  # the trainer callbacks (the regulator) build too
+                from vlprompt.methods import GradientRegulation
+
+                assert any(isinstance(c, GradientRegulation) for c in recipe.trainer_args(recipe.instantiate())["callbacks"])

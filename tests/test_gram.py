@@ -273,3 +273,31 @@ def test_a_meta_prompt_from_another_backbone_is_refused(backbone, tmp_path):
     regulation = GradientRegulation(str(saved))
     with pytest.raises(BackboneMismatchError):
         regulation.setup(None, PromptClassifier(backbone, COOP, ["a", "b"]), "fit")
+
+
+def test_cli_meta_trains_from_the_shipped_config_and_any_method_uses_the_result(tiny_model_dir, pair_folder, dassl_folder,
+                                                                                tmp_path):
+    from vlprompt.cli import main
+    from vlprompt.resources import bundled_dir
+
+    configs = bundled_dir("configs")
+    meta = tmp_path / "meta"
+    main(["fit", "--config", str(configs / "gram" / "shapeworld_coop.yaml"),
+          f"--model.init_args.backbone.init_args.model_name=local-dir:{tiny_model_dir}",
+          "--model.init_args.n_way=3", "--model.init_args.k_shot=2", "--model.init_args.q_query=3",
+          "--model.init_args.n_domains=2", "--model.init_args.classes_per_domain=4", "--model.init_args.min_class_size=3",
+          "--data=vlprompt.data.ImageTextPairsDataModule", f"--data.source={pair_folder}", "--data.episodes_per_epoch=4",
+          "--data.num_workers=0", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+          f"--save_prompt={meta}"])
+    assert (meta / "prompt.safetensors").is_file() and (meta / "regulator.safetensors").is_file()
+    # CoOp few-shot from the meta-prompt, its gradients regulated: switched on from the command line.
+    backbone_yaml = tmp_path / "backbone.yaml"
+    backbone_yaml.write_text(f"model:\n  backbone:\n    class_path: vlprompt.backbones.OpenCLIPBackbone\n"
+                             f"    init_args: {{model_name: 'local-dir:{tiny_model_dir}'}}\n")
+    main(["fit", "--config", str(configs / "methods" / "coop.yaml"), "--config", str(backbone_yaml),
+          "--model.prompt_learner.init_args.n_ctx=4", f"--model.init_prompt={meta}",
+          "--trainer.callbacks+=vlprompt.methods.GradientRegulation", f"--trainer.callbacks.meta_prompt={meta}",
+          "--data", "vlprompt.data.FewShotDataModule", f"--data.root={dassl_folder}", "--data.shots=2",
+          "--data.num_workers=0", "--data.batch_size=4", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
+          f"--trainer.default_root_dir={tmp_path / 'downstream'}", f"--save_prompt={tmp_path / 'tuned'}"])
+    assert (tmp_path / "tuned" / "prompt.safetensors").is_file()

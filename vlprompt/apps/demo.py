@@ -7,7 +7,8 @@ accuracies. Results, tables and a plot land in ``outputs/demo/<timestamp>/``.
 
 A config with a top-level ``tta`` section (``shapeworld_tta``) instead compares zero-shot, TPT
 and DiffTPT on a shifted test split, with no training; one with ``source`` and ``targets`` task
-sets (``shapeworld_multitask``) runs multitask prompt tuning (MVLPT, :mod:`vlprompt.apps.multitask`).
+sets (``shapeworld_multitask``) runs multitask prompt tuning (MVLPT, :mod:`vlprompt.apps.multitask`); one
+with ``settings`` (``shapeworld_gram``) runs the few-shot evaluation once per setting (:mod:`vlprompt.apps.gram`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         "shapeworld_transfer: source domain to held-out classes and other domains; "
         "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split; shapeworld_multitask: "
         "MVLPT, a prompt from three source tasks used on held-out target tasks; seg/shapeworld_demo: "
-        "referring segmentation, zero-shot vs text, visual and multimodal prompts)",
+        "referring segmentation, zero-shot vs text, visual and multimodal prompts; shapeworld_gram: CoOp and "
+        "VPT from their usual initialisation vs GRAM's meta-prompt, with and without its gradient regulator)",
     )
     parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
     parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         return _multitask_demo(config, args, parser, output_dir)
     if "segmentation" in raw:
         return _segmentation_demo(config, args, output_dir)
+    if "settings" in raw:
+        return _settings_demo(config, args, parser, output_dir)
     cfg = load_eval_config(config)
     if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
@@ -134,3 +138,12 @@ def _segmentation_demo(config: Path, args: argparse.Namespace, output_dir: Path)
     log.info("Referring segmentation, ShapeWorld %s test split, embedded tiny CLIP + its CLIPSeg-style head (%.0f s):"
              "\n%s\nOverlays: %s", cfg.data.get("init_args", {}).get("domain", ""), time.perf_counter() - started,
              format_table(rows), output_dir / "overlays.png")
+
+
+def _settings_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
+    from vlprompt.apps.gram import format_gram_table, run_settings
+
+    started = time.perf_counter()
+    results = run_settings(config, output_dir, args, parser)
+    log.info("Few-shot accuracy (%%, mean ± std over seeds), embedded tiny CLIP, %s (%.0f s):\n%s\nTables: %s",
+             config.stem, time.perf_counter() - started, format_gram_table(results), output_dir)

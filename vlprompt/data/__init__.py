@@ -3,7 +3,12 @@
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS, FewShotDataModule
 from vlprompt.data.multitask import MultiTaskDataModule, MultiTaskDataset, Task, TaskBatchSampler
-from vlprompt.data.shapeworld import ShapeWorldDataModule, ShapeWorldSegmentationDataModule, ensure_shapeworld
+from vlprompt.data.shapeworld import (
+    ShapeWorldDataModule,
+    ShapeWorldPairsDataModule,
+    ShapeWorldSegmentationDataModule,
+    ensure_shapeworld,
+)
 from vlprompt.data.fewshot import sample_few_shot, subset_classes
 from vlprompt.data.images import ImageDataset, build_eval_transform, build_train_transform, collate_skipping
 from vlprompt.data.sources import Sample, SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
@@ -31,6 +36,7 @@ __all__ = [
     "MultiTaskDataset",
     "Sample",
     "ShapeWorldDataModule",
+    "ShapeWorldPairsDataModule",
     "ShapeWorldSegmentationDataModule",
     "SplitSamples",
     "Task",

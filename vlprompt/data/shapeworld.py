@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.data.datamodule import FewShotDataModule
+from vlprompt.data.pairs import ImageTextPairsDataModule
 from vlprompt.data.segmentation import SegmentationDataModule
 from vlprompt.data import world
 
-__all__ = ["ShapeWorldDataModule", "ShapeWorldSegmentationDataModule", "ensure_shapeworld"]
+__all__ = ["ShapeWorldDataModule", "ShapeWorldPairsDataModule", "ShapeWorldSegmentationDataModule", "ensure_shapeworld"]
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,8 @@ _MARKER = "shapeworld.json"
 
 def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", seed: int = 0, task: str = "pairs") -> Path:
     """Write the ShapeWorld classification dataset of ``task`` (:data:`~vlprompt.data.world.TASKS`),
-    or the referring-segmentation dataset (``task="segmentation"``), into ``root`` unless it is
-    already there.
+    the referring-segmentation dataset (``task="segmentation"``) or unlabelled image-caption pairs
+    (``task="captions"``, pretraining-domain images), into ``root`` unless it is already there.
 
     Generation is deterministic, so a folder written earlier with the same settings is reused; a
     folder written with other settings is an error rather than a silent mix-up.
@@ -31,7 +32,7 @@ def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", se
     if task != "pairs":  # folders of the held-out pairs written before tasks existed stay valid
         settings["task"] = task
     marker = root / _MARKER
-    done = root / ("anns/train.json" if task == "segmentation" else world.SPLIT_FILE)
+    done = root / {"segmentation": "anns/train.json", "captions": _MARKER}.get(task, world.SPLIT_FILE)
     if done.is_file():
         found = json.loads(marker.read_text()) if marker.is_file() else None
         if found != settings:
@@ -43,6 +44,8 @@ def ensure_shapeworld(root: str | Path, *, domain: world.Domain = "negative", se
     log.info("generating the ShapeWorld %s %s dataset in %s (once)", task, domain, root)
     if task == "segmentation":
         world.write_segmentation_dataset(root, seed=seed, domain=domain)
+    elif task == "captions":
+        world.write_caption_dataset(root, seed=seed)
     else:
         world.write_classification_dataset(root, seed=seed, domain=domain, task=task)
     marker.write_text(json.dumps(settings) + "\n")
@@ -97,3 +100,19 @@ class ShapeWorldSegmentationDataModule(SegmentationDataModule):
         root = root or f"outputs/shapeworld-seg-{domain}"
         ensure_shapeworld(root, domain=domain, task="segmentation")
         super().__init__(root, format="tunevlseg", **kwargs)
+
+
+class ShapeWorldPairsDataModule(ImageTextPairsDataModule):
+    """Unlabelled ShapeWorld image-caption pairs for meta-learning (GRAM), generated on first use
+    (:func:`~vlprompt.data.world.write_caption_dataset`: 2,048 pretraining-domain images and their
+    captions, no class labels). Other arguments as for
+    :class:`~vlprompt.data.pairs.ImageTextPairsDataModule`.
+
+    Args:
+        root: where the pairs are (or will be) written; default ``outputs/shapeworld-captions``.
+    """
+
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
+        root = root or "outputs/shapeworld-captions"
+        ensure_shapeworld(root, domain="pretrain", task="captions")
+        super().__init__(root, **kwargs)
