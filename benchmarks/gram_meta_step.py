@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
-import tempfile
-from pathlib import Path
 
-import open_clip
 import torch
 
-from timing import timed
+from timing import random_open_clip, timed
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.methods import GRAMMetaLearner
 from vlprompt.prompts import CoOpPromptLearner, VPTPromptLearner
@@ -31,14 +27,6 @@ from vlprompt.prompts import CoOpPromptLearner, VPTPromptLearner
 log = logging.getLogger("benchmarks.gram_meta_step")
 
 WORDS = ["cat", "dog", "car", "tree", "house", "ship", "bird", "horse", "lamp", "chair", "boat", "cup"]
-
-
-def _backbone(model: str, size: int, device: torch.device) -> OpenCLIPBackbone:
-    cfg = open_clip.get_model_config(model)
-    cfg["vision_cfg"]["image_size"] = size
-    folder = Path(tempfile.mkdtemp(prefix="gram-bench-"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    return OpenCLIPBackbone(f"local-dir:{folder}").to(device)
 
 
 def _episodes(n: int, ways: int, shots: int, queries: int, size: int, images: bool) -> list[dict]:
@@ -98,7 +86,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("vlprompt").setLevel(logging.WARNING)
     device = torch.device(args.device)
-    backbone = _backbone(args.model, args.size, device)
+    backbone = random_open_clip(args.model, args.size, device)
     log.info("%s at %d px, %s; %d episodes per step, %d-way %d-shot, %d queries per class, %d inner steps",
              args.model, args.size, device, args.episodes, args.ways, args.shots, args.queries, args.inner_steps)
     rows = [("CoOp (16 ctx), cached", functools.partial(CoOpPromptLearner, n_ctx=16), False),

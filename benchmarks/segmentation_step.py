@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
-import tempfile
-from pathlib import Path
 
-import open_clip
 import torch
 
-from timing import timed
-from vlprompt.backbones import Backbone, HFCLIPBackbone, OpenCLIPBackbone
+from timing import random_open_clip, timed
+from vlprompt.backbones import Backbone, HFCLIPBackbone
 from vlprompt.methods import PromptSegmenter
 from vlprompt.prompts import CoOpPromptLearner, MaPLePromptLearner, VPTPromptLearner
 
@@ -40,15 +36,6 @@ STRATEGIES = {
     "visual (VPT-deep)": functools.partial(VPTPromptLearner, n_tokens=8, templates="{}"),
     "multimodal (MaPLe)": functools.partial(MaPLePromptLearner),
 }
-
-
-def _backbone(model: str, size: int, device: torch.device) -> OpenCLIPBackbone:
-    """A random-weight open_clip model at ``size`` px (positional embeddings for that grid)."""
-    cfg = open_clip.get_model_config(model)
-    cfg["vision_cfg"]["image_size"] = size
-    folder = Path(tempfile.mkdtemp(prefix="seg-bench-"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    return OpenCLIPBackbone(f"local-dir:{folder}").to(device)
 
 
 def _clipseg(size: int, device: torch.device) -> HFCLIPBackbone:
@@ -73,7 +60,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone: Backbone = _clipseg(args.size, device) if args.vlsm else _backbone(args.model, args.size, device)
+    backbone: Backbone = _clipseg(args.size, device) if args.vlsm else random_open_clip(args.model, args.size, device)
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
     masks = (torch.rand(args.batch_size, 1, args.size, args.size, device=device) > 0.7).float()
     prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]

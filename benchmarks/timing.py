@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,3 +26,17 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def random_open_clip(model: str, size: int, device: torch.device):
+    """A random-weight open_clip ``model`` at ``size`` px (positional embeddings for that grid),
+    behind vlprompt's backbone API: nothing is downloaded."""
+    import open_clip
+
+    from vlprompt.backbones import OpenCLIPBackbone
+
+    cfg = open_clip.get_model_config(model)
+    cfg["vision_cfg"]["image_size"] = size
+    folder = Path(tempfile.mkdtemp(prefix="vlprompt-bench-"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    return OpenCLIPBackbone(f"local-dir:{folder}").to(device)

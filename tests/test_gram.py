@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import tarfile
 
 import lightning.pytorch as pl
@@ -290,6 +291,14 @@ def test_cli_meta_trains_from_the_shipped_config_and_any_method_uses_the_result(
           "--data.num_workers=0", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
           f"--save_prompt={meta}"])
     assert (meta / "prompt.safetensors").is_file() and (meta / "regulator.safetensors").is_file()
+    main(["fit", "--config", str(configs / "gram" / "shapeworld_unigram.yaml"),  # UNIGRAM: text + visual prompts
+          f"--model.init_args.backbone.init_args.model_name=local-dir:{tiny_model_dir}",
+          "--model.init_args.n_way=3", "--model.init_args.k_shot=2", "--model.init_args.q_query=3",
+          "--model.init_args.n_domains=2", "--model.init_args.classes_per_domain=4", "--model.init_args.min_class_size=3",
+          "--model.init_args.inner_steps=1", "--data=vlprompt.data.ImageTextPairsDataModule", f"--data.source={pair_folder}",
+          "--data.episodes_per_epoch=2", "--data.episodes_per_batch=1", "--data.num_workers=0", "--trainer.max_epochs=1",
+          f"--trainer.default_root_dir={tmp_path / 'unigram'}", f"--save_prompt={tmp_path / 'unigram-meta'}"])
+    assert json.loads((tmp_path / "unigram-meta" / "config.json").read_text())["method"] == "ivlp"
     # CoOp few-shot from the meta-prompt, its gradients regulated: switched on from the command line.
     backbone_yaml = tmp_path / "backbone.yaml"
     backbone_yaml.write_text(f"model:\n  backbone:\n    class_path: vlprompt.backbones.OpenCLIPBackbone\n"

@@ -39,7 +39,7 @@ from vlprompt.backbones import OpenCLIPBackbone  # noqa: E402
 from vlprompt.data import ShapeWorldSegmentationDataModule  # noqa: E402
 from vlprompt.methods import PromptSegmenter  # noqa: E402
 from vlprompt.methods.segmentation import save_decoder_weights  # noqa: E402
-from vlprompt.zoo import DECODER_BUILD_FILE, DECODER_FILE, model_dir  # noqa: E402
+from vlprompt.zoo import DECODER_BUILD_FILE, DECODER_FILE, model_dir, tensors_sha256  # noqa: E402
 
 log = logging.getLogger("build_embedded_vlsm")
 
@@ -75,7 +75,8 @@ def build(out: Path, args: argparse.Namespace) -> dict:
     record = {
         "model": "shapeworld-clip-tiny", "head": "CLIPSegDecoder", "command": ["tools/build_embedded_vlsm.py"],
         "args": vars(args), "extract_layers": model.decoder.extract_layers,
-        "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "weights_bytes": path.stat().st_size,
+        "weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "tensors_sha256": tensors_sha256(path),
+        "weights_bytes": path.stat().st_size,
         "seconds": round(time.perf_counter() - started), "test_scores": scores,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__},
     }
@@ -99,10 +100,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.use_deterministic_algorithms(True)
     if args.check:
-        expected = json.loads((args.out / DECODER_BUILD_FILE).read_text())["weights_sha256"]
+        expected = json.loads((args.out / DECODER_BUILD_FILE).read_text())["tensors_sha256"]
         with tempfile.TemporaryDirectory() as tmp:
             got = build(Path(tmp), argparse.Namespace(**{**vars(args), "check": False, "out": tmp}))
-        same = got["weights_sha256"] == expected
+        same = got["tensors_sha256"] == expected  # the tensors: header metadata order varies
         log.info("rebuilt weights %s the shipped ones", "match" if same else "DIFFER from")
         raise SystemExit(0 if same else 1)
     out = Path(args.out).resolve()

@@ -106,8 +106,9 @@ class Backbone(nn.Module, ABC):
 
     @property
     def text_start(self) -> int:
-        """Index of the first text token (1 when the tokenizer adds a start-of-text token)."""
-        return 1
+        """Index of the first text token: where the empty text pools (its end-of-text token) when
+        the tokenizer adds a start-of-text token before it, so 1 for CLIP's BPE."""
+        return int(self.pool_indices(self.tokenize([""]))[0])
 
     def text_length_needed(self, token_ids: torch.Tensor) -> int:
         """How many leading positions of ``token_ids`` the pooled text features depend on;

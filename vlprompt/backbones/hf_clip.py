@@ -218,10 +218,6 @@ class HFCLIPBackbone(Backbone):
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.text_model.embeddings.token_embedding(token_ids.to(self.device))
 
-    @property
-    def text_start(self) -> int:
-        return int(self.pool_indices(self.tokenize([""]))[0])
-
     def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.pool_type == "argmax":
             return token_ids.argmax(dim=-1)

@@ -199,11 +199,6 @@ class OpenCLIPBackbone(Backbone):
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self._tower.token_embedding(token_ids.to(self.device))
 
-    @property
-    def text_start(self) -> int:
-        """Index of the first text token (1 when the tokenizer adds a start-of-text token)."""
-        return int(self.pool_indices(self.tokenize([""]))[0])
-
     def text_length_needed(self, token_ids: torch.Tensor) -> int:
         """How many leading positions of ``token_ids`` the pooled features depend on."""
         if self.truncate_text and self.can_truncate_text:

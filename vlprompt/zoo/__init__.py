@@ -87,3 +87,18 @@ def resolve_prompt_dir(path: str | Path) -> Path:
         shipped = sorted(p.parent.name for p in model_dir(model).glob("*/config.json"))
         raise FileNotFoundError(f"no prompt {text!r} ships with the embedded model {model!r}; shipped: {shipped or 'none'}")
     return folder
+
+
+def tensors_sha256(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, shapes, dtypes, bytes), what the build tools
+    record: the file's header lists its metadata in no fixed order, so two identical builds may
+    differ in their bytes but not in this."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
