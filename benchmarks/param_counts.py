@@ -24,6 +24,7 @@ PAPER_SETTINGS = [
     ("promptsrc", {"templates": "photo"}, None),
     ("kgcoop", {}, None),
     ("upt", {}, None),
+    ("dept", {"n_ctx": 8}, None),  # budget: within 1% of 16-token CoOp (rank 7)
 ]
 
 

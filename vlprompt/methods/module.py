@@ -212,7 +212,7 @@ class PromptModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError(f"the {self.prompt_learner.name} prompt has no learnable parameters; nothing to fit")
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(self.prompt_learner.optimizer_groups(params))
         if self.lr_scheduler_name == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -128,6 +128,11 @@ class PromptLearner(nn.Module):
         """Method-specific regulariser added to the cross-entropy (None when there is none)."""
         return None
 
+    def optimizer_groups(self, params: list[nn.Parameter]) -> list[Any]:
+        """What the optimiser is built over: ``params`` as they are, or parameter groups with their
+        own settings (DePT's low-rank learning rate)."""
+        return params
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_learnable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
