@@ -57,6 +57,18 @@ def test_timm_towers_inside_open_clip_and_alone(tmp_path, timm_backbone):
     assert timm_backbone.vision_layers == 3 and timm_backbone.embed_dim == 32
 
 
+def test_a_timm_trunk_whose_own_head_is_the_projection(tmp_path):
+    """MobileCLIP's layout: no open_clip projection, the timm trunk's classifier head (num_classes =
+    embed_dim) is the projection; prompted features must go through it too."""
+    cfg = {**TINY_CLIP, "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                       "image_size": 160, "timm_pool": "token", "timm_proj": None}}
+    wrapped = make_backbone(tmp_path, cfg)
+    assert wrapped.model.visual.trunk.num_classes == wrapped.embed_dim
+    x = images(2, 160)
+    assert torch.equal(wrapped.encode_image(x, [torch.zeros(0, wrapped.vision_width)]), wrapped.encode_image(x))
+    assert wrapped.encode_image(x, [torch.randn(2, wrapped.vision_width)]).shape == (2, wrapped.embed_dim)
+
+
 @pytest.mark.parametrize("pool", ["map", "avg", "token"])
 def test_timm_pooling_modes(pool):
     torch.manual_seed(0)

@@ -215,7 +215,7 @@ def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
         return model.patch_drop(x)
 
     def head(x: torch.Tensor) -> torch.Tensor:
-        x = model.forward_head(model.norm(x), pre_logits=True)
+        x = model.forward_head(model.norm(x))  # its head too: a projection in MobileCLIP, Identity for features
         return post(x) if post is not None else x
 
     return ViTTower(
