@@ -125,3 +125,18 @@ def test_pretrained_local_checkpoint_file(tmp_path, backbone):
     assert loaded.identity["fingerprint"] == backbone.identity["fingerprint"]
     ids = backbone.tokenize(TEXTS)
     assert torch.equal(loaded.encode_text(ids), backbone.encode_text(ids))
+
+
+def test_wrap_an_open_clip_model_in_memory(tiny_model_dir):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP)
+    b = OpenCLIPBackbone.from_model(model, name="my-finetuned-clip")
+    assert b.identity["name"] == "my-finetuned-clip" and not any(p.requires_grad for p in model.parameters())
+    texts = ["a photo of a cat.", "dog"]
+    ids = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")(texts)
+    with torch.no_grad():
+        assert torch.allclose(b.encode_text(texts), model.encode_text(ids), atol=1e-5)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(b.encode_image(x, [torch.zeros(0, b.vision_width)]), model.encode_image(x))

@@ -136,10 +136,32 @@ class OpenCLIPBackbone(Backbone):
                     "use `local-dir:/folder` with open_clip_config.json and the weights."
                 ) from err
             raise
+        self._setup(model, open_clip.get_tokenizer(resolved), model_name, pretrained, truncate_text=truncate_text,
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any | None = None, *, name: str = "in-memory",
+                   pretrained: str | None = None, truncate_text: bool = True, grad_checkpointing: bool = False,
+                   text_chunk_size: int | None = None) -> OpenCLIPBackbone:
+        """Wrap an open_clip model already in memory (fine-tuned, built by hand ...). ``tokenizer``:
+        the model's (``open_clip.get_tokenizer(name)``); None uses open_clip's default CLIP BPE
+        tokenizer at the model's context length. ``name`` and ``pretrained`` are recorded in the
+        backbone's identity (a saved prompt then names them); the weights' fingerprint is what
+        tells two models apart. The model is frozen in place (``requires_grad=False``, eval mode)."""
+        if tokenizer is None:
+            tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=_text_tower(model).positional_embedding.shape[0])
+        self = cls.__new__(cls)
+        Backbone.__init__(self)
+        self._setup(model, tokenizer, name, pretrained, truncate_text=truncate_text,
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size)
+        return self
+
+    def _setup(self, model: nn.Module, tokenizer: Any, model_name: str, pretrained: str | None, *,
+               truncate_text: bool, grad_checkpointing: bool, text_chunk_size: int | None) -> None:
         self.model_name = model_name
         self.pretrained = pretrained
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(resolved)
+        self.tokenizer = tokenizer
         self.truncate_text = truncate_text
         self.text_chunk_size = text_chunk_size
 
