@@ -182,3 +182,25 @@ def test_timm_backbone_loads_a_local_checkpoint(tmp_path):
     assert torch.allclose(loaded.encode_image(x), source.eval()(x), atol=1e-6)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         TimmBackbone("vit_tiny_patch16_224", str(tmp_path / "missing.pt"), model_kwargs=TIMM_TINY)
+
+
+@pytest.mark.parametrize("name, kwargs", [("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2, "embed_dim": 48,
+                                                                       "num_heads": 2}),
+                                           ("vit_pe_core_tiny_patch16_384", {"img_size": 32, "depth": 2})])
+def test_eva_towers_with_rotary_embeddings_take_prompts(name, kwargs):
+    """timm Eva (EVA02, PE-Core): rotary embeddings keep applying to the patches only, with prompt
+    tokens in the sequence; exact without prompts; placement makes no difference; checkpointing
+    recomputes the same blocks."""
+    torch.manual_seed(0)
+    plain, checkpointed = (TimmBackbone(name, model_kwargs=kwargs, grad_checkpointing=g) for g in (False, True))
+    checkpointed.load_state_dict(plain.state_dict())
+    x = images(2, kwargs["img_size"])
+    width = plain.vision_width
+    assert torch.equal(plain.encode_image(x, [torch.zeros(0, width)]), plain.encode_image(x))
+    prompts = [torch.randn(3, width, requires_grad=True) for _ in range(2)]
+    after_cls = plain.encode_image(x, prompts, "after_cls")
+    assert torch.allclose(after_cls, plain.encode_image(x, prompts, "after_patches"), atol=1e-6)
+    assert not torch.allclose(after_cls, plain.encode_image(x), atol=1e-4)
+    grads = torch.autograd.grad(after_cls.sum(), prompts)
+    again = torch.autograd.grad(checkpointed.encode_image(x, prompts).sum(), prompts)
+    assert all(g.abs().sum() > 0 and torch.allclose(g, h, atol=1e-5) for g, h in zip(grads, again))

@@ -25,6 +25,7 @@ PLACEMENTS: tuple[str, ...] = ("after_cls", "after_patches")
 SUPPORTED_TOWERS = (
     "open_clip VisionTransformer (every open_clip ViT-*)",
     "timm VisionTransformer (timm vit_*, deit_*, also inside open_clip timm towers)",
+    "timm Eva (EVA02, PE-Core; rotary position embeddings; timm eva02_*, also inside open_clip)",
 )
 
 
@@ -61,8 +62,13 @@ class ViTTower:
         run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
         head: Callable[[torch.Tensor], torch.Tensor],
         patch_size: tuple[int, int],
+        prompts_after_prefix: bool = False,
     ) -> None:
         self.width = width
+        #: Insert prompts right after the prefix tokens whatever the placement: for towers whose
+        #: attention only sees token order through rotary embeddings of the patches (Eva), where
+        #: both placements give the same result once the prompts are removed.
+        self.prompts_after_prefix = prompts_after_prefix
         self.patch_size = tuple(patch_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.embed, self.pre_norm, self.head = embed, pre_norm, head
@@ -123,7 +129,7 @@ class ViTTower:
                     f"(the image tower's width is {self.width})"
                 )
         x = self.embed(images)
-        start = self.num_prefix_tokens if placement == "after_cls" else x.shape[1]
+        start = self.num_prefix_tokens if placement == "after_cls" or self.prompts_after_prefix else x.shape[1]
         if prompts:
             x = _insert_tokens(x, prompts[0].to(x.dtype), start)
         x = self.pre_norm(x)
@@ -155,8 +161,12 @@ def vit_tower(visual: nn.Module) -> ViTTower:
     trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel wraps a timm model
     if trunk is not None and _is_timm_vit(trunk):
         return timm_vit_tower(trunk, post=visual.head)
+    if trunk is not None and _is_timm_eva(trunk):
+        return timm_eva_tower(trunk, post=visual.head)
     if _is_timm_vit(visual):
         return timm_vit_tower(visual)
+    if _is_timm_eva(visual):
+        return timm_eva_tower(visual)
     inner = f" with a {type(trunk).__name__} trunk" if trunk is not None else ""
     raise NotImplementedError(
         f"visual prompts need a ViT image tower, but this model's is {type(visual).__name__}{inner}. "
@@ -227,4 +237,61 @@ def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
         run_block=lambda block, x: run_block_maybe_checkpointed(model, block, x),
         head=head,
         patch_size=tuple(model.patch_embed.patch_size),
+    )
+
+
+def _is_timm_eva(model: nn.Module) -> bool:
+    try:
+        from timm.models.eva import Eva
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(model, Eva)
+
+
+def timm_eva_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
+    """Adapt a timm ``Eva`` (EVA02, PE-Core). Its attention applies rotary position embeddings to
+    the tokens after ``num_prefix_tokens``, which must be the patches: prompts go right after the
+    prefix tokens, and each block's attention counts them as prefix while they are there (also
+    when checkpointing recomputes the block). The absolute position embeddings are added before the
+    prompts join, so attention sees the same thing whatever the placement."""
+    state: dict[str, object] = {}
+    index = {id(block): i for i, block in enumerate(model.blocks)}
+    prefix = model.num_prefix_tokens
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        x, rope = model._pos_embed(model.patch_embed(images))
+        state["rope"], state["length"] = rope, x.shape[1]
+        return x
+
+    def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rope = state["rope"]
+        if rope is not None and getattr(model, "rope_mixed", False):
+            rope = rope[index[id(block)]]
+        extra = x.shape[1] - state["length"]
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            attn = block.attn
+            saved = attn.num_prefix_tokens
+            attn.num_prefix_tokens = prefix + extra
+            try:
+                return block(h, rope=rope)
+            finally:
+                attn.num_prefix_tokens = saved
+
+        return run_block_maybe_checkpointed(model, run, x)
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        x = model.forward_head(model.norm(x))
+        return post(x) if post is not None else x
+
+    return ViTTower(
+        width=model.embed_dim,
+        num_prefix_tokens=prefix,
+        embed=embed,
+        pre_norm=model.norm_pre,
+        blocks=model.blocks,
+        run_block=run_block,
+        head=head,
+        patch_size=tuple(model.patch_embed.patch_size),
+        prompts_after_prefix=True,
     )
