@@ -140,3 +140,34 @@ def test_wrap_an_open_clip_model_in_memory(tiny_model_dir):
         assert torch.allclose(b.encode_text(texts), model.encode_text(ids), atol=1e-5)
         x = torch.randn(2, 3, 32, 32)
         assert torch.equal(b.encode_image(x, [torch.zeros(0, b.vision_width)]), model.encode_image(x))
+
+
+TINY_COCA = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "attentional_pool": True,
+                   "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2, "embed_cls": True,
+                 "output_tokens": True},
+    "multimodal_cfg": {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 1,
+                       "attn_pooler_heads": 2},
+    "custom_text": True,
+}
+
+
+def test_coca_text_prompts_reproduce_its_own_text_features(tmp_path):
+    """CoCa: a class token appended after the text, pooled last, and the legacy padding-mask order
+    of the released weights; CoOp's hand-written start reproduces encode_text exactly."""
+    from vlprompt.prompts import CoOpPromptLearner, MaPLePromptLearner
+
+    b = make_backbone(tmp_path, TINY_COCA)
+    assert type(b.model).__name__ == "CoCa" and b.pool_type == "last" and b.text_start == 1
+    texts = ["a photo of a cat.", "dog", "a rather long sentence about things"]
+    with torch.no_grad():
+        own = b.model.encode_text(b.tokenize(texts), normalize=False)
+        assert torch.allclose(b.encode_text(texts), own, atol=1e-5)
+        coop = CoOpPromptLearner(b, ["cat", "hot dog"], ctx_init="a photo of a")
+        own = b.model.encode_text(b.tokenize(["a photo of a cat.", "a photo of a hot dog."]), normalize=False)
+        assert torch.allclose(coop.text_features(), own, atol=1e-5)
+    maple = MaPLePromptLearner(b, ["cat", "dog"], depth=2)
+    maple(images=torch.randn(2, 3, 32, 32)).text_features.sum().backward()
+    assert maple.ctx.grad is not None and maple.ctx.grad.abs().sum() > 0

@@ -106,9 +106,24 @@ class Backbone(nn.Module, ABC):
 
     @property
     def text_start(self) -> int:
-        """Index of the first text token: where the empty text pools (its end-of-text token) when
-        the tokenizer adds a start-of-text token before it, so 1 for CLIP's BPE."""
-        return int(self.pool_indices(self.tokenize([""]))[0])
+        """Index of the first text token (1 after CLIP's start-of-text token, 0 for tokenizers
+        without one): where the tokens of the empty text and of a one-word text first differ.
+        Read from the tokenizer, never from the pooling (a tower may pool at the last position)."""
+        empty, word = self.tokenize(["", "x"])
+        return int((empty != word).nonzero()[0])
+
+    def text_token_count(self, text: str) -> int:
+        """How many tokens ``text`` takes, special tokens not counted."""
+        return int(self.text_token_counts(self.tokenize([text]))[0])
+
+    def text_token_counts(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of text (special tokens not counted) in each tokenized sequence ``[N]``; a text
+        the tokenizer had to cut counts as filling the whole context."""
+        if self.pool_type in ("argmax", "eos"):  # pooled at the end-of-text token, right after the text
+            return self.pool_indices(token_ids) - self.text_start
+        empty = self.tokenize([""])[0].to(token_ids.device)
+        pad = empty[-1]  # the empty text is padding after its special tokens
+        return (token_ids != pad).sum(-1) - (empty != pad).sum()
 
     def text_length_needed(self, token_ids: torch.Tensor) -> int:
         """How many leading positions of ``token_ids`` the pooled text features depend on;

@@ -38,6 +38,7 @@ class _TextTower:
     pad_id: int
     use_pad_mask: bool
     cls_emb: torch.Tensor | None
+    correct_cls_mask: bool
     heads: int
 
 
@@ -65,6 +66,7 @@ def _text_tower(model: nn.Module) -> _TextTower:
         pad_id=getattr(source, "pad_id", 0),
         use_pad_mask=getattr(source, "use_pad_mask", False),
         cls_emb=getattr(source, "cls_emb", None),
+        correct_cls_mask=getattr(source, "correct_cls_mask", False),
         heads=source.transformer.resblocks[0].attn.num_heads,
     )
 
@@ -312,7 +314,10 @@ class OpenCLIPBackbone(Backbone):
     def _padding_mask(self, token_ids: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
         valid = token_ids != self._tower.pad_id
         if self._tower.cls_emb is not None:
-            valid = torch.cat([valid, valid.new_ones(valid.shape[0], 1)], dim=1)
+            # The class token's key column: at the end, or (open_clip's legacy order, which the
+            # released CoCa weights were trained with) in front, shifting the padding columns by one.
+            ones = valid.new_ones(valid.shape[0], 1)
+            valid = torch.cat([valid, ones] if self._tower.correct_cls_mask else [ones, valid], dim=1)
         additive = torch.zeros(valid.shape[0], length, length, dtype=dtype, device=token_ids.device)
         additive.masked_fill_(~valid[:, None, :], float("-inf"))
         return additive.repeat_interleave(self._tower.heads, 0)

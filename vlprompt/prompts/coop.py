@@ -93,7 +93,7 @@ class CoOpPromptLearner(PromptLearner):
         ``(offset within the text tokens, length)`` of each run of context tokens."""
         x = _PLACEHOLDER
         n, half = self.n_ctx, self.n_ctx // 2
-        name_len = _token_count(self.backbone, name)
+        name_len = self.backbone.text_token_count(name)
         if self.class_token_position == "end":
             fixed = [self._fixed_words] if self._fixed_words else []
             return " ".join([x] * n + fixed + [name]) + ".", [(0, n)]
@@ -112,9 +112,11 @@ class CoOpPromptLearner(PromptLearner):
                 self.ctx = nn.Parameter(self._initial_ctx((len(classnames),)))
         texts, layouts = zip(*(self._prompt_text(c) for c in classnames))
         token_ids = self.backbone.tokenize(texts)
-        pooled = self.backbone.pool_indices(token_ids)
-        if (pooled >= token_ids.shape[1] - 1).any():
-            worst = classnames[int(pooled.argmax())]
+        counts = self.backbone.text_token_counts(token_ids)
+        empty = self.backbone.tokenize([""])[0]
+        specials = int((empty != empty[-1]).sum())  # start/end tokens around the text
+        if (counts >= token_ids.shape[1] - specials).any():  # filling the context: it may have been cut
+            worst = classnames[int(counts.argmax())]
             raise ValueError(
                 f"the prompt for class {worst!r} with {self.n_ctx} context tokens does not fit the "
                 f"text encoder's context length ({token_ids.shape[1]}); use fewer context tokens "
@@ -217,16 +219,11 @@ def load_dassl_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("prompt_learner."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _token_count(backbone: Backbone, text: str) -> int:
-    ids = backbone.tokenize([text])
-    return int(backbone.pool_indices(ids)[0]) - backbone.text_start
-
-
 def _words_after_tokens(backbone: Backbone, words: str, n_tokens: int) -> str:
     """The words of ``words`` left after its first ``n_tokens`` tokens (which must end a word)."""
     split = words.split()
     for k in range(len(split) + 1):
-        covered = _token_count(backbone, " ".join(split[:k])) if k else 0
+        covered = backbone.text_token_count(" ".join(split[:k])) if k else 0
         if covered == n_tokens:
             return " ".join(split[k:])
         if covered > n_tokens:
@@ -236,7 +233,7 @@ def _words_after_tokens(backbone: Backbone, words: str, n_tokens: int) -> str:
 
 def _word_embeddings(backbone: Backbone, words: str) -> torch.Tensor:
     ids = backbone.tokenize([words])
-    n = _token_count(backbone, words)
+    n = backbone.text_token_count(words)
     start = backbone.text_start
     with torch.no_grad():
         return backbone.token_embedding(ids)[0, start : start + n].detach().float().cpu().clone()
