@@ -159,14 +159,10 @@ def vit_tower(visual: nn.Module) -> ViTTower:
     if isinstance(visual, VisionTransformer):
         return _open_clip_vit(visual)
     trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel wraps a timm model
-    if trunk is not None and _is_timm_vit(trunk):
-        return timm_vit_tower(trunk, post=visual.head)
-    if trunk is not None and _is_timm_eva(trunk):
-        return timm_eva_tower(trunk, post=visual.head)
-    if _is_timm_vit(visual):
-        return timm_vit_tower(visual)
-    if _is_timm_eva(visual):
-        return timm_eva_tower(visual)
+    if trunk is not None and _timm_adapter(trunk) is not None:
+        return _timm_adapter(trunk)(trunk, post=visual.head)
+    if _timm_adapter(visual) is not None:
+        return _timm_adapter(visual)(visual)
     inner = f" with a {type(trunk).__name__} trunk" if trunk is not None else ""
     raise NotImplementedError(
         f"visual prompts need a ViT image tower, but this model's is {type(visual).__name__}{inner}. "
@@ -209,12 +205,16 @@ def _open_clip_vit(visual: nn.Module) -> ViTTower:
     )
 
 
-def _is_timm_vit(model: nn.Module) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, VisionTransformer)
+def _timm_adapter(model: nn.Module) -> Callable[..., ViTTower] | None:
+    """The adapter for a timm tower vlprompt can prompt (``VisionTransformer``, ``Eva``), or None."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return timm_vit_tower
+    if isinstance(model, Eva):
+        return timm_eva_tower
+    return None
 
 
 def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
@@ -238,14 +238,6 @@ def timm_vit_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:
         head=head,
         patch_size=tuple(model.patch_embed.patch_size),
     )
-
-
-def _is_timm_eva(model: nn.Module) -> bool:
-    try:
-        from timm.models.eva import Eva
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(model, Eva)
 
 
 def timm_eva_tower(model: nn.Module, post: nn.Module | None = None) -> ViTTower:

@@ -144,9 +144,9 @@ class GRAMMetaLearner(pl.LightningModule):
     def regulate(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         return grad if self.regulator is None else self.regulator(grad, param)
 
-    def adapt(self, params: Params, episode: dict[str, Any], *, second_order: bool | None = None) -> Params:
+    def adapt(self, params: Params, episode: dict[str, Any]) -> Params:
         """The prompt after ``inner_steps`` regulated SGD steps on the episode's support set."""
-        second_order = self.hparams.second_order if second_order is None else second_order
+        second_order = self.hparams.second_order
         for _ in range(self.hparams.inner_steps):
             with torch.enable_grad():  # the inner gradients, also when adapting under no_grad
                 params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
