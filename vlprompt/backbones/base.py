@@ -17,7 +17,14 @@ from torch import nn
 
 from vlprompt.backbones.vision import PromptPlacement
 
-__all__ = ["Backbone", "BackboneMismatchError", "check_backbone_identity", "run_deep_text_prompts"]
+__all__ = [
+    "Backbone",
+    "BackboneMismatchError",
+    "check_backbone_identity",
+    "check_deep_prompt_depth",
+    "run_deep_text_prompts",
+    "splice_prompt",
+]
 
 
 class BackboneMismatchError(ValueError):
@@ -257,6 +264,25 @@ def check_backbone_identity(saved: dict[str, Any], current: dict[str, Any], what
         )
 
 
+def check_deep_prompt_depth(n_prompts: int, n_layers: int) -> None:
+    """Deep text prompts replace the prompt tokens before layers ``1..n_prompts``: raise a clear
+    error when the tower has too few layers for that."""
+    if n_prompts >= n_layers:
+        raise ValueError(
+            f"{n_prompts} deep prompt layers given but the text tower has only "
+            f"{n_layers} layers (deep prompts apply to layers 1..{n_layers - 1})."
+        )
+
+
+def splice_prompt(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
+    """``x`` (``[N, L, D]``) with its ``n`` tokens from ``start`` replaced by ``prompt``
+    (``[n, D]``, shared, or ``[N, n, D]``)."""
+    prompt = prompt.to(x.dtype)
+    if prompt.dim() == 2:
+        prompt = prompt.expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], prompt, x[:, start + prompt.shape[1]:]], dim=1)
+
+
 def run_deep_text_prompts(
     blocks: Sequence[nn.Module],
     x: torch.Tensor,
@@ -268,16 +294,9 @@ def run_deep_text_prompts(
     ``i`` (``1 <= i <= len(deep_prompts)``) the ``n`` tokens from ``prompt_start`` are replaced by
     ``deep_prompts[i - 1]`` (``[n, D]`` or ``[N, n, D]``): MaPLe/IVLP deep text prompting."""
     deep_prompts = list(deep_prompts or [])
-    if len(deep_prompts) >= len(blocks):
-        raise ValueError(
-            f"{len(deep_prompts)} deep prompt layers given but the text tower has only "
-            f"{len(blocks)} layers (deep prompts apply to layers 1..{len(blocks) - 1})."
-        )
+    check_deep_prompt_depth(len(deep_prompts), len(blocks))
     for i, block in enumerate(blocks):
         if 1 <= i <= len(deep_prompts):
-            prompt = deep_prompts[i - 1].to(x.dtype)
-            if prompt.dim() == 2:
-                prompt = prompt.expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :prompt_start], prompt, x[:, prompt_start + prompt.shape[1]:]], dim=1)
+            x = splice_prompt(x, deep_prompts[i - 1], prompt_start)
         x = run(block, x)
     return x

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import open_clip
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlprompt.backbones.base import Backbone, run_deep_text_prompts
+from vlprompt.backbones.base import Backbone, check_deep_prompt_depth, run_deep_text_prompts, splice_prompt
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, run_block_maybe_checkpointed, vit_tower
 
 __all__ = ["OpenCLIPBackbone"]
@@ -71,6 +72,51 @@ def _text_tower(model: nn.Module) -> _TextTower:
     )
 
 
+def _load_tokenizer(model_name: str, tokenizer: str | None) -> Any:
+    """open_clip's tokenizer for ``model_name``, or the Hugging Face tokenizer ``tokenizer`` with
+    the model's context length and tokenizer options."""
+    if tokenizer is None:
+        try:
+            return open_clip.get_tokenizer(model_name)
+        except OSError as err:  # transformers could not reach or find the tokenizer files
+            raise OSError(
+                f"Could not load the tokenizer of {model_name!r}: {err}. open_clip fetches it from the "
+                "Hugging Face hub; offline, pass a local copy as OpenCLIPBackbone(..., tokenizer=FOLDER)."
+            ) from err
+    from open_clip.factory import get_model_config, parse_model_name
+
+    schema, identifier = parse_model_name(model_name)
+    text_cfg = (get_model_config(identifier) or {}).get("text_cfg", {}) if schema is None else {}
+    return open_clip.tokenizer.HFTokenizer(
+        tokenizer,
+        context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+        **text_cfg.get("tokenizer_kwargs", {}),
+    )
+
+
+def _hf_text_encoder(model: nn.Module) -> nn.Module | None:
+    """open_clip's ``HFTextEncoder`` (a transformers encoder as the text tower), or None."""
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    return text if isinstance(text, HFTextEncoder) else None
+
+
+def _hf_layers(transformer: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a transformers encoder (BERT/RoBERTa/XLM-R ``encoder.layer``,
+    T5/MT5 encoder ``block``, M2M100/NLLB encoder ``layers``)."""
+    for path in ("encoder.layer", "block", "layers", "encoder.layers"):
+        module = transformer
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise NotImplementedError(f"cannot find the layers of the {type(transformer).__name__} text encoder")
+
+
+_HF_POOLS = {"MeanPooler": "mean", "MaxPooler": "max", "ClsPooler": "first", "ClsLastHiddenStatePooler": "first"}
+
+
 class OpenCLIPBackbone(Backbone):
     """Any open_clip model, frozen, behind the prompt-learning API.
 
@@ -93,6 +139,15 @@ class OpenCLIPBackbone(Backbone):
             memory when many classes are encoded together (multitask training over the union of
             classes of all tasks). Same results; None encodes all prompts at once. Not part of the
             backbone's identity.
+        tokenizer: a Hugging Face tokenizer (hub id or local folder, e.g. one saved with
+            ``save_pretrained``) to use instead of the one open_clip names for this model. Models
+            whose tokenizer open_clip fetches from the hub (SigLIP, SigLIP2, CLIPA, MetaCLIP 2,
+            the RoBERTa/XLM-R/MT5/NLLB text towers) then work offline. The model's context
+            length and tokenizer options are kept.
+
+    Models with a Hugging Face text tower build it from the transformers config named in their
+    open_clip config (a hub id, or a local folder for ``local-dir:`` models); its own pretrained
+    weights are never fetched separately: they come with ``pretrained`` (random without it).
     """
 
     def __init__(
@@ -104,6 +159,7 @@ class OpenCLIPBackbone(Backbone):
         truncate_text: bool = True,
         grad_checkpointing: bool = False,
         text_chunk_size: int | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         from vlprompt.zoo import resolve_model_name
@@ -129,7 +185,9 @@ class OpenCLIPBackbone(Backbone):
                     f"{resolved!r} (known tags: {known or 'none'})."
                 )
         try:
-            model = open_clip.create_model(resolved, pretrained=pretrained, precision=precision)
+            model = open_clip.create_model(
+                resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False
+            )
         except RuntimeError as err:
             if pretrained and "download" in str(err).lower():
                 raise RuntimeError(
@@ -138,7 +196,13 @@ class OpenCLIPBackbone(Backbone):
                     "use `local-dir:/folder` with open_clip_config.json and the weights."
                 ) from err
             raise
-        self._setup(model, open_clip.get_tokenizer(resolved), model_name, pretrained, truncate_text=truncate_text,
+        except OSError as err:  # transformers could not fetch a Hugging Face text tower's config
+            raise OSError(
+                f"Could not build the Hugging Face text tower of {resolved!r}: {err}. open_clip reads its "
+                "transformers config from the hub; offline, use `local-dir:/folder` whose open_clip_config.json "
+                "names a local copy in text_cfg.hf_model_name (and holds the tokenizer files)."
+            ) from err
+        self._setup(model, _load_tokenizer(resolved, tokenizer), model_name, pretrained, truncate_text=truncate_text,
                     grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size)
 
     @classmethod
@@ -151,6 +215,11 @@ class OpenCLIPBackbone(Backbone):
         backbone's identity (a saved prompt then names them); the weights' fingerprint is what
         tells two models apart. The model is frozen in place (``requires_grad=False``, eval mode)."""
         if tokenizer is None:
+            if _hf_text_encoder(model) is not None:
+                raise ValueError(
+                    f"{name}: a model with a Hugging Face text tower needs its tokenizer "
+                    "(open_clip.get_tokenizer(name), or open_clip.tokenizer.HFTokenizer(folder))"
+                )
             tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=_text_tower(model).positional_embedding.shape[0])
         self = cls.__new__(cls)
         Backbone.__init__(self)
@@ -167,14 +236,23 @@ class OpenCLIPBackbone(Backbone):
         self.truncate_text = truncate_text
         self.text_chunk_size = text_chunk_size
 
-        tower = _text_tower(model)
-        self._tower = tower
-        self.text_width = tower.token_embedding.embedding_dim
-        self.context_length = tower.positional_embedding.shape[0]
-        self.text_layers = len(tower.transformer.resblocks)
-        self.pool_type = "last" if tower.cls_emb is not None else tower.pool_type
-        self.is_causal = tower.attn_mask is not None
-        self.embed_dim = self._infer_embed_dim()
+        hf = _hf_text_encoder(model)
+        if hf is None:
+            tower = self._tower = _text_tower(model)
+            self.text_width = tower.token_embedding.embedding_dim
+            self.context_length = tower.positional_embedding.shape[0]
+            self.text_layers = len(tower.transformer.resblocks)
+            self.pool_type = "last" if tower.cls_emb is not None else tower.pool_type
+            self.is_causal = tower.attn_mask is not None
+            self.embed_dim = self._infer_embed_dim()
+        else:  # a transformers encoder (RoBERTa, XLM-R, MT5, NLLB): bidirectional, masked padding
+            self._tower = None
+            self.text_width = hf.transformer.get_input_embeddings().embedding_dim
+            self.context_length = tokenizer.context_length
+            self.text_layers = len(_hf_layers(hf.transformer))
+            self.pool_type = _HF_POOLS.get(type(hf.pooler).__name__, type(hf.pooler).__name__)
+            self.is_causal = False
+            self.embed_dim = hf.output_dim
         try:
             self._vision: ViTTower | None = vit_tower(model.visual)
             self._vision_error = ""
@@ -193,8 +271,13 @@ class OpenCLIPBackbone(Backbone):
     def _apply(self, fn, *args: Any, **kwargs: Any) -> OpenCLIPBackbone:
         super()._apply(fn, *args, **kwargs)
         # .to()/.double() replace buffers (the causal mask) with new tensors: look them up again.
-        self._tower = _text_tower(self.model)
+        if self._tower is not None:
+            self._tower = _text_tower(self.model)
         return self
+
+    @property
+    def _hf(self) -> nn.Module | None:
+        return _hf_text_encoder(self.model)
 
     # -- introspection -----------------------------------------------------------------------
     def _infer_embed_dim(self) -> int:
@@ -221,7 +304,8 @@ class OpenCLIPBackbone(Backbone):
         return self.tokenizer(list(texts))
 
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self._tower.token_embedding(token_ids.to(self.device))
+        embed = self._hf.transformer.get_input_embeddings() if self._tower is None else self._tower.token_embedding
+        return embed(token_ids.to(self.device))
 
     def text_length_needed(self, token_ids: torch.Tensor) -> int:
         """How many leading positions of ``token_ids`` the pooled features depend on."""
@@ -280,6 +364,8 @@ class OpenCLIPBackbone(Backbone):
         prompt_start: int,
         checkpoint_blocks: bool = True,
     ) -> torch.Tensor:
+        if self._tower is None:
+            return self._encode_hf_text(embeddings, token_ids, deep_prompts, prompt_start)
         tower = self._tower
         pooled_at = self.pool_indices(token_ids)
         # Causal attention: the feature at position p only sees tokens <= p, so everything after
@@ -310,6 +396,35 @@ class OpenCLIPBackbone(Backbone):
         elif proj is not None:
             pooled = pooled @ proj
         return pooled
+
+    def _encode_hf_text(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+    ) -> torch.Tensor:
+        """open_clip's ``HFTextEncoder.forward`` from embeddings: the encoder runs on the token
+        ids, so its position ids (RoBERTa's padding-aware ones, NLLB's sinusoids) and attention
+        mask are exactly those of the plain text, and a hook hands it ``embeddings`` in place of
+        its own lookup of the ids; deep prompts replace tokens at the entry of layers ``1..n``."""
+        encoder = self._hf
+        transformer = encoder.transformer
+        mask = (token_ids != encoder.config.pad_token_id).long()
+        layers = _hf_layers(transformer)
+        deep_prompts = list(deep_prompts or [])
+        check_deep_prompt_depth(len(deep_prompts), len(layers))
+        embed = transformer.get_input_embeddings()
+        handles = [embed.register_forward_hook(lambda module, args, out: embeddings.to(out.dtype))]
+        for layer, prompt in zip(layers[1:], deep_prompts):
+            hook = partial(_splice_hidden_states, prompt=prompt, start=prompt_start)
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            out = transformer(input_ids=token_ids, attention_mask=mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return encoder.proj(encoder.pooler(out, mask))
 
     def _padding_mask(self, token_ids: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
         valid = token_ids != self._tower.pad_id
@@ -377,6 +492,10 @@ class OpenCLIPBackbone(Backbone):
     @property
     def identity(self) -> dict[str, Any]:
         tower = self._tower
+        text_weights = (
+            [tower.positional_embedding, tower.ln_final.weight] if tower is not None
+            else [list(self._hf.transformer.parameters())[-1]]
+        )
         return {
             "type": type(self).__name__,
             "name": self.model_name,
@@ -389,11 +508,19 @@ class OpenCLIPBackbone(Backbone):
             "vision_layers": self.vision_layers,
             "fingerprint": self.fingerprint(
                 [
-                    tower.positional_embedding,
-                    tower.ln_final.weight,
+                    *text_weights,
                     self.model.logit_scale,
                     list(self.model.visual.parameters())[-1],
                 ]
             ),
         }
 
+
+
+def _splice_hidden_states(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, prompt: torch.Tensor, start: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook on a transformers layer: put ``prompt`` into its input hidden states."""
+    if args:
+        return (splice_prompt(args[0], prompt, start), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": splice_prompt(kwargs["hidden_states"], prompt, start)}

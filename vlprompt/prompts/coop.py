@@ -135,7 +135,7 @@ class CoOpPromptLearner(PromptLearner):
         if not (token_ids[ctx_index >= 0] == placeholder).all():
             raise RuntimeError("context placeholders landed on unexpected tokens; tokenizer not supported")
         with torch.no_grad():
-            fixed = self.backbone.token_embedding(token_ids).detach().cpu()
+            fixed = self.backbone.token_embedding(token_ids).detach()
         device = self.ctx.device
         self.register_buffer("token_ids", token_ids.to(device), persistent=False)
         self.register_buffer("ctx_index", ctx_index.to(device), persistent=False)
@@ -236,4 +236,4 @@ def _word_embeddings(backbone: Backbone, words: str) -> torch.Tensor:
     n = backbone.text_token_count(words)
     start = backbone.text_start
     with torch.no_grad():
-        return backbone.token_embedding(ids)[0, start : start + n].detach().float().cpu().clone()
+        return backbone.token_embedding(ids)[0, start : start + n].detach().float().clone()

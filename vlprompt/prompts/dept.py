@@ -45,12 +45,12 @@ _REFERENCE_TEXT = "a photo of a"
 
 
 def _embedding_rms(backbone: Backbone) -> float:
-    """Root mean square of the token embeddings of :data:`_REFERENCE_TEXT` (start and end tokens
-    included): the typical size of one input token of this text tower."""
+    """Root mean square of the token embeddings of :data:`_REFERENCE_TEXT` (its special tokens
+    included, padding not): the typical size of one input token of this text tower."""
     ids = backbone.tokenize([_REFERENCE_TEXT])
-    end = int(backbone.pool_indices(ids)[0]) + 1
+    pad = backbone.tokenize([""])[0, -1]  # the empty text is padding after its special tokens
     with torch.no_grad():
-        return float(backbone.token_embedding(ids)[0, :end].float().pow(2).mean().sqrt())
+        return float(backbone.token_embedding(ids)[0, ids[0] != pad].float().pow(2).mean().sqrt())
 
 
 def matching_rank(n_ctx: int, positions: int, width: int, budget_tokens: int = 16) -> int:
