@@ -108,3 +108,16 @@ def test_family_representative_reproduces_the_model_and_trains(name, standins):
         grads = [p.grad for p in learner.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), method
         assert all(p.grad is None for p in backbone.parameters()), method
+
+
+@pytest.mark.slow
+def test_a_local_tokenizer_replaces_the_one_open_clip_fetches(standins):
+    from vlprompt.backbones.offline import standin_tokenizer
+
+    folder = standin_tokenizer("t5", standins / "local-t5")
+    backbone = OpenCLIPBackbone("ViT-B-16-SigLIP", tokenizer=str(folder))
+    assert backbone.context_length == 64 and backbone.text_start == 0 and not backbone.can_truncate_text
+    ids = backbone.tokenize(["a photo of a cat."])
+    assert ids.shape == (1, 64) and int(backbone.text_token_counts(ids)[0]) == 5  # canonicalised: no "."
+    learner = PROMPT_LEARNERS["dept"](backbone, ["cat", "dog"])
+    assert learner().text_features.shape == (2, backbone.embed_dim)
