@@ -97,6 +97,8 @@ class Backbone(nn.Module, ABC):
         token_ids: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] | None = None,
         prompt_start: int = 1,
+        shared_prefix: int = 0,
+        prefix_groups: int = 1,
     ) -> torch.Tensor:
         """Encode prompts given as token embeddings into joint-space features ``[N, embed_dim]``.
 
@@ -109,6 +111,13 @@ class Backbone(nn.Module, ABC):
                 ``i`` (``[n, text_width]`` or ``[N, n, text_width]``) replaces the ``n`` tokens
                 starting at ``prompt_start`` before layer ``i + 1`` (MaPLe/IVLP deep prompting).
             prompt_start: index of the first prompt token (1 = right after start-of-text).
+            shared_prefix: the first ``shared_prefix`` positions are the same in every prompt of a
+                group, built from the same tensors (a unified context after the start token):
+                a backbone may encode them once per group (exact on causal towers). Gradients
+                then reach them through the group's first prompt only, which sums to the same
+                gradient for the tensors they were built from. 0: nothing is shared.
+            prefix_groups: the prompts are this many consecutive groups of equal size, each with
+                its own shared prefix (CoCoOp: one group per image).
         """
 
     @property

@@ -234,6 +234,8 @@ class HFCLIPBackbone(Backbone):
         token_ids: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] | None = None,
         prompt_start: int = 1,
+        shared_prefix: int = 0,
+        prefix_groups: int = 1,
     ) -> torch.Tensor:
         text = self.model.text_model
         token_ids = token_ids.to(embeddings.device)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlprompt.backbones.base import Backbone, check_deep_prompt_depth, run_deep_text_prompts, splice_prompt
+from vlprompt.backbones.prefix import blocks_support_prefix_cache, encode_prefix, encode_suffix
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, run_block_maybe_checkpointed, vit_tower
 
 __all__ = ["OpenCLIPBackbone"]
@@ -139,6 +140,10 @@ class OpenCLIPBackbone(Backbone):
             memory when many classes are encoded together (multitask training over the union of
             classes of all tasks). Same results; None encodes all prompts at once. Not part of the
             backbone's identity.
+        share_prefix: on causal towers, encode a prompt prefix shared by every class (start token
+            and unified context) once, and each class's suffix against its cached keys/values,
+            grouped by length (:mod:`vlprompt.backbones.prefix`). Exact; turn it off only to
+            measure its effect. Not part of the backbone's identity.
         tokenizer: a Hugging Face tokenizer (hub id or local folder, e.g. one saved with
             ``save_pretrained``) to use instead of the one open_clip names for this model. Models
             whose tokenizer open_clip fetches from the hub (SigLIP, SigLIP2, CLIPA, MetaCLIP 2,
@@ -159,6 +164,7 @@ class OpenCLIPBackbone(Backbone):
         truncate_text: bool = True,
         grad_checkpointing: bool = False,
         text_chunk_size: int | None = None,
+        share_prefix: bool = True,
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
@@ -203,12 +209,12 @@ class OpenCLIPBackbone(Backbone):
                 "names a local copy in text_cfg.hf_model_name (and holds the tokenizer files)."
             ) from err
         self._setup(model, _load_tokenizer(resolved, tokenizer), model_name, pretrained, truncate_text=truncate_text,
-                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size)
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any | None = None, *, name: str = "in-memory",
                    pretrained: str | None = None, truncate_text: bool = True, grad_checkpointing: bool = False,
-                   text_chunk_size: int | None = None) -> OpenCLIPBackbone:
+                   text_chunk_size: int | None = None, share_prefix: bool = True) -> OpenCLIPBackbone:
         """Wrap an open_clip model already in memory (fine-tuned, built by hand ...). ``tokenizer``:
         the model's (``open_clip.get_tokenizer(name)``); None uses open_clip's default CLIP BPE
         tokenizer at the model's context length. ``name`` and ``pretrained`` are recorded in the
@@ -224,17 +230,19 @@ class OpenCLIPBackbone(Backbone):
         self = cls.__new__(cls)
         Backbone.__init__(self)
         self._setup(model, tokenizer, name, pretrained, truncate_text=truncate_text,
-                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size)
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix)
         return self
 
     def _setup(self, model: nn.Module, tokenizer: Any, model_name: str, pretrained: str | None, *,
-               truncate_text: bool, grad_checkpointing: bool, text_chunk_size: int | None) -> None:
+               truncate_text: bool, grad_checkpointing: bool, text_chunk_size: int | None,
+               share_prefix: bool) -> None:
         self.model_name = model_name
         self.pretrained = pretrained
         self.model = model
         self.tokenizer = tokenizer
         self.truncate_text = truncate_text
         self.text_chunk_size = text_chunk_size
+        self.share_prefix = share_prefix
 
         hf = _hf_text_encoder(model)
         if hf is None:
@@ -332,8 +340,14 @@ class OpenCLIPBackbone(Backbone):
         token_ids: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] | None = None,
         prompt_start: int = 1,
+        shared_prefix: int = 0,
+        prefix_groups: int = 1,
     ) -> torch.Tensor:
         token_ids = token_ids.to(embeddings.device)
+        if self._can_share_prefix(embeddings, token_ids, deep_prompts, prompt_start, shared_prefix, prefix_groups):
+            return self._encode_shared_prefix(
+                embeddings, token_ids, list(deep_prompts or []), prompt_start, shared_prefix, prefix_groups
+            )
         n, size = embeddings.shape[0], self.text_chunk_size
         if size is None or n <= size:
             return self._encode_text_chunk(embeddings, token_ids, deep_prompts, prompt_start)
@@ -355,6 +369,72 @@ class OpenCLIPBackbone(Backbone):
             else:
                 features.append(self._encode_text_chunk(*args))
         return torch.cat(features)
+
+    def _can_share_prefix(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+        shared_prefix: int,
+        prefix_groups: int,
+    ) -> bool:
+        """Whether the shared-prefix path applies: a causal tower of plain blocks, deep prompts
+        shared and inside the prefix, every pooled token after it."""
+        if prefix_groups < 1 or embeddings.shape[0] % prefix_groups:
+            raise ValueError(f"{embeddings.shape[0]} prompts cannot form {prefix_groups} groups of equal size")
+        if not (self.share_prefix and shared_prefix >= 2 and self.can_truncate_text):
+            return False
+        if any(p.dim() != 2 or prompt_start + p.shape[0] > shared_prefix for p in deep_prompts or []):
+            return False
+        return (
+            blocks_support_prefix_cache(self._tower.transformer.resblocks)
+            and int(self.pool_indices(token_ids).min()) >= shared_prefix
+        )
+
+    def _encode_shared_prefix(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: list[torch.Tensor],
+        prompt_start: int,
+        shared_prefix: int,
+        prefix_groups: int,
+    ) -> torch.Tensor:
+        """Encode each group's prefix once and every suffix against its cached keys/values
+        (:mod:`vlprompt.backbones.prefix`); suffixes run in buckets of equal length (at most
+        ``text_chunk_size`` each), so no padding is computed."""
+        tower = self._tower
+        blocks = tower.transformer.resblocks
+        check_deep_prompt_depth(len(deep_prompts), len(blocks))
+        cast_dtype = tower.transformer.get_cast_dtype()
+        position = tower.positional_embedding.to(cast_dtype)
+        n, p = embeddings.shape[0], shared_prefix
+        group_size = n // prefix_groups
+        prefix = embeddings[::group_size, :p].to(cast_dtype) + position[:p]
+        cache = encode_prefix(blocks, prefix, tower.attn_mask, deep_prompts, prompt_start)
+        groups = torch.arange(n, device=embeddings.device) // group_size if prefix_groups > 1 else None
+        pooled_at = self.pool_indices(token_ids)
+
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            end = int(pooled_at[rows].max()) + 1
+            x = embeddings[rows, p:end].to(cast_dtype) + position[p:end]
+            x = encode_suffix(blocks, x, cache, tower.attn_mask, None if groups is None else groups[rows])
+            return self._project_text(tower.ln_final(x[torch.arange(len(rows)), pooled_at[rows] - p]))
+
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        order = torch.argsort(pooled_at, stable=True)
+        buckets = torch.split(order, torch.unique_consecutive(pooled_at[order], return_counts=True)[1].tolist())
+        size = self.text_chunk_size or n
+        chunks = [chunk for bucket in buckets for chunk in torch.split(bucket, size)]
+        features = [checkpoint(run, rows, use_reentrant=False) if recompute else run(rows) for rows in chunks]
+        return torch.cat(features)[torch.argsort(torch.cat(chunks))]
+
+    def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = self._tower.text_projection
+        if isinstance(proj, nn.Module):
+            return proj(pooled)
+        return pooled @ proj if proj is not None else pooled
 
     def _encode_text_chunk(
         self,
@@ -390,12 +470,7 @@ class OpenCLIPBackbone(Backbone):
         else:
             x = tower.ln_final(x)
             pooled = x[torch.arange(x.shape[0], device=x.device), pooled_at]
-        proj = tower.text_projection
-        if isinstance(proj, nn.Module):
-            pooled = proj(pooled)
-        elif proj is not None:
-            pooled = pooled @ proj
-        return pooled
+        return self._project_text(pooled)
 
     def _encode_hf_text(
         self,

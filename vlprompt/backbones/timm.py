@@ -106,6 +106,8 @@ class TimmBackbone(Backbone):
         token_ids: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] | None = None,
         prompt_start: int = 1,
+        shared_prefix: int = 0,
+        prefix_groups: int = 1,
     ) -> torch.Tensor:
         self._no_text()
 

@@ -65,7 +65,8 @@ class CoCoOpPromptLearner(CoOpPromptLearner):
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
         if image_features is None:
             raise ValueError("CoCoOp's text features depend on the image: pass image_features")
-        bias = self.meta_net(F.normalize(image_features.float(), dim=-1))  # [B, D_text]
+        weights = self.meta_net.linear1.weight  # the meta-net's precision (fp32 under fp16 features)
+        bias = self.meta_net(F.normalize(image_features.to(weights.dtype), dim=-1))  # [B, D_text]
         ctx = self.ctx.unsqueeze(0) + bias.unsqueeze(1)  # [B, n_ctx, D_text]
         return self.encode_prompts(ctx.unsqueeze(1))  # [B, C, D]
 

@@ -131,6 +131,10 @@ class CoOpPromptLearner(PromptLearner):
             for start, run in runs:
                 ctx_index[c, offset + start : offset + start + run] = torch.arange(k, k + run)
                 k += run
+        # Leading positions alike in every prompt (start token, a unified context and any fixed
+        # words before the class name): a causal backbone encodes them once.
+        alike = ((token_ids == token_ids[:1]) & (ctx_index == ctx_index[:1])).all(0)
+        self._shared_prefix = int(alike.long().cumprod(0).sum())
         placeholder = self.backbone.tokenize([_PLACEHOLDER])[0, offset]
         if not (token_ids[ctx_index >= 0] == placeholder).all():
             raise RuntimeError("context placeholders landed on unexpected tokens; tokenizer not supported")
@@ -169,8 +173,11 @@ class CoOpPromptLearner(PromptLearner):
         lead = prompts.shape[:-3]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         token_ids = self.token_ids.repeat(flat.shape[0] // self.token_ids.shape[0], 1)
+        # One context for all classes (per image for CoCoOp): the prompts of a group share a prefix.
+        unified = ctx.dim() == 2 or ctx.shape[-3] == 1
         features = self.backbone.encode_text_embeddings(
-            flat, token_ids, deep_prompts=deep_prompts, prompt_start=self.backbone.text_start
+            flat, token_ids, deep_prompts=deep_prompts, prompt_start=self.backbone.text_start,
+            shared_prefix=self._shared_prefix if unified else 0, prefix_groups=flat.shape[0] // self.num_classes,
         )
         return features.reshape(*lead, self.num_classes, -1)
 
