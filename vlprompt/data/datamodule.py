@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
@@ -67,6 +68,10 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         subset: ``all``, ``base`` or ``novel`` classes.
         augment: random resized crop + flip for training (CoOp); off gives eval preprocessing.
         crop_scale: scale range of the random resized crop.
+        augment_seed: seed the augmentation per image and epoch (:func:`~vlprompt.data.images.view_seed`:
+            from the image's content, so every shot count and draw of a sweep sees the same view of
+            an image at a given epoch, whatever the workers); needed by a feature bank. None: the
+            global random state, as usual.
         on_error: ``skip`` unreadable images (logged and counted) or ``raise``.
         fewshot_dir: where few-shot draws are saved (default: a folder per dataset identity under
             the vlprompt cache, ``$VLPROMPT_CACHE_DIR`` or ``~/.cache/vlprompt``; never the data folder).
@@ -97,6 +102,7 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: int = 2,
         augment: bool = True,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        augment_seed: int | None = None,
         on_error: OnError = "skip",
         fewshot_dir: str | None = None,
         test_per_class: int | None = None,
@@ -113,6 +119,7 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         self.metric: str | None = None
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.crop_scale, self.on_error = augment, tuple(crop_scale), on_error
+        self.augment_seed = augment_seed
         self.template: str | None = None
         self.samples = self._read(dataset, format, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file)
         if classnames is not None and format != "csv":
@@ -210,7 +217,7 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         if split == "test" and self.eval_transform is not None:
             return self.eval_transform, {"views": repr(self.eval_transform)}
         if split == "train" and self.augment:
-            key = {"preprocess": self.preprocess_cfg, "augment": list(self.crop_scale)}
+            key = {"preprocess": self.preprocess_cfg, "augment": list(self.crop_scale), "augment_seed": self.augment_seed}
             return build_train_transform(self.preprocess_cfg, scale=self.crop_scale), key
         return build_eval_transform(self.preprocess_cfg), {"preprocess": self.preprocess_cfg}
 
@@ -252,7 +259,17 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
                         split, len(empty), ", ".join(empty[:10]))
         transform, key = self._transform(split)
         log.info("%s: %d images, %d classes", split, len(samples), len(self.classnames))
-        return ImageDataset(samples, transform, on_error=self.on_error, transform_key=key)
+        seeded = split == "train" and self.augment and self.augment_seed is not None
+        return ImageDataset(samples, transform, on_error=self.on_error, transform_key=key,
+                            augment_seed=self.augment_seed if seeded else None)
+
+    def train_dataloader(self) -> DataLoader:
+        loader = super().train_dataloader()
+        # Lightning starts the first epoch's loader before any epoch hook (also when resuming):
+        # the views must already be those of the current epoch.
+        trainer = getattr(self, "trainer", None)
+        self.datasets["train"].set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return loader
 
 
 def _carve_validation(drawn: list) -> dict[str, list]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -64,15 +66,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as 8-bit RGB (see :func:`to_rgb`), turning every decoding failure into one
-    clear error."""
+def load_rgb(path: str | io.BytesIO, name: str | None = None) -> Image.Image:
+    """Open an image (a path, or its bytes and a ``name`` for messages) as 8-bit RGB (see
+    :func:`to_rgb`), turning every decoding failure into one clear error."""
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {name or path}: {err}") from err
+
+
+def load_rgb_and_key(path: str) -> tuple[Image.Image, str]:
+    """:func:`load_rgb` and the image's content key (a hash of the file's bytes)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+    return load_rgb(io.BytesIO(data), name=path), hashlib.sha256(data).hexdigest()[:32]
+
+
+def view_seed(augment_seed: int, content_key: str, epoch: int) -> int:
+    """The seed of an image's random augmentation at ``epoch``: a function of the image's content,
+    not of its place in a dataset, so the same image gets the same view in every subset of the
+    data (every shot count and few-shot draw of a sweep)."""
+    digest = hashlib.sha256(f"{augment_seed}:{content_key}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class ImageDataset(Dataset):
@@ -89,6 +108,11 @@ class ImageDataset(Dataset):
         on_error: ``skip`` or ``raise`` on unreadable files.
         transform_key: a description of what ``transform`` does (e.g. the preprocessing config);
             part of :attr:`fingerprint`. Set it with :meth:`set_transform`.
+        augment_seed: when set, a random ``transform`` draws each image's view at epoch ``e`` from
+            :func:`view_seed` (``augment_seed``, the image's content, ``e``) instead of the global
+            random state: the same views whatever the loader workers, shuffling or subset, which is
+            what lets a feature bank store them (:class:`~vlprompt.methods.feature_bank.FeatureBank`).
+            The epoch is set with :meth:`set_epoch` and shared with loader worker processes.
     """
 
     def __init__(
@@ -97,12 +121,16 @@ class ImageDataset(Dataset):
         transform: Callable | None = None,
         on_error: OnError = "skip",
         transform_key: Any = None,
+        augment_seed: int | None = None,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         self.samples = list(samples)
         self.on_error = on_error
         self.transform, self.transform_key = transform, transform_key
+        self.augment_seed = augment_seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by loader workers too
+        self._content_keys: dict[int, str] = {}
         digest = hashlib.sha256()
         for sample in self.samples:
             digest.update(f"{sample.path}\0{sample.label}\n".encode())
@@ -123,17 +151,47 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose views :meth:`__getitem__` yields (with ``augment_seed``)."""
+        self._epoch.fill_(epoch)
+
+    def content_key(self, index: int) -> str:
+        """Hash of the bytes of image ``index`` (read once, then remembered)."""
+        if index not in self._content_keys:
+            try:
+                data = Path(self.samples[index].path).read_bytes()
+            except OSError as err:
+                raise UnreadableImageError(f"cannot read image {self.samples[index].path}: {err}") from err
+            self._content_keys[index] = hashlib.sha256(data).hexdigest()[:32]
+        return self._content_keys[index]
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> dict[str, Any] | None:
+        """Item ``index`` as seen at ``epoch`` (the epoch matters only with ``augment_seed``)."""
         sample = self.samples[index]
         try:
-            image = load_rgb(sample.path)
+            if self.augment_seed is None:
+                image = load_rgb(sample.path)
+            else:
+                image, self._content_keys[index] = load_rgb_and_key(sample.path)
         except UnreadableImageError as err:
             if self.on_error == "raise":
                 raise
             log.warning("skipping %s", err)
             return {"unreadable": index}
         if self.transform is not None:
-            image = self.transform(image)
+            if self.augment_seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(view_seed(self.augment_seed, self._content_keys[index], epoch))
+                    image = self.transform(image)
         return {"image": image, "label": sample.label, "index": index}
 
 

@@ -58,6 +58,8 @@ class PromptClassifier(PromptModule):
         init_prompt: a saved vlprompt prompt directory or a CoOp/CoCoOp/MaPLe (Dassl) checkpoint
             to start from.
         label_smoothing: cross-entropy label smoothing.
+        feature_bank, feature_bank_dtype: store and reuse the image features of augmented
+            training views (see :class:`~vlprompt.methods.module.PromptModule`).
     """
 
     #: Constructor arguments that are objects, not settings: kept out of saved hyper-parameters.
@@ -77,6 +79,8 @@ class PromptClassifier(PromptModule):
         cache_augmented_train: bool = False,
         init_prompt: str | None = None,
         label_smoothing: float = 0.0,
+        feature_bank: str | None = None,
+        feature_bank_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         if not classnames:
             raise ValueError(
@@ -85,7 +89,8 @@ class PromptClassifier(PromptModule):
             )
         super().__init__(backbone, prompt_learner, classnames, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=cache_image_features,
-                         cache_augmented_train=cache_augmented_train, init_prompt=init_prompt)
+                         cache_augmented_train=cache_augmented_train, init_prompt=init_prompt,
+                         feature_bank=feature_bank, feature_bank_dtype=feature_bank_dtype)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.label_smoothing = label_smoothing
         #: Accuracy of each class in the last test; None for a class without test images.

@@ -24,6 +24,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vlprompt.backbones import Backbone, check_backbone_identity
 from vlprompt.data.protocol import ClassificationData
+from vlprompt.data.images import ImageDataset
+from vlprompt.methods.feature_bank import FeatureBank
 from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.metrics import UnreadableImages
 from vlprompt.methods.prompt_init import load_initial_prompt
@@ -72,6 +74,13 @@ class PromptModule(pl.LightningModule):
         warmup_epochs, warmup_lr: epochs of constant warm-up learning rate, and that rate.
         cache_image_features, cache_augmented_train: see :meth:`_cacheable`.
         init_prompt: a saved vlprompt prompt directory or a Dassl checkpoint to start from.
+        feature_bank: a folder where the image features of augmented training views are stored and
+            reused (:class:`~vlprompt.methods.feature_bank.FeatureBank`), for learners that leave the
+            image tower untouched: each epoch's views are encoded once, in large no-grad batches,
+            before the epoch, and shared by every run that sees the same images (methods, shot
+            counts, few-shot draws). Needs the data module's ``augment_seed``. Same features as
+            without it in fp32.
+        feature_bank_dtype: ``float32`` or ``float16`` storage.
     """
 
     #: Constructor arguments that are objects, not settings: kept out of saved hyper-parameters.
@@ -90,6 +99,8 @@ class PromptModule(pl.LightningModule):
         cache_image_features: bool = True,
         cache_augmented_train: bool = False,
         init_prompt: str | None = None,
+        feature_bank: str | None = None,
+        feature_bank_dtype: Literal["float32", "float16"] = "float32",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -101,6 +112,9 @@ class PromptModule(pl.LightningModule):
         self.cache_image_features = cache_image_features
         self.cache_augmented_train = cache_augmented_train
         self.feature_cache = ImageFeatureCache()
+        self.feature_bank = (
+            FeatureBank(feature_bank, backbone.identity, dtype=feature_bank_dtype) if feature_bank else None
+        )
         self.unreadable = UnreadableImages()
         if init_prompt:
             load_initial_prompt(self.prompt_learner, init_prompt)
@@ -160,8 +174,32 @@ class PromptModule(pl.LightningModule):
             return False
         return stage != "train" or self.cache_augmented_train or not dm.train_augmentation
 
+    def _banked_train_data(self) -> ImageDataset | None:
+        """The augmented training dataset whose views come from the feature bank, or None."""
+        if self.feature_bank is None or self.prompt_learner.uses_image_tower:
+            return None
+        dm = self.classification_data()
+        if dm is None or not dm.train_augmentation:
+            return None
+        return dm.dataset("train")
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.classification_data()
+        dataset = dm.dataset("train") if dm is not None else None
+        if dataset is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)  # seeded views: those of this epoch
+        banked = self._banked_train_data()
+        if banked is not None:
+            self.feature_bank.fill(banked, self.current_epoch, self.prompt_learner.encode_images, self.device,
+                                   rank=self.global_rank, world_size=self.trainer.world_size,
+                                   barrier=self.trainer.strategy.barrier)
+
     def _image_features(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         """Cached image features of the batch when the learner and the data allow it, else None."""
+        if stage == "train" and "index" in batch:
+            banked = self._banked_train_data()
+            if banked is not None:
+                return self.feature_bank.features(banked, self.current_epoch, batch["index"]).to(self.device)
         if "index" not in batch or not self._cacheable(stage):
             return None
         fingerprint = self._fingerprint(stage)

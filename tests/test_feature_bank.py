@@ -1,0 +1,102 @@
+"""Seeded augmentation and the augmented feature bank: views are a function of (seed, image content,
+epoch); training with the bank is bit-identical to training without it; a second run over the same
+images encodes nothing; bad set-ups get clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from vlprompt.data import FewShotDataModule
+from vlprompt.data.images import ImageDataset
+from vlprompt.methods import PromptClassifier
+from vlprompt.methods.feature_bank import FeatureBank
+from vlprompt.prompts import CoOpPromptLearner, KgCoOpPromptLearner
+
+
+def _data(root, tmp_path, **kw):
+    options = dict(shots=-1, batch_size=4, num_workers=0, augment=True, augment_seed=0, fewshot_dir=str(tmp_path / "fs"))
+    dm = FewShotDataModule(root=str(root), **{**options, **kw})
+    dm.setup("fit")
+    return dm
+
+
+def test_views_follow_the_image_content_and_epoch_not_the_index(dassl_folder, tmp_path):
+    dm = _data(dassl_folder, tmp_path)
+    train = dm.dataset("train")
+    reversed_data = ImageDataset(train.samples[::-1], train.transform, transform_key=train.transform_key,
+                                 augment_seed=0)
+    first, last = train.item(0, epoch=3)["image"], reversed_data.item(len(train) - 1, epoch=3)["image"]
+    assert torch.equal(first, last)  # same image, other place: same view
+    assert not torch.equal(first, train.item(0, epoch=4)["image"])  # another epoch: another view
+    train.set_epoch(3)
+    assert torch.equal(train[0]["image"], first)
+    # A copy of the file elsewhere is the same image.
+    copy = tmp_path / "copy.png"
+    shutil.copy(train.samples[0].path, copy)
+    alone = ImageDataset([dataclasses.replace(train.samples[0], path=str(copy))], train.transform,
+                         transform_key=train.transform_key, augment_seed=0)
+    assert torch.equal(alone.item(0, epoch=3)["image"], first)
+    other_seed = ImageDataset(train.samples, train.transform, transform_key=train.transform_key, augment_seed=1)
+    assert not torch.equal(other_seed.item(0, epoch=3)["image"], first)
+
+
+def _fit(backbone, dm, tmp_path, learner=CoOpPromptLearner, epochs=2, **kw):
+    pl.seed_everything(0, verbose=False)
+    model = PromptClassifier(backbone, learner, dm.classnames, **kw)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    return model
+
+
+def test_training_with_the_bank_is_bit_identical_and_reuses_views(backbone, dassl_folder, tmp_path):
+    plain = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path)
+    bank_dir = tmp_path / "bank"
+    banked = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, feature_bank=str(bank_dir))
+    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
+    assert banked.feature_bank.encoded == 32 * 2  # 32 training images, 2 epochs
+    # Another method over the same images: every view is already stored.
+    again = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, learner=KgCoOpPromptLearner,
+                 feature_bank=str(bank_dir))
+    assert again.feature_bank.encoded == 0
+    # Fewer shots: a subset of the same images, still nothing to encode; a third epoch is new.
+    fewer = _fit(backbone, _data(dassl_folder, tmp_path, shots=2, seed=3), tmp_path, epochs=3,
+                 feature_bank=str(bank_dir))
+    assert fewer.feature_bank.encoded == 8  # 4 classes x 2 shots, epoch 2 only
+
+
+def test_half_precision_bank_is_close(backbone, dassl_folder, tmp_path):
+    plain = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, epochs=1)
+    half = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, epochs=1, feature_bank=str(tmp_path / "b16"),
+                feature_bank_dtype="float16")
+    torch.testing.assert_close(plain.prompt_learner.ctx, half.prompt_learner.ctx, atol=1e-4, rtol=1e-3)
+
+
+def test_the_bank_needs_reproducible_views(backbone, dassl_folder, tmp_path):
+    with pytest.raises(ValueError, match="augment_seed"):
+        _fit(backbone, _data(dassl_folder, tmp_path, augment_seed=None), tmp_path, epochs=1,
+             feature_bank=str(tmp_path / "bank"))
+
+
+def test_other_weights_or_augmentation_use_other_folders(backbone, dassl_folder, tmp_path):
+    train = _data(dassl_folder, tmp_path).dataset("train")
+    bank = FeatureBank(tmp_path, backbone.identity)
+    other_weights = FeatureBank(tmp_path, {**backbone.identity, "fingerprint": "0" * 16})
+    wider_crops = _data(dassl_folder, tmp_path, crop_scale=(0.5, 1.0)).dataset("train")
+    folders = {bank.folder(train, 0), other_weights.folder(train, 0), bank.folder(wider_crops, 0), bank.folder(train, 1)}
+    assert len(folders) == 4
+
+
+@pytest.mark.slow
+def test_loader_workers_see_the_epoch(backbone, dassl_folder, tmp_path):
+    # Persistent worker processes read the epoch from shared memory: still the bank's views.
+    plain = _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=3)
+    banked = _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=3,
+                  feature_bank=str(tmp_path / "bank"))
+    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
