@@ -100,3 +100,13 @@ def test_loader_workers_see_the_epoch(backbone, dassl_folder, tmp_path):
     banked = _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=3,
                   feature_bank=str(tmp_path / "bank"))
     assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
+
+
+def test_unreadable_images_are_skipped_and_counted_the_same(backbone, dassl_folder, tmp_path):
+    data = _data(dassl_folder, tmp_path)
+    broken = data.dataset("train").samples[5].path
+    open(broken, "wb").write(b"not a png")
+    plain = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path)
+    banked = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, feature_bank=str(tmp_path / "bank"))
+    assert plain.unreadable.count("train") == banked.unreadable.count("train") == 1
+    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)

@@ -22,6 +22,7 @@ and the data modules are ``class_path``/``init_args``, and each method refers to
       targets:                                       # each tested with its own class names
         dtd: {class_path: vlprompt.data.FewShotDataModule, init_args: {root: /data, dataset: dtd}}
     trainer: {accelerator: auto, precision: 32-true}
+    feature_bank: ~/.cache/vlprompt/feature_bank      # or null: reuse augmented-view features across runs
 
 Writes ``results.csv`` (one row per run), ``summary.md`` (tables) and ``accuracy_vs_shots.png``.
 """
@@ -55,6 +56,7 @@ from vlprompt.eval.tables import (
     write_csv,
 )
 from vlprompt.methods import PromptClassifier, PromptModule
+from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.prompts import ZeroShotPrompt
 from vlprompt.resources import bundled_dir
 
@@ -215,6 +217,10 @@ class EvaluationConfig:
     transfer: TransferProtocol | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     save_prompts: bool = False
+    #: A feature bank folder shared by every run (:class:`~vlprompt.methods.feature_bank.FeatureBank`):
+    #: text-side methods then encode each image's view of each epoch once for the whole sweep. The
+    #: data's ``augment_seed`` is set to 0 unless the data spec sets it.
+    feature_bank: str | None = None
     #: Folder that relative method config paths are resolved against (the evaluation YAML's).
     config_dir: Path | None = None
 
@@ -262,9 +268,18 @@ class _Runner:
         self.output_dir = output_dir
         self.backbone: Backbone = instantiate(Backbone, cfg.backbone)
         self.recipes = {name: cfg.recipe(name) for name in cfg.methods}  # parse every method up front
+        # One backbone for every run: evaluation images' features are encoded once for the sweep
+        # (by learners that leave the image tower untouched; keyed by the data's identity).
+        self.feature_cache = ImageFeatureCache()
 
     def datamodule(self, spec: dict[str, Any] | None = None, **init_args: Any) -> pl.LightningDataModule:
         return instantiate(pl.LightningDataModule, spec or self.cfg.data, **init_args)
+
+    def training_datamodule(self, **init_args: Any) -> pl.LightningDataModule:
+        """The source data module of a training run (seeded views when a feature bank is used)."""
+        if self.cfg.feature_bank and "augment_seed" not in self.cfg.data.get("init_args", {}):
+            init_args["augment_seed"] = 0
+        return self.datamodule(**init_args)
 
     def trainer(self, **overrides: Any) -> pl.Trainer:
         kwargs = {
@@ -288,7 +303,9 @@ class _Runner:
         templates = self.cfg.zeroshot.get("templates", "photo")
         if templates == "dataset":
             templates = getattr(dm, "template", None) or "photo"
-        return PromptClassifier(self.backbone, _zero_shot(templates), dm.classnames)
+        model = PromptClassifier(self.backbone, _zero_shot(templates), dm.classnames)
+        model.feature_cache = self.feature_cache
+        return model
 
     def zeroshot(self) -> list[Result]:
         if self.cfg.zeroshot is None:
@@ -314,8 +331,10 @@ class _Runner:
     def train_and_test(self, method: str, shots: int, seed: int, protocol: str) -> list[Result]:
         pl.seed_everything(seed, workers=True, verbose=False)
         subset = self.cfg.transfer.subset if protocol == "transfer" else protocol
-        dm = self.datamodule(shots=shots, seed=seed, subset=subset)
-        model, trainer_args = self.recipes[method].build(self.backbone, dm.classnames)
+        dm = self.training_datamodule(shots=shots, seed=seed, subset=subset)
+        bank = {"feature_bank": str(Path(self.cfg.feature_bank).expanduser())} if self.cfg.feature_bank else {}
+        model, trainer_args = self.recipes[method].build(self.backbone, dm.classnames, **bank)
+        model.feature_cache = self.feature_cache
         self.trainer(**{"max_epochs": 50, **trainer_args, "limit_val_batches": 0}).fit(model, datamodule=dm)
         if self.cfg.save_prompts:
             model.save_prompt(self.output_dir / "prompts" / f"{method}_{protocol}_{shots}shot_seed{seed}", overwrite=True)

@@ -144,6 +144,11 @@ class OpenCLIPBackbone(Backbone):
             and unified context) once, and each class's suffix against its cached keys/values,
             grouped by length (:mod:`vlprompt.backbones.prefix`). Exact; turn it off only to
             measure its effect. Not part of the backbone's identity.
+        compile_towers: compile the frozen towers' blocks (text and image) and the shared-prefix
+            suffix encoder with ``torch.compile`` (dynamic shapes). Off by default: the first steps
+            pay the compilation (tens of seconds per tower on CPU, recompiling for new shapes),
+            later ones run faster (``benchmarks/coop_step.py --compile`` measures both). Same
+            results to float precision. Not part of the backbone's identity.
         tokenizer: a Hugging Face tokenizer (hub id or local folder, e.g. one saved with
             ``save_pretrained``) to use instead of the one open_clip names for this model. Models
             whose tokenizer open_clip fetches from the hub (SigLIP, SigLIP2, CLIPA, MetaCLIP 2,
@@ -165,6 +170,7 @@ class OpenCLIPBackbone(Backbone):
         grad_checkpointing: bool = False,
         text_chunk_size: int | None = None,
         share_prefix: bool = True,
+        compile_towers: bool = False,
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
@@ -209,12 +215,14 @@ class OpenCLIPBackbone(Backbone):
                 "names a local copy in text_cfg.hf_model_name (and holds the tokenizer files)."
             ) from err
         self._setup(model, _load_tokenizer(resolved, tokenizer), model_name, pretrained, truncate_text=truncate_text,
-                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix)
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix,
+                    compile_towers=compile_towers)
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any | None = None, *, name: str = "in-memory",
                    pretrained: str | None = None, truncate_text: bool = True, grad_checkpointing: bool = False,
-                   text_chunk_size: int | None = None, share_prefix: bool = True) -> OpenCLIPBackbone:
+                   text_chunk_size: int | None = None, share_prefix: bool = True,
+                   compile_towers: bool = False) -> OpenCLIPBackbone:
         """Wrap an open_clip model already in memory (fine-tuned, built by hand ...). ``tokenizer``:
         the model's (``open_clip.get_tokenizer(name)``); None uses open_clip's default CLIP BPE
         tokenizer at the model's context length. ``name`` and ``pretrained`` are recorded in the
@@ -230,12 +238,13 @@ class OpenCLIPBackbone(Backbone):
         self = cls.__new__(cls)
         Backbone.__init__(self)
         self._setup(model, tokenizer, name, pretrained, truncate_text=truncate_text,
-                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix)
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size, share_prefix=share_prefix,
+                    compile_towers=compile_towers)
         return self
 
     def _setup(self, model: nn.Module, tokenizer: Any, model_name: str, pretrained: str | None, *,
                truncate_text: bool, grad_checkpointing: bool, text_chunk_size: int | None,
-               share_prefix: bool) -> None:
+               share_prefix: bool, compile_towers: bool) -> None:
         self.model_name = model_name
         self.pretrained = pretrained
         self.model = model
@@ -275,6 +284,24 @@ class OpenCLIPBackbone(Backbone):
         if grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.freeze()
+        self.compile_towers = compile_towers
+        self._compiled: dict[str, Any] = {}  # compiled shared-prefix functions, by name
+        if compile_towers:
+            self._compile()
+
+    def _compile(self) -> None:
+        """``torch.compile`` the towers' blocks in place (parameter names unchanged) and the
+        shared-prefix functions."""
+        text_blocks = self._hf_layers_or_blocks()
+        image_blocks = self._vision.blocks if self._vision is not None else []
+        for block in [*text_blocks, *image_blocks]:
+            block.compile(dynamic=True)
+        self.model.visual.compile(dynamic=True)
+        self._compiled = {"prefix": torch.compile(encode_prefix, dynamic=True),
+                          "suffix": torch.compile(encode_suffix, dynamic=True)}
+
+    def _hf_layers_or_blocks(self) -> Sequence[nn.Module]:
+        return _hf_layers(self._hf.transformer) if self._tower is None else self._tower.transformer.resblocks
 
     def _apply(self, fn, *args: Any, **kwargs: Any) -> OpenCLIPBackbone:
         super()._apply(fn, *args, **kwargs)
@@ -412,14 +439,16 @@ class OpenCLIPBackbone(Backbone):
         n, p = embeddings.shape[0], shared_prefix
         group_size = n // prefix_groups
         prefix = embeddings[::group_size, :p].to(cast_dtype) + position[:p]
-        cache = encode_prefix(blocks, prefix, tower.attn_mask, deep_prompts, prompt_start)
+        cache = self._compiled.get("prefix", encode_prefix)(blocks, prefix, tower.attn_mask, deep_prompts,
+                                                            prompt_start)
         groups = torch.arange(n, device=embeddings.device) // group_size if prefix_groups > 1 else None
         pooled_at = self.pool_indices(token_ids)
 
         def run(rows: torch.Tensor) -> torch.Tensor:
             end = int(pooled_at[rows].max()) + 1
             x = embeddings[rows, p:end].to(cast_dtype) + position[p:end]
-            x = encode_suffix(blocks, x, cache, tower.attn_mask, None if groups is None else groups[rows])
+            suffix = self._compiled.get("suffix", encode_suffix)
+            x = suffix(blocks, x, cache, tower.attn_mask, None if groups is None else groups[rows])
             return self._project_text(tower.ln_final(x[torch.arange(len(rows)), pooled_at[rows] - p]))
 
         recompute = self.grad_checkpointing and torch.is_grad_enabled()

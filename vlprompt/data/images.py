@@ -129,7 +129,9 @@ class ImageDataset(Dataset):
         self.on_error = on_error
         self.transform, self.transform_key = transform, transform_key
         self.augment_seed = augment_seed
-        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by loader workers too
+        # Shared with loader worker processes, which read them for every item.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._labels_only = torch.zeros((), dtype=torch.bool).share_memory_()
         self._content_keys: dict[int, str] = {}
         digest = hashlib.sha256()
         for sample in self.samples:
@@ -159,6 +161,11 @@ class ImageDataset(Dataset):
         """The epoch whose views :meth:`__getitem__` yields (with ``augment_seed``)."""
         self._epoch.fill_(epoch)
 
+    def set_labels_only(self, labels_only: bool) -> None:
+        """Yield labels and indices without reading the images (an empty ``image``), for training
+        whose image features come from a feature bank."""
+        self._labels_only.fill_(labels_only)
+
     def content_key(self, index: int) -> str:
         """Hash of the bytes of image ``index`` (read once, then remembered)."""
         if index not in self._content_keys:
@@ -170,6 +177,8 @@ class ImageDataset(Dataset):
         return self._content_keys[index]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        if bool(self._labels_only):
+            return {"image": torch.zeros(0), "label": self.samples[index].label, "index": index}
         return self.item(index, self.epoch)
 
     def item(self, index: int, epoch: int) -> dict[str, Any] | None:

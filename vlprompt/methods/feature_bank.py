@@ -86,6 +86,8 @@ class FeatureBank:
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         #: images run through the image tower by this bank (the rest were found stored)
         self.encoded = 0
+        #: indices of the images of the last dataset filled that could not be read
+        self.unreadable: set[int] = set()
 
     def folder(self, dataset: ImageDataset, epoch: int) -> Path:
         """Where the views of ``dataset``'s training transform at ``epoch`` are stored."""
@@ -119,12 +121,14 @@ class FeatureBank:
         Returns how many images this process ran through the image tower."""
         folder = self.folder(dataset, epoch)
         stored = self._stored(folder, reload=True)
-        missing: dict[str, int] = {}
+        keys: dict[int, str] = {}
         for index in range(len(dataset)):
             try:
-                key = dataset.content_key(index)
+                keys[index] = dataset.content_key(index)
             except UnreadableImageError:
-                continue  # counted where the training loader skips it
+                pass  # a missing file: unreadable below
+        missing: dict[str, int] = {}
+        for index, key in keys.items():
             if key not in stored and key not in missing:
                 missing[key] = index
         mine = sorted(missing.values())[rank::world_size]
@@ -148,6 +152,8 @@ class FeatureBank:
             stored = self._stored(folder, reload=True)
         stored.update(fresh)
         self.encoded += len(fresh)
+        # Images without a stored view now are those no process could read.
+        self.unreadable = {index for index in range(len(dataset)) if keys.get(index) not in stored}
         return len(fresh)
 
     def _write(self, folder: Path, features: dict[str, torch.Tensor]) -> None:

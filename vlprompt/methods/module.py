@@ -193,6 +193,12 @@ class PromptModule(pl.LightningModule):
             self.feature_bank.fill(banked, self.current_epoch, self.prompt_learner.encode_images, self.device,
                                    rank=self.global_rank, world_size=self.trainer.world_size,
                                    barrier=self.trainer.strategy.barrier)
+            banked.set_labels_only(True)  # the training loader need not decode and augment images
+
+    def on_train_end(self) -> None:
+        banked = self._banked_train_data()
+        if banked is not None:
+            banked.set_labels_only(False)
 
     def _image_features(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         """Cached image features of the batch when the learner and the data allow it, else None."""
@@ -207,6 +213,23 @@ class PromptModule(pl.LightningModule):
             return None
         return self.feature_cache.features(fingerprint, batch["index"], batch["image"], self.prompt_learner.encode_images)
 
+    def _skip_banked_unreadable(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch read without images (feature bank) lists its unreadable images, which
+        the bank found, as skipped, the way the loader does when it reads them."""
+        banked = self._banked_train_data()
+        if banked is None or batch.get("index") is None or not self.feature_bank.unreadable:
+            return batch
+        indices = batch["index"].tolist()
+        keep = [j for j, i in enumerate(indices) if i not in self.feature_bank.unreadable]
+        if len(keep) == len(indices):
+            return batch
+        skipped = list(batch.get("skipped") or []) + [i for i in indices if i in self.feature_bank.unreadable]
+        if not keep:
+            return {"image": None, "label": None, "index": None, "skipped": skipped}
+        rows = torch.tensor(keep, device=batch["index"].device)
+        return {**batch, "image": batch["image"][rows], "label": batch["label"][rows], "index": batch["index"][rows],
+                "skipped": skipped}
+
     def _count_unreadable(self, batch: dict[str, Any], stage: str) -> None:
         skipped = batch.get("skipped")
         if skipped:
@@ -215,6 +238,8 @@ class PromptModule(pl.LightningModule):
     def _step(self, batch: dict[str, Any], stage: str) -> tuple[PromptOutput | None, torch.Tensor | None, torch.Tensor | None]:
         """The learner's output, the logits and the labels of a batch (None, None, None when every
         image of the batch was unreadable)."""
+        if stage == "train":
+            batch = self._skip_banked_unreadable(batch)
         self._count_unreadable(batch, stage)
         if batch["image"] is None:
             return None, None, None
