@@ -6,8 +6,10 @@ truncation, the shared-prefix text encoding, cached test features and the augmen
 (each image's view of each epoch encoded once for the whole sweep). Both run the same sweep
 through ``vlprompt.apps.fewshot`` on the same random open_clip model and ShapeWorld data (16
 classes, 32 training images each), in this process; the script prints the wall time of each, the
-ratio, how many images went through the image tower for training, and the mean accuracies (equal
-up to floating-point noise: the views, draws and initialisations are the same).
+ratio, and how many images went through the image tower for training. Both sweeps see the same
+views, draws and initialisations and compute the same features up to float rounding; the mean
+accuracies are printed for reference only (with random weights they sit near chance, where
+rounding flips predictions).
 
     python benchmarks/fewshot_sweep.py                   # ViT-B-32 at 64 px, 5 epochs per run
     python benchmarks/fewshot_sweep.py --device cuda --precision bf16-mixed
