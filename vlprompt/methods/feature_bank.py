@@ -146,7 +146,7 @@ class FeatureBank:
                     for index, feature in zip(batch["index"].tolist(), features):
                         fresh[dataset.content_key(index)] = feature.contiguous()
             self._write(folder, fresh)
-            log.info("feature bank: encoded %d views of epoch %d (%d were stored)", len(fresh), epoch, len(stored))
+            log.debug("feature bank: encoded %d views of epoch %d (%d were stored)", len(fresh), epoch, len(stored))
         if barrier is not None and world_size > 1:
             barrier()
             stored = self._stored(folder, reload=True)

@@ -161,6 +161,9 @@ class PromptModule(pl.LightningModule):
         dm = self.classification_data()
         if dm is not None:
             dm.set_preprocess(self.backbone.preprocess_cfg)
+        banked = self._banked_train_data() if stage == "fit" else None
+        if banked is not None:
+            self.feature_bank.folder(banked, 0)  # a set-up the bank cannot serve fails before training
 
     # -- image features ----------------------------------------------------------------------------
     def _cacheable(self, stage: str) -> bool:
@@ -199,6 +202,8 @@ class PromptModule(pl.LightningModule):
         banked = self._banked_train_data()
         if banked is not None:
             banked.set_labels_only(False)
+            log.info("feature bank %s: this run encoded %d augmented views, the rest were stored",
+                     self.feature_bank.root, self.feature_bank.encoded)
 
     def _image_features(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         """Cached image features of the batch when the learner and the data allow it, else None."""
