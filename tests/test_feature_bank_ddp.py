@@ -1,5 +1,6 @@
 """The feature bank under DDP (2 CPU processes, gloo): each process encodes its share of the views,
-both read all of them, and training is bit-identical to DDP training without the bank."""
+both read all of them, and training is bit-identical to DDP training without the bank. The
+progress bar is on, as on the command line."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ backbone = OpenCLIPBackbone(f"local-dir:{model_dir}")
 dm = FewShotDataModule(data_dir, shots=-1, num_workers=0, batch_size=4, augment_seed=0, fewshot_dir=data_dir + "/fs")
 pl.seed_everything(0, verbose=False)
 model = PromptClassifier(backbone, CoOpPromptLearner, dm.classnames, feature_bank=bank or None)
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=False,
+# With the progress bar on: it syncs epoch metrics on process 0 only, before the model's epoch-end
+# hook gathers its unreadable-image counts (this used to deadlock).
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_progress_bar=True,
                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
 trainer.fit(model, datamodule=dm)
 encoded = model.feature_bank.encoded if model.feature_bank else 0

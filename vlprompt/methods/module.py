@@ -263,6 +263,11 @@ class PromptModule(pl.LightningModule):
             )
 
     def _log_unreadable(self, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Epoch-end metrics are synced across processes when first computed, which the progress
+            # bar does on process 0 only, before this hook. Computing them here on every process
+            # puts the gather below after the same collectives everywhere (else they deadlock).
+            self.trainer.progress_bar_metrics  # noqa: B018 - computed for its collectives
         count = self.unreadable.count(stage)
         if count:
             log.warning("%s: %d unreadable images skipped", stage, count)
