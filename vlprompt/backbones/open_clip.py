@@ -262,6 +262,7 @@ class OpenCLIPBackbone(Backbone):
             self.pool_type = "last" if tower.cls_emb is not None else tower.pool_type
             self.is_causal = tower.attn_mask is not None
             self.embed_dim = self._infer_embed_dim()
+            self._prefix_cache_blocks = blocks_support_prefix_cache(tower.transformer.resblocks)
         else:  # a transformers encoder (RoBERTa, XLM-R, MT5, NLLB): bidirectional, masked padding
             self._tower = None
             self.text_width = hf.transformer.get_input_embeddings().embedding_dim
@@ -270,6 +271,7 @@ class OpenCLIPBackbone(Backbone):
             self.pool_type = _HF_POOLS.get(type(hf.pooler).__name__, type(hf.pooler).__name__)
             self.is_causal = False
             self.embed_dim = hf.output_dim
+            self._prefix_cache_blocks = False
         try:
             self._vision: ViTTower | None = vit_tower(model.visual)
             self._vision_error = ""
@@ -414,10 +416,7 @@ class OpenCLIPBackbone(Backbone):
             return False
         if any(p.dim() != 2 or prompt_start + p.shape[0] > shared_prefix for p in deep_prompts or []):
             return False
-        return (
-            blocks_support_prefix_cache(self._tower.transformer.resblocks)
-            and int(self.pool_indices(token_ids).min()) >= shared_prefix
-        )
+        return self._prefix_cache_blocks and int(self.pool_indices(token_ids).min()) >= shared_prefix
 
     def _encode_shared_prefix(
         self,

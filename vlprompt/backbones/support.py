@@ -82,7 +82,7 @@ def model_support(name: str, folder: str | Path) -> ModelSupport:
         text_tower=_text_tower_kind(backbone),
         tokenizer=tokenizer_layout(hub_tokenizer) if hub_tokenizer else "clip",
         image_tower=_image_tower_kind(model.visual),
-        text_prompts=True,
+        text_prompts=backbone.has_text,
         visual_prompts=not refusal,
         truncation=backbone.can_truncate_text,
         refusal=refusal,

@@ -77,13 +77,16 @@ def load_rgb(path: str | io.BytesIO, name: str | None = None) -> Image.Image:
         raise UnreadableImageError(f"cannot read image {name or path}: {err}") from err
 
 
-def load_rgb_and_key(path: str) -> tuple[Image.Image, str]:
-    """:func:`load_rgb` and the image's content key (a hash of the file's bytes)."""
+def _read_bytes(path: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
-    return load_rgb(io.BytesIO(data), name=path), hashlib.sha256(data).hexdigest()[:32]
+
+
+def _content_key(data: bytes) -> str:
+    """An image's content key: a hash of its file's bytes."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def view_seed(augment_seed: int, content_key: str, epoch: int) -> int:
@@ -169,11 +172,7 @@ class ImageDataset(Dataset):
     def content_key(self, index: int) -> str:
         """Hash of the bytes of image ``index`` (read once, then remembered)."""
         if index not in self._content_keys:
-            try:
-                data = Path(self.samples[index].path).read_bytes()
-            except OSError as err:
-                raise UnreadableImageError(f"cannot read image {self.samples[index].path}: {err}") from err
-            self._content_keys[index] = hashlib.sha256(data).hexdigest()[:32]
+            self._content_keys[index] = _content_key(_read_bytes(self.samples[index].path))
         return self._content_keys[index]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
@@ -187,8 +186,11 @@ class ImageDataset(Dataset):
         try:
             if self.augment_seed is None:
                 image = load_rgb(sample.path)
-            else:
-                image, self._content_keys[index] = load_rgb_and_key(sample.path)
+            else:  # the bytes are read once, for the image and (first time only) its content key
+                data = _read_bytes(sample.path)
+                image = load_rgb(io.BytesIO(data), name=sample.path)
+                if index not in self._content_keys:
+                    self._content_keys[index] = _content_key(data)
         except UnreadableImageError as err:
             if self.on_error == "raise":
                 raise
