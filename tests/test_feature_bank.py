@@ -18,9 +18,9 @@ from vlprompt.methods.feature_bank import FeatureBank
 from vlprompt.prompts import CoOpPromptLearner, KgCoOpPromptLearner
 
 
-def _data(root, tmp_path, **kw):
+def _data(root, tmp_path, data_class=FewShotDataModule, **kw):
     options = dict(shots=-1, batch_size=4, num_workers=0, augment=True, augment_seed=0, fewshot_dir=str(tmp_path / "fs"))
-    dm = FewShotDataModule(root=str(root), **{**options, **kw})
+    dm = data_class(root=str(root), **{**options, **kw})
     dm.setup("fit")
     return dm
 
@@ -91,6 +91,26 @@ def test_other_weights_or_augmentation_use_other_folders(backbone, dassl_folder,
     wider_crops = _data(dassl_folder, tmp_path, crop_scale=(0.5, 1.0)).dataset("train")
     folders = {bank.folder(train, 0), other_weights.folder(train, 0), bank.folder(wider_crops, 0), bank.folder(train, 1)}
     assert len(folders) == 4
+
+
+class _RecordingData(FewShotDataModule):
+    """Records the training images' mode when Lightning asks for the training loader."""
+
+    def train_dataloader(self):
+        self.labels_only_at_start = self.dataset("train").labels_only
+        return super().train_dataloader()
+
+
+def test_the_loader_is_labels_only_before_its_workers_start(backbone, dassl_folder, tmp_path):
+    # Lightning creates the first epoch's loader (and its workers start fetching) before any epoch
+    # hook; switching the mode after that mixed images and placeholders in one batch.
+    dm = _data(dassl_folder, tmp_path, data_class=_RecordingData)
+    _fit(backbone, dm, tmp_path, epochs=1, feature_bank=str(tmp_path / "bank"))
+    assert dm.labels_only_at_start
+    assert not dm.dataset("train").labels_only  # back to images after the fit
+    # Without the bank, a later fit on the same data decodes images from the start.
+    _fit(backbone, dm, tmp_path, epochs=1)
+    assert not dm.labels_only_at_start
 
 
 @pytest.mark.slow

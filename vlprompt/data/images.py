@@ -164,6 +164,10 @@ class ImageDataset(Dataset):
         """The epoch whose views :meth:`__getitem__` yields (with ``augment_seed``)."""
         self._epoch.fill_(epoch)
 
+    @property
+    def labels_only(self) -> bool:
+        return bool(self._labels_only)
+
     def set_labels_only(self, labels_only: bool) -> None:
         """Yield labels and indices without reading the images (an empty ``image``), for training
         whose image features come from a feature bank."""
@@ -176,7 +180,7 @@ class ImageDataset(Dataset):
         return self._content_keys[index]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
-        if bool(self._labels_only):
+        if self.labels_only:
             return {"image": torch.zeros(0), "label": self.samples[index].label, "index": index}
         return self.item(index, self.epoch)
 

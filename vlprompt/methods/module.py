@@ -161,9 +161,18 @@ class PromptModule(pl.LightningModule):
         dm = self.classification_data()
         if dm is not None:
             dm.set_preprocess(self.backbone.preprocess_cfg)
-        banked = self._banked_train_data() if stage == "fit" else None
+        if stage != "fit":
+            return
+        banked = self._banked_train_data()
         if banked is not None:
             self.feature_bank.folder(banked, 0)  # a set-up the bank cannot serve fails before training
+        # With a feature bank the training loader need not decode and augment images. Set for the
+        # whole fit, before Lightning first starts the training loader (``estimated_stepping_batches``
+        # in ``configure_optimizers`` already does): loader workers read the mode per item, so a
+        # switch while they fetch would mix images and empty placeholders in one batch.
+        train = dm.dataset("train") if dm is not None else None
+        if train is not None and hasattr(train, "set_labels_only"):
+            train.set_labels_only(banked is not None)
 
     # -- image features ----------------------------------------------------------------------------
     def _cacheable(self, stage: str) -> bool:
@@ -196,9 +205,8 @@ class PromptModule(pl.LightningModule):
             self.feature_bank.fill(banked, self.current_epoch, self.prompt_learner.encode_images, self.device,
                                    rank=self.global_rank, world_size=self.trainer.world_size,
                                    barrier=self.trainer.strategy.barrier)
-            banked.set_labels_only(True)  # the training loader need not decode and augment images
 
-    def on_train_end(self) -> None:
+    def on_fit_end(self) -> None:
         banked = self._banked_train_data()
         if banked is not None:
             banked.set_labels_only(False)
