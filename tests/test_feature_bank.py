@@ -10,9 +10,10 @@ import shutil
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlprompt.data import FewShotDataModule
-from vlprompt.data.images import ImageDataset
+from vlprompt.data.images import ImageDataset, collate_skipping
 from vlprompt.methods import PromptClassifier
 from vlprompt.methods.feature_bank import FeatureBank
 from vlprompt.prompts import CoOpPromptLearner, KgCoOpPromptLearner
@@ -45,14 +46,50 @@ def test_views_follow_the_image_content_and_epoch_not_the_index(dassl_folder, tm
     assert not torch.equal(other_seed.item(0, epoch=3)["image"], first)
 
 
-def _fit(backbone, dm, tmp_path, learner=CoOpPromptLearner, epochs=2, **kw):
+def test_a_batch_fetched_for_another_epoch_is_remade(dassl_folder, tmp_path):
+    train = _data(dassl_folder, tmp_path).dataset("train")
+    collate = lambda epoch: collate_skipping([train.item(i, epoch) for i in (3, 0, 7)])  # noqa: E731
+    batch = collate(0)
+    assert train.remake_stale_views(batch, 0) == 0  # current: left alone
+    assert train.remake_stale_views(batch, 2) == 3
+    expected = collate(2)
+    assert torch.equal(batch["image"], expected["image"]) and torch.equal(batch["epoch"], expected["epoch"])
+    assert batch["index"].tolist() == [3, 0, 7] and batch["skipped"] == []
+
+
+def _fit(backbone, dm, tmp_path, learner=CoOpPromptLearner, epochs=2, model_class=PromptClassifier,
+         ckpt_path=None, checkpoint=False, **kw):
     pl.seed_everything(0, verbose=False)
-    model = PromptClassifier(backbone, learner, dm.classnames, **kw)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+    model = model_class(backbone, learner, dm.classnames, **kw)
+    checkpoints = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)] if checkpoint else []
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, callbacks=checkpoints,
+                         enable_checkpointing=checkpoint,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model
+
+
+class _CheckingViews(PromptClassifier):
+    """Counts training batches whose images are not the dataset's views at the current epoch."""
+
+    wrong = 0
+
+    def training_step(self, batch, batch_idx):
+        train = self.trainer.datamodule.dataset("train")
+        views = torch.stack([train.item(i, self.current_epoch)["image"] for i in batch["index"].tolist()])
+        type(self).wrong += not torch.equal(batch["image"].cpu(), views)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_loader_workers_trains_on_the_resumed_epochs_views(backbone, dassl_folder, tmp_path):
+    # The loader's workers start fetching before Lightning restores the epoch from the checkpoint.
+    _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=2, checkpoint=True)
+    _CheckingViews.wrong = 0
+    _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=4, model_class=_CheckingViews,
+         checkpoint=True, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert _CheckingViews.wrong == 0
 
 
 def test_training_with_the_bank_is_bit_identical_and_reuses_views(backbone, dassl_folder, tmp_path):

@@ -207,7 +207,29 @@ class ImageDataset(Dataset):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(view_seed(self.augment_seed, self._content_keys[index], epoch))
                     image = self.transform(image)
-        return {"image": image, "label": sample.label, "index": index}
+        item = {"image": image, "label": sample.label, "index": index}
+        if self.augment_seed is not None:
+            item["epoch"] = epoch  # which epoch's view: see remake_stale_views
+        return item
+
+    def remake_stale_views(self, batch: dict[str, Any], epoch: int) -> int:
+        """Remake, in place, a collated training ``batch`` whose views were made for another epoch
+        than ``epoch``; returns how many items were stale.
+
+        Loader workers read the epoch when they fetch. Lightning starts the first epoch's loader
+        (and its workers start fetching) before any epoch hook, also before restoring the loop when
+        resuming from a checkpoint, so the first batches of a resumed run can hold the views of
+        epoch 0 instead of the resumed epoch's."""
+        made_for = batch.get("epoch")
+        if made_for is None or batch.get("image") is None or bool((made_for == epoch).all()):
+            return 0
+        fresh = collate_skipping([self.item(index, epoch) for index in batch["index"].tolist()])
+        device = batch["image"].device
+        stale = int((made_for != epoch).sum())
+        skipped = batch["skipped"] + fresh.pop("skipped")
+        batch.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fresh.items()})
+        batch["skipped"] = skipped
+        return stale
 
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -206,6 +206,14 @@ class PromptModule(pl.LightningModule):
                                    rank=self.global_rank, world_size=self.trainer.world_size,
                                    barrier=self.trainer.strategy.barrier)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        dm = self.classification_data() if isinstance(batch, dict) and "epoch" in batch else None
+        train = dm.dataset("train") if dm is not None else None
+        if train is not None and hasattr(train, "remake_stale_views"):
+            stale = train.remake_stale_views(batch, self.current_epoch)
+            if stale:
+                log.debug("remade %d views fetched before epoch %d began", stale, self.current_epoch)
+
     def on_fit_end(self) -> None:
         banked = self._banked_train_data()
         if banked is not None:
