@@ -265,8 +265,9 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = super().train_dataloader()
-        # Lightning starts the first epoch's loader before any epoch hook (also when resuming):
-        # the views must already be those of the current epoch.
+        # Lightning starts the first epoch's loader before any epoch hook: the views must already
+        # be those of the current epoch. (When resuming, the loop's epoch is restored later still;
+        # the model remakes batches fetched for another epoch, ImageDataset.remake_stale_views.)
         trainer = getattr(self, "trainer", None)
         self.datasets["train"].set_epoch(trainer.current_epoch if trainer is not None else 0)
         return loader
