@@ -110,7 +110,8 @@ class PromptClassifier(PromptModule):
         output, logits, labels = self._step(batch, "train")
         if logits is None:
             return None
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self.prompt_learner.classification_weight * ce
         extra = self.prompt_learner.extra_loss(output, logits, labels)
         if extra is not None:
             self.log("train/extra_loss", extra.detach())

@@ -10,6 +10,7 @@ metrics: :class:`~vlprompt.methods.PromptClassifier` (one task) and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -71,7 +72,8 @@ class PromptModule(pl.LightningModule):
         classnames: class names by label.
         optimizer: factory over the learnable parameters (CoOp's SGD by default).
         lr_scheduler: ``cosine`` (with warm-up) or ``constant``.
-        warmup_epochs, warmup_lr: epochs of constant warm-up learning rate, and that rate.
+        warmup_epochs, warmup_lr: epochs of constant warm-up learning rate, and that rate (of every
+            parameter group).
         cache_image_features, cache_augmented_train: see :meth:`_cacheable`.
         init_prompt: a saved vlprompt prompt directory or a Dassl checkpoint to start from.
         feature_bank: a folder where the image features of augmented training views are stored and
@@ -302,14 +304,17 @@ class PromptModule(pl.LightningModule):
         if not params:
             raise ValueError(f"the {self.prompt_learner.name} prompt has no learnable parameters; nothing to fit")
         optimizer = self.optimizer_factory(self.prompt_learner.optimizer_groups(params))
+        for group in optimizer.param_groups:  # a learner's group at a multiple of the optimiser's rate
+            group["lr"] *= group.pop("lr_scale", 1.0)
         if self.lr_scheduler_name == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total - 1, self.warmup_epochs * steps_per_epoch)
-        base_lr = optimizer.param_groups[0]["lr"]
-        schedule = warmup_cosine(total, warmup, self.warmup_lr / base_lr if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+        # Dassl's constant warm-up: every group at warmup_lr, then each cosine from its own rate.
+        schedules = [warmup_cosine(total, warmup, self.warmup_lr / group["lr"] if warmup else 1.0)
+                     for group in optimizer.param_groups]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
         return [RandomStateCheckpoint()]
@@ -326,6 +331,7 @@ class PromptModule(pl.LightningModule):
         checkpoint["vlprompt"] = {
             "backbone": self.backbone.identity,
             "method": self.prompt_learner.name,
+            "hparams": json.loads(json.dumps(self.prompt_learner.hparams)),  # plain types only
             "classnames": self.prompt_learner.classnames,
         }
 
@@ -333,6 +339,8 @@ class PromptModule(pl.LightningModule):
         info = checkpoint.get("vlprompt", {})
         if "backbone" in info:
             check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
+        if "hparams" in info:
+            self.prompt_learner.match_saved(info)
         # Frozen modules are not in the checkpoint; keep the ones we were built with.
         for name in self.frozen_modules():
             checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in self.get_submodule(name).state_dict().items()})

@@ -157,7 +157,8 @@ class MultiTaskPromptClassifier(PromptModule):
         if logits is None:
             return None
         scored = self.own_task_logits(logits, self._task_ids(batch, labels)) if self.loss_mode == "task" else logits
-        loss = F.cross_entropy(scored, labels, label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(scored, labels, label_smoothing=self.label_smoothing)
+        loss = self.prompt_learner.classification_weight * ce
         # The learner's own regulariser (KgCoOp, PromptSRC) sees every class's logit: -inf
         # entries would make its distances infinite.
         extra = self.prompt_learner.extra_loss(output, logits, labels)

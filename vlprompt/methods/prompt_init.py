@@ -32,6 +32,7 @@ def load_initial_prompt(learner: PromptLearner, path: str | Path) -> None:
         config = read_prompt_config(path)
         check_backbone_identity(config["backbone"], learner.backbone.identity, what=f"initial prompt {path}")
         saved = read_prompt_tensors(path)
+        learner.match_saved(config)
         own = learner.state_dict()
         shapes = {k: tuple(v.shape) for k, v in saved.items()}
         wanted = {k: tuple(v.shape) for k, v in own.items()}

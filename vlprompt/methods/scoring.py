@@ -24,6 +24,8 @@ def prompt_logits(output: PromptOutput, backbone: Backbone) -> torch.Tensor:
     the logits are CLIP's: the backbone's logit scale times the cosine similarity of the image
     features and the class text features (``[C, D]``, or ``[B, C, D]`` for per-image classifiers
     such as CoCoOp's), plus the backbone's logit bias when it has one (SigLIP).
+    With a second head beside them (``head_logits``, decoupled DePT), the logits are
+    ``(1 - head_weight) * clip + head_weight * head``.
     """
     if output.logits is not None:
         return _wide(output.logits)
@@ -37,4 +39,7 @@ def prompt_logits(output: PromptOutput, backbone: Backbone) -> torch.Tensor:
         logits = image @ text.t()
     logits = backbone.logit_scale.to(logits.dtype) * logits
     bias = backbone.logit_bias
-    return logits if bias is None else logits + bias.to(logits.dtype)
+    logits = logits if bias is None else logits + bias.to(logits.dtype)
+    if output.head_logits is None:
+        return logits
+    return (1 - output.head_weight) * logits + output.head_weight * _wide(output.head_logits)

@@ -34,14 +34,17 @@ class PromptOutput:
 
     ``text_features`` is ``[C, D]`` (one classifier for the batch) or ``[B, C, D]``
     (per-image classifiers, e.g. CoCoOp). Learners with a learned head (VPT on a vision-only
-    encoder) give ``logits`` directly. ``extras`` carries what a learner's own loss needs
-    (e.g. PromptSRC's frozen image features).
+    encoder) give ``logits`` directly. A second head scored beside CLIP's similarity (decoupled
+    DePT) gives ``head_logits`` and its weight ``head_weight`` in the fused logits. ``extras``
+    carries what a learner's own loss needs (e.g. PromptSRC's frozen image features).
     """
 
     image_features: torch.Tensor | None
     text_features: torch.Tensor | None
     logits: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    head_logits: torch.Tensor | None = None
+    head_weight: float = 0.0
 
 
 class PromptLearner(nn.Module):
@@ -128,12 +131,25 @@ class PromptLearner(nn.Module):
         """Method-specific regulariser added to the cross-entropy (None when there is none)."""
         return None
 
+    @property
+    def classification_weight(self) -> float:
+        """Weight of the cross-entropy of the logits in the training loss (the rest of the loss
+        is :meth:`extra_loss`): 1, except for learners that share it with a head of their own."""
+        return 1.0
+
     def optimizer_groups(self, params: list[nn.Parameter]) -> list[Any]:
         """What the optimiser is built over: ``params`` as they are, or parameter groups with their
-        own settings (DePT's low-rank learning rate)."""
+        own settings (DePT's low-rank learning rate; ``lr_scale``: a multiple of the optimiser's
+        learning rate)."""
         return params
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def match_saved(self, config: dict[str, Any]) -> None:
+        """Before a saved prompt's tensors are loaded into this learner (``config``: its ``method``,
+        ``hparams`` and ``classnames``), take over what their shapes follow from the saved settings
+        rather than from this learner's classes (decoupled DePT's head classes). Nothing to do by
+        default."""
+
     def num_learnable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
