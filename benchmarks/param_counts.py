@@ -25,6 +25,8 @@ PAPER_SETTINGS = [
     ("kgcoop", {}, None),
     ("upt", {}, None),
     ("dept", {"n_ctx": 8}, None),  # budget: within 1% of 16-token CoOp (rank 7)
+    # decoupled DePT: CoOp + 4 x 512 channel scales/shifts + a 512 x 10-class linear head
+    ("decoupled_dept", {"learner_args": {"n_ctx": 16}}, None),
 ]
 
 
@@ -37,7 +39,7 @@ def main() -> None:
     classnames = [f"class {i}" for i in range(10)]
     print(f"{args.model}: text width {backbone.text_width}, vision width {backbone.vision_width}, "
           f"{backbone.text_layers}/{backbone.vision_layers} layers")
-    print(f"{'method':<10} {'settings':<34} {'vlprompt':>11} {'paper':>11}")
+    print(f"{'method':<15} {'settings':<34} {'vlprompt':>11} {'paper':>11}")
     mismatches = 0
     for name, settings, paper in PAPER_SETTINGS:
         count = PROMPT_LEARNERS[name](backbone, classnames, **settings).num_learnable_parameters()
@@ -45,7 +47,7 @@ def main() -> None:
         mark = "" if paper is None or paper == count else "  MISMATCH"
         mismatches += bool(mark)
         shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
-        print(f"{name:<10} {shown:<34} {count:>11,} {expected:>11}{mark}")
+        print(f"{name:<15} {shown:<34} {count:>11,} {expected:>11}{mark}")
     if mismatches:
         raise SystemExit(f"{mismatches} counts differ from the papers")
 

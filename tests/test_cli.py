@@ -35,7 +35,7 @@ def _data_args(root: Path) -> list[str]:
             "--data.num_workers=0", "--data.batch_size=4"]
 
 
-@pytest.mark.parametrize("method", ["coop", "cocoop", "vpt", "ivlp", "maple", "upt", "promptsrc", "kgcoop", "dept"])
+@pytest.mark.parametrize("method", ["coop", "cocoop", "vpt", "ivlp", "maple", "upt", "promptsrc", "kgcoop", "dept", "decoupled_dept"])
 def test_fit_fast_dev_run_and_save_prompt(method, tmp_path, tiny_model_dir, dassl_folder):
     target = tmp_path / "prompt"
     main(["fit", "--config", str(CONFIGS / "methods" / f"{method}.yaml"), "--config", _backbone_yaml(tmp_path, tiny_model_dir),

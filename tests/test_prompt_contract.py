@@ -21,6 +21,7 @@ TINY_KWARGS = {
     "upt": {"n_ctx": 3, "depth": 2, "heads": 2},
     "promptsrc": {"text_depth": 3, "vision_depth": 2, "templates": "imagenet7"},
     "kgcoop": {"ctx_init": None, "n_ctx": 3},
+    "decoupled_dept": {"learner_args": {"n_ctx": 4}},
 }
 
 LEARNERS = sorted(PROMPT_LEARNERS)
@@ -39,6 +40,15 @@ def images(n=6, seed=0):
 def logits_of(learner, imgs, out=None):
     """The logits every method trains and evaluates with (the methods' own scorer)."""
     return prompt_logits(out or learner(images=imgs), learner.backbone)
+
+
+def training_loss(learner, imgs, labels):
+    """The loss the methods train with: the weighted cross-entropy plus the learner's own loss."""
+    out = learner(images=imgs)
+    logits = logits_of(learner, imgs, out)
+    loss = learner.classification_weight * F.cross_entropy(logits, labels)
+    extra = learner.extra_loss(out, logits, labels)
+    return loss if extra is None else loss + extra
 
 
 def test_registry_lists_every_method():
@@ -77,14 +87,14 @@ def test_gradients_reach_only_prompt_parameters(name, backbone):
     if not list(learner.parameters()):
         pytest.skip(f"{name} has no learnable parameters")
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
-    F.cross_entropy(logits_of(learner, images()), labels).backward()
+    training_loss(learner, images(), labels).backward()
     assert all(p.grad is not None for p in learner.parameters())
     if any(p.grad.abs().sum() == 0 for p in learner.parameters()):
         # Low-rank factors (DePT) start with one factor at zero, so the other gets no gradient
         # until the first step has moved it.
         torch.optim.SGD(learner.parameters(), lr=0.1).step()
         learner.zero_grad()
-        F.cross_entropy(logits_of(learner, images()), labels).backward()
+        training_loss(learner, images(), labels).backward()
     assert all(p.grad.abs().sum() > 0 for p in learner.parameters())
     assert all(p.grad is None for p in backbone.parameters())
 
@@ -139,12 +149,7 @@ def test_a_few_steps_lower_the_loss(name, backbone):
     optimizer = torch.optim.Adam(params, lr=0.05)
     losses = []
     for _ in range(25):
-        out = learner(images=imgs)
-        logits = logits_of(learner, imgs, out)
-        loss = F.cross_entropy(logits, labels)
-        extra = learner.extra_loss(out, logits, labels)
-        if extra is not None:
-            loss = loss + extra
+        loss = training_loss(learner, imgs, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
