@@ -65,7 +65,7 @@ class FeatureBank:
         backbone_identity: the backbone's ``identity`` (its weights fingerprint keys the bank).
         dtype: ``float32`` or ``float16`` (half the disk and memory; rounds the features).
         batch_size: images per no-grad batch when filling the bank.
-        num_workers: loader workers when filling the bank.
+        num_workers: loader workers when filling the bank (a training run uses its data module's).
     """
 
     def __init__(

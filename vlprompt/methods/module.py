@@ -168,6 +168,8 @@ class PromptModule(pl.LightningModule):
         banked = self._banked_train_data()
         if banked is not None:
             self.feature_bank.folder(banked, 0)  # a set-up the bank cannot serve fails before training
+            # Filling decodes and augments every view: with the training loader's workers.
+            self.feature_bank.num_workers = int(getattr(dm, "num_workers", 0))
         # With a feature bank the training loader need not decode and augment images. Set for the
         # whole fit, before Lightning first starts the training loader (``estimated_stepping_batches``
         # in ``configure_optimizers`` already does): loader workers read the mode per item, so a
