@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_CLIP, make_backbone
 from vlprompt.backbones import BackboneMismatchError
@@ -310,3 +311,34 @@ def test_cli_meta_trains_from_the_shipped_config_and_any_method_uses_the_result(
           "--data.num_workers=0", "--data.batch_size=4", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
           f"--trainer.default_root_dir={tmp_path / 'downstream'}", f"--save_prompt={tmp_path / 'tuned'}"])
     assert (tmp_path / "tuned" / "prompt.safetensors").is_file()
+
+
+def test_a_resumed_meta_training_with_loader_workers_continues_the_episodes(backbone, pair_folder, tmp_path):
+    # Lightning starts the first epoch's loader workers before restoring the epoch from the
+    # checkpoint: without redrawing, the resumed epoch would repeat epoch 0's episodes.
+    def run(checkpoints, stop_after=None, ckpt_path=None):
+        seen = []
+
+        class Recording(GRAMMetaLearner):
+            def training_step(self, episodes, batch_idx):
+                seen.append((self.current_epoch, [ep["support"].tolist() for ep in episodes]))
+                return super().training_step(episodes, batch_idx)
+
+        class Stop(pl.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                trainer.should_stop = stop_after is not None and trainer.current_epoch >= stop_after
+
+        pl.seed_everything(0)
+        model = Recording(backbone, COOP, n_way=3, k_shot=2, q_query=3, n_domains=2, classes_per_domain=4,
+                          min_class_size=3, inner_steps=1, inner_lr=0.5)
+        dm = ImageTextPairsDataModule(str(pair_folder), episodes_per_epoch=4, episodes_per_batch=2, num_workers=2)
+        pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[Stop(), ModelCheckpoint(dirpath=tmp_path / checkpoints, save_last=True)],
+                   default_root_dir=tmp_path).fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return seen, model.prompt_learner.ctx.detach().clone()
+
+    uninterrupted, ctx = run("full")
+    run("interrupted", stop_after=1)
+    resumed, resumed_ctx = run("interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert resumed == [step for step in uninterrupted if step[0] == 2]
+    assert torch.equal(resumed_ctx, ctx)

@@ -208,10 +208,15 @@ class _Episodes(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        ep = self.episodes[self.epoch * self.length + i]
+        return self.item(i, self.epoch)
+
+    def item(self, i: int, epoch: int) -> dict[str, Any]:
+        """Episode ``i`` of ``epoch`` (also which, under ``index`` and ``epoch``)."""
+        ep = self.episodes[epoch * self.length + i]
         item: dict[str, Any] = {"support": torch.as_tensor(ep.support), "support_labels": torch.as_tensor(ep.support_labels),
                                 "support_names": list(ep.support_names), "query": torch.as_tensor(ep.query),
-                                "query_labels": torch.as_tensor(ep.query_labels), "query_names": list(ep.query_names)}
+                                "query_labels": torch.as_tensor(ep.query_labels), "query_names": list(ep.query_names),
+                                "index": i, "epoch": epoch}
         if self.transform is not None:
             for part in ("support", "query"):
                 item[f"{part}_image"] = torch.stack([self.transform(load_pair_image(self.refs[j])) for j in item[part]])
@@ -289,6 +294,18 @@ class ImageTextPairsDataModule(pl.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         if self._episodes is not None:
             self._episodes.epoch = epoch
+
+    def remake_stale_episodes(self, batch: list[dict[str, Any]], epoch: int) -> int:
+        """Replace, in place, the episodes of a training ``batch`` drawn for another epoch than
+        ``epoch``; returns how many. Loader workers copy the epoch when they start, and Lightning
+        starts the first epoch's workers before restoring the loop when resuming from a checkpoint,
+        so a resumed run's first epoch would otherwise repeat epoch 0's episodes."""
+        stale = [j for j, ep in enumerate(batch) if ep["epoch"] != epoch]
+        for j in stale:
+            device = batch[j]["support"].device
+            fresh = self._episodes.item(batch[j]["index"], epoch)
+            batch[j] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fresh.items()}
+        return len(stale)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         if self._episodes is None:

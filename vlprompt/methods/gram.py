@@ -124,6 +124,11 @@ class GRAMMetaLearner(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.trainer.datamodule.set_epoch(self.current_epoch)
 
+    def on_train_batch_start(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        stale = self.trainer.datamodule.remake_stale_episodes(batch, self.current_epoch)
+        if stale:
+            log.debug("redrew %d episodes fetched before epoch %d began", stale, self.current_epoch)
+
     # -- the functional inner loop -------------------------------------------------------------------
     def prompt_params(self) -> Params:
         """The learnable prompt tensors (the meta-prompt), by name."""
