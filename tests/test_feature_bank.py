@@ -50,8 +50,8 @@ def test_a_batch_fetched_for_another_epoch_is_remade(dassl_folder, tmp_path):
     train = _data(dassl_folder, tmp_path).dataset("train")
     collate = lambda epoch: collate_skipping([train.item(i, epoch) for i in (3, 0, 7)])  # noqa: E731
     batch = collate(0)
-    assert train.remake_stale_views(batch, 0) == 0  # current: left alone
-    assert train.remake_stale_views(batch, 2) == 3
+    assert train.remake_stale(batch, 0) == 0  # current: left alone
+    assert train.remake_stale(batch, 2) == 3
     expected = collate(2)
     assert torch.equal(batch["image"], expected["image"]) and torch.equal(batch["epoch"], expected["epoch"])
     assert batch["index"].tolist() == [3, 0, 7] and batch["skipped"] == []

@@ -114,3 +114,40 @@ def test_cached_image_layers_are_exact_and_only_for_text_prompts(backbone, tmp_p
         first, again, reference = test(model), test(model), test(plain)
         assert first == pytest.approx(reference, abs=1e-6) and again == pytest.approx(reference, abs=1e-6)
         assert (len(model.feature_cache) == len(dm.dataset("test"))) == cached, name  # visual prompts: never cached
+
+
+class _CheckingDraws(PromptSegmenter):
+    """Records each training batch's (epoch, index, image sum) and whether its images are the
+    dataset's seeded draws at the current epoch."""
+
+    seen: list = []
+    wrong = 0
+
+    def training_step(self, batch, batch_idx):
+        train = self.trainer.datamodule.dataset("train")
+        drawn = torch.stack([train.item(i, self.current_epoch)["image"] for i in batch["index"].tolist()])
+        type(self).wrong += not torch.equal(batch["image"].cpu(), drawn)
+        type(self).seen += [(self.current_epoch, i, float(x.sum())) for i, x in zip(batch["index"].tolist(), batch["image"])]
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_seeded_draws_follow_the_epoch_in_loader_workers_and_when_resuming(backbone, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs, ckpt_path=None):
+        pl.seed_everything(0)
+        dm = ShapeWorldSegmentationDataModule(str(tmp_path / "seg"), domain="clean", batch_size=16, num_workers=2, seed=3)
+        model = _CheckingDraws(backbone, learner("coop"), reduce_dim=16, n_heads=2, lr_scheduler="constant")
+        pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=2, max_epochs=epochs,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+                   default_root_dir=tmp_path).fit(model, datamodule=dm, ckpt_path=ckpt_path)
+
+    fit(2)
+    first = {(i, s) for e, i, s in _CheckingDraws.seen if e == 0}
+    second = {(i, s) for e, i, s in _CheckingDraws.seen if e == 1}
+    assert not first & second  # every epoch draws new crops (the seed does not freeze them)
+    fit(3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))  # the workers start before the epoch is restored
+    assert {e for e, _, _ in _CheckingDraws.seen} == {0, 1, 2}
+    assert _CheckingDraws.wrong == 0

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
@@ -262,15 +261,6 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         seeded = split == "train" and self.augment and self.augment_seed is not None
         return ImageDataset(samples, transform, on_error=self.on_error, transform_key=key,
                             augment_seed=self.augment_seed if seeded else None)
-
-    def train_dataloader(self) -> DataLoader:
-        loader = super().train_dataloader()
-        # Lightning starts the first epoch's loader before any epoch hook: the views must already
-        # be those of the current epoch. (When resuming, the loop's epoch is restored later still;
-        # the model remakes batches fetched for another epoch, ImageDataset.remake_stale_views.)
-        trainer = getattr(self, "trainer", None)
-        self.datasets["train"].set_epoch(trainer.current_epoch if trainer is not None else 0)
-        return loader
 
 
 def _carve_validation(drawn: list) -> dict[str, list]:

@@ -209,27 +209,34 @@ class ImageDataset(Dataset):
                     image = self.transform(image)
         item = {"image": image, "label": sample.label, "index": index}
         if self.augment_seed is not None:
-            item["epoch"] = epoch  # which epoch's view: see remake_stale_views
+            item["epoch"] = epoch  # which epoch's view: see remake_stale
         return item
 
-    def remake_stale_views(self, batch: dict[str, Any], epoch: int) -> int:
-        """Remake, in place, a collated training ``batch`` whose views were made for another epoch
-        than ``epoch``; returns how many items were stale.
+    def remake_stale(self, batch: dict[str, Any], epoch: int) -> int:
+        """See :func:`remake_stale`."""
+        return remake_stale(batch, epoch, self.item, collate_skipping)
 
-        Loader workers read the epoch when they fetch. Lightning starts the first epoch's loader
-        (and its workers start fetching) before any epoch hook, also before restoring the loop when
-        resuming from a checkpoint, so the first batches of a resumed run can hold the views of
-        epoch 0 instead of the resumed epoch's."""
-        made_for = batch.get("epoch")
-        if made_for is None or batch.get("image") is None or bool((made_for == epoch).all()):
-            return 0
-        fresh = collate_skipping([self.item(index, epoch) for index in batch["index"].tolist()])
-        device = batch["image"].device
-        stale = int((made_for != epoch).sum())
-        skipped = batch["skipped"] + fresh.pop("skipped")
-        batch.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fresh.items()})
-        batch["skipped"] = skipped
-        return stale
+
+def remake_stale(batch: dict[str, Any], epoch: int, item: Callable[[int, int], dict[str, Any]],
+                 collate: Callable[[list], dict[str, Any]]) -> int:
+    """Remake, in place, a collated training ``batch`` whose random draws were made for another
+    epoch than ``epoch`` (items of seeded datasets say which, under ``epoch``), with ``item(index,
+    epoch)`` and ``collate``; returns how many items were stale.
+
+    Loader workers read the epoch when they fetch. Lightning starts the first epoch's loader (and
+    its workers start fetching) before any epoch hook, also before restoring the loop when resuming
+    from a checkpoint, so the first batches of a resumed run can hold epoch 0's draws instead of
+    the resumed epoch's."""
+    made_for = batch.get("epoch")
+    if made_for is None or batch.get("image") is None or bool((made_for == epoch).all()):
+        return 0
+    fresh = collate([item(index, epoch) for index in batch["index"].tolist()])
+    device = batch["image"].device
+    stale = int((made_for != epoch).sum())
+    skipped = batch["skipped"] + fresh.pop("skipped")
+    batch.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fresh.items()})
+    batch["skipped"] = skipped
+    return stale
 
 
 def collate_skipping(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -346,7 +353,14 @@ class SplitLoaders:
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        # Lightning starts the first epoch's loader before any epoch hook: the random draws of a
+        # seeded dataset must already be the current epoch's. (When resuming, the loop's epoch is
+        # restored later still; the model remakes batches drawn for another epoch, remake_stale.)
+        trainer = getattr(self, "trainer", None)
+        if hasattr(self.datasets["train"], "set_epoch"):
+            self.datasets["train"].set_epoch(trainer.current_epoch if trainer is not None else 0)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.datasets:

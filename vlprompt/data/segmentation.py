@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
-from vlprompt.data.images import OnError, SplitLoaders, UnreadableImageError, load_rgb
+from vlprompt.data.images import OnError, SplitLoaders, UnreadableImageError, load_rgb, remake_stale
 from vlprompt.data.sources import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -335,7 +335,7 @@ class SegmentationDataset(Dataset):
         self.samples = list(samples)
         self.train, self.augment, self.on_error, self.seed = train, augment, on_error, seed
         self.crop_scale, self.hflip = (float(crop_scale[0]), float(crop_scale[1])), hflip
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by loader workers
         #: whether items carry an ``ignore`` mask (any sample of a palette mask)
         self.has_void = any(s.class_index is not None for s in self.samples)
         digest = hashlib.sha256()
@@ -373,9 +373,18 @@ class SegmentationDataset(Dataset):
         steps.append(A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0))
         return A.Compose(steps)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """With a ``seed``, the epoch whose draws ``__getitem__`` makes."""
-        self.epoch = int(epoch)
+        """With a ``seed``, the epoch whose draws ``__getitem__`` makes (shared with loader
+        worker processes)."""
+        self._epoch.fill_(int(epoch))
+
+    def remake_stale(self, batch: dict[str, Any], epoch: int) -> int:
+        """See :func:`~vlprompt.data.images.remake_stale`."""
+        return remake_stale(batch, epoch, self.item, collate_segmentation)
 
     @property
     def fingerprint(self) -> str:
@@ -387,11 +396,11 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _draws(self, index: int) -> tuple[np.random.Generator, random.Random]:
+    def _draws(self, index: int, epoch: int) -> tuple[np.random.Generator, random.Random]:
         if self.seed is None:
             seq = np.random.SeedSequence(int(torch.randint(0, 2**62, ()).item()))
         else:
-            seq = np.random.SeedSequence([self.seed, self.epoch, index])
+            seq = np.random.SeedSequence([self.seed, epoch, index])
         return np.random.default_rng(seq), random.Random(int(seq.generate_state(1, np.uint64)[0]))
 
     def load_mask(self, sample: SegmentationSample) -> np.ndarray:
@@ -422,6 +431,10 @@ class SegmentationDataset(Dataset):
                          f"{found[:10].tolist()}{' ...' if found.size > 10 else ''}{hint}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int) -> dict[str, Any]:
+        """Item ``index`` as drawn at ``epoch`` (the epoch matters only for seeded training draws)."""
         sample = self.samples[index]
         try:
             image = np.asarray(load_rgb(sample.image))
@@ -436,7 +449,7 @@ class SegmentationDataset(Dataset):
                              f"{sample.image} is {image.shape[1]}x{image.shape[0]}")
         prompt = sample.prompts[0]
         if self.train:
-            np_rng, py_rng = self._draws(index)
+            np_rng, py_rng = self._draws(index, epoch)
             self.transform.set_random_state(np_rng, py_rng)
             if len(sample.prompts) > 1:
                 prompt = sample.prompts[int(np_rng.integers(len(sample.prompts)))]
@@ -453,6 +466,8 @@ class SegmentationDataset(Dataset):
         }
         if self.has_void:
             item["ignore"] = torch.from_numpy(transformed == VOID_INDEX).unsqueeze(0)
+        if self.train and self.seed is not None:
+            item["epoch"] = epoch  # which epoch's draws: see remake_stale
         return item
 
 
@@ -475,6 +490,8 @@ def collate_segmentation(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image_path": [it["image_path"] for it in kept],
         "skipped": skipped,
     }
+    if all("epoch" in it for it in kept):
+        batch["epoch"] = torch.tensor([it["epoch"] for it in kept], dtype=torch.long)
     if any("ignore" in it for it in kept):
         batch["ignore"] = torch.stack([it.get("ignore", torch.zeros_like(it["mask"], dtype=torch.bool)) for it in kept])
     return batch

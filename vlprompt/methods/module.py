@@ -199,11 +199,15 @@ class PromptModule(pl.LightningModule):
             return None
         return dm.dataset("train")
 
-    def on_train_epoch_start(self) -> None:
+    def _train_dataset(self) -> Any:
+        """The training split's dataset, None without one."""
         dm = self.classification_data()
-        dataset = dm.dataset("train") if dm is not None else None
+        return dm.dataset("train") if dm is not None else None
+
+    def on_train_epoch_start(self) -> None:
+        dataset = self._train_dataset()
         if dataset is not None and hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)  # seeded views: those of this epoch
+            dataset.set_epoch(self.current_epoch)  # seeded draws: those of this epoch
         banked = self._banked_train_data()
         if banked is not None:
             self.feature_bank.fill(banked, self.current_epoch, self.prompt_learner.encode_images, self.device,
@@ -211,12 +215,11 @@ class PromptModule(pl.LightningModule):
                                    barrier=self.trainer.strategy.barrier)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        dm = self.classification_data() if isinstance(batch, dict) and "epoch" in batch else None
-        train = dm.dataset("train") if dm is not None else None
-        if train is not None and hasattr(train, "remake_stale_views"):
-            stale = train.remake_stale_views(batch, self.current_epoch)
+        train = self._train_dataset() if isinstance(batch, dict) and "epoch" in batch else None
+        if train is not None and hasattr(train, "remake_stale"):
+            stale = train.remake_stale(batch, self.current_epoch)
             if stale:
-                log.debug("remade %d views fetched before epoch %d began", stale, self.current_epoch)
+                log.debug("remade %d items drawn before epoch %d began", stale, self.current_epoch)
 
     def on_fit_end(self) -> None:
         banked = self._banked_train_data()

@@ -340,6 +340,10 @@ class PromptSegmenter(PromptModule):
         if self.prompt_learner.classnames != ["object"]:
             self.prompt_learner.set_classnames(["object"])
 
+    def _train_dataset(self) -> Any:
+        dm = self._data()
+        return dm.dataset("train") if dm is not None and hasattr(dm, "dataset") else None
+
     def _fingerprint(self, stage: str) -> str:
         dm = self._data()
         dataset = dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None and hasattr(dm, "dataset") else None
