@@ -336,7 +336,7 @@ class PromptModule(pl.LightningModule):
         checkpoint["vlprompt"] = {
             "backbone": self.backbone.identity,
             "method": self.prompt_learner.name,
-            "hparams": json.loads(json.dumps(self.prompt_learner.hparams)),  # plain types only
+            "hparams": json.loads(json.dumps(self.prompt_learner.hparams, default=str)),  # plain types only
             "classnames": self.prompt_learner.classnames,
         }
 
