@@ -294,16 +294,15 @@ class OpenCLIPBackbone(Backbone):
     def _compile(self) -> None:
         """``torch.compile`` the towers' blocks in place (parameter names unchanged) and the
         shared-prefix functions."""
-        text_blocks = self._hf_layers_or_blocks()
+        text_blocks = _hf_layers(self._hf.transformer) if self._tower is None else self._tower.transformer.resblocks
         image_blocks = self._vision.blocks if self._vision is not None else []
+        # Blocks for the prompted paths (which run them one by one); the whole image tower for
+        # plain encode_image (also non-ViT towers, which have no blocks here).
         for block in [*text_blocks, *image_blocks]:
             block.compile(dynamic=True)
         self.model.visual.compile(dynamic=True)
         self._compiled = {"prefix": torch.compile(encode_prefix, dynamic=True),
                           "suffix": torch.compile(encode_suffix, dynamic=True)}
-
-    def _hf_layers_or_blocks(self) -> Sequence[nn.Module]:
-        return _hf_layers(self._hf.transformer) if self._tower is None else self._tower.transformer.resblocks
 
     def _apply(self, fn, *args: Any, **kwargs: Any) -> OpenCLIPBackbone:
         super()._apply(fn, *args, **kwargs)
@@ -617,7 +616,6 @@ class OpenCLIPBackbone(Backbone):
                 ]
             ),
         }
-
 
 
 def _splice_hidden_states(

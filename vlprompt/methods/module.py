@@ -174,7 +174,7 @@ class PromptModule(pl.LightningModule):
         # whole fit, before Lightning first starts the training loader (``estimated_stepping_batches``
         # in ``configure_optimizers`` already does): loader workers read the mode per item, so a
         # switch while they fetch would mix images and empty placeholders in one batch.
-        train = dm.dataset("train") if dm is not None else None
+        train = self._train_dataset()
         if train is not None and hasattr(train, "set_labels_only"):
             train.set_labels_only(banked is not None)
 
