@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast gpu gpu-smoke install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 ## Unit tests only.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m "not slow"
+
+## The GPU check: the `gpu` test tier and the speed/memory benchmarks on CUDA, written to
+## outputs/gpu-report/gpu_report.{json,md} (about 6 minutes on one 80 GB GPU).
+gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu_report.py
+
+## The same command on the CPU at tiny sizes (the test suite runs it, so it cannot rot).
+gpu-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu_report.py --smoke
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-from timing import timed
+from timing import add_json_argument, peak_memory_mib, reset_peak_memory, timed, write_json
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.prompts import CoOpPromptLearner
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure compile_towers=True")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -83,7 +84,7 @@ def main() -> None:
 
     log.info("%s (random weights), batch %d, %d context tokens, %s on %s", args.model, args.batch_size, args.n_ctx,
              args.precision, device)
-    rows = []
+    rows, measured = [], []
     for classes in args.classes:
         names = list(IMAGENET_CLASSNAMES[:classes])
         labels = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -98,11 +99,14 @@ def main() -> None:
             if name != "plain":
                 with torch.no_grad(), autocast():
                     cached = learner.encode_images(images)  # computed once, reused every epoch
+            reset_peak_memory(device)
             start = time.perf_counter()
             step(learner, backbone, images, labels, cached, opt, autocast)
             first = time.perf_counter() - start
             times[name], losses[name] = timed(lambda: step(learner, backbone, images, labels, cached, opt, autocast),
                                               args.repeats, device)
+            measured.append({"classes": classes, "variant": name, "seconds": times[name], "loss": losses[name],
+                             "first_step_seconds": first, "peak_mib": peak_memory_mib(device)})
             if name == "now+compile":
                 log.info("  compile_towers at %d classes: first step %.1f s (compiling), then %.3f s/step",
                          classes, first, times[name])
@@ -114,6 +118,8 @@ def main() -> None:
         plain = f"{t['plain']:12.3f}" if "plain" in t else f"{'-':>12}"
         ratio = f"{t['plain'] / t['now']:11.1f}x" if "plain" in t else f"{'-':>12}"
         log.info("%7d %s %14.3f %11.3f %s %13.1fx", classes, plain, t["before"], t["now"], ratio, t["before"] / t["now"])
+    write_json(args.json, "coop_step", device, {"model": args.model, "batch_size": args.batch_size, "n_ctx": args.n_ctx,
+                                                "precision": args.precision}, measured)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ is what gets encoded), builds a random
 open_clip model (no download) and times :meth:`FeatureBank.fill` for one epoch, alternating the
 two settings so that both see the same machine state::
 
-    python benchmarks/feature_bank_fill.py [--model ViT-S-32] [--images 512] [--workers 2] [--repeats 2]
+    python benchmarks/feature_bank_fill.py [--model ViT-S-32] [--images 512] [--workers 2] [--repeats 2] [--device cuda]
 
 A training run fills with its data module's ``num_workers``. On CPU the image tower dominates;
 on a GPU decoding does, and the workers matter more.
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from timing import add_json_argument, write_json
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.data import FewShotDataModule
 from vlprompt.methods.feature_bank import FeatureBank
@@ -54,9 +55,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     backbone = OpenCLIPBackbone(args.model).to(device)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -71,6 +74,9 @@ def main() -> None:
     print(f"  main process only   {best[0]:7.2f} s  ({encoded / best[0]:6.1f} views/s)")
     print(f"  {args.workers} loader workers    {best[args.workers]:7.2f} s  ({encoded / best[args.workers]:6.1f} views/s)"
           f"  {best[0] / best[args.workers]:.2f}x")
+    write_json(args.json, "feature_bank_fill", device, {"model": args.model, "images": "640x480 JPEG"},
+               [{"workers": w, "seconds": best[w], "views": encoded, "views_per_second": encoded / best[w]}
+                for w in best])
 
 
 if __name__ == "__main__":

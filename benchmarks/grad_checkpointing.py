@@ -16,6 +16,7 @@ import time
 import open_clip
 import torch
 
+from timing import add_json_argument, peak_memory_mib, reset_peak_memory, write_json
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.methods import prompt_logits
 from vlprompt.prompts import MaPLePromptLearner
@@ -23,9 +24,9 @@ from vlprompt.prompts import MaPLePromptLearner
 CLASSES = ["cat", "dog", "car", "tree", "house", "ship", "bird", "horse"]
 
 
-def measure(model_name: str, checkpointing: bool, batch: int, device: str) -> tuple[float, float, float]:
+def measure(backbone: OpenCLIPBackbone, batch: int, device: str) -> tuple[float, float, float | None]:
+    """Saved-tensor MiB, seconds and CUDA peak MiB of one MaPLe forward and backward pass."""
     torch.manual_seed(0)
-    backbone = OpenCLIPBackbone(model_name, grad_checkpointing=checkpointing).to(device)
     learner = MaPLePromptLearner(backbone, CLASSES).to(device)
     size = backbone.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
@@ -37,15 +38,13 @@ def measure(model_name: str, checkpointing: bool, batch: int, device: str) -> tu
         saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     start = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = prompt_logits(learner(images=images), backbone).logsumexp(-1).mean()
     loss.backward()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
-    return sum(saved.values()) / 2**20, seconds, peak
+    peak = peak_memory_mib(device)
+    return sum(saved.values()) / 2**20, time.perf_counter() - start, peak
 
 
 def main() -> None:
@@ -53,13 +52,23 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["ViT-L-14", "ViT-H-14"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_argument(parser)
     args = parser.parse_args()
     print(f"MaPLe depth 9, {len(CLASSES)} classes, batch {args.batch}, {args.device}; open_clip {open_clip.__version__}")
     print(f"{'model':<10} {'checkpointing':<13} {'saved MiB':>10} {'ratio':>6} {'seconds':>8} {'ratio':>6} {'CUDA peak MiB':>14}")
+    rows = []
     for name in args.models:
-        base = measure(name, False, args.batch, args.device)
-        for flag, (mib, seconds, peak) in ((False, base), (True, measure(name, True, args.batch, args.device))):
-            print(f"{name:<10} {str(flag):<13} {mib:10.0f} {mib / base[0]:6.2f} {seconds:8.1f} {seconds / base[1]:6.2f} {peak:14.0f}")
+        torch.manual_seed(0)
+        plain = OpenCLIPBackbone(name).to(args.device)
+        base = measure(plain, args.batch, args.device)
+        # the same weights, checkpointed (the flag is set on the shared model: measured second)
+        checkpointed = OpenCLIPBackbone.from_model(plain.model, plain.tokenizer, name=name, grad_checkpointing=True)
+        for flag, (mib, seconds, peak) in ((False, base), (True, measure(checkpointed, args.batch, args.device))):
+            shown = float("nan") if peak is None else peak
+            print(f"{name:<10} {str(flag):<13} {mib:10.0f} {mib / base[0]:6.2f} {seconds:8.1f} {seconds / base[1]:6.2f} {shown:14.0f}")
+            rows.append({"model": name, "checkpointing": flag, "saved_mib": mib, "seconds": seconds, "peak_mib": peak})
+        del plain, checkpointed
+    write_json(args.json, "grad_checkpointing", args.device, {"learner": "maple", "batch": args.batch}, rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from timing import random_open_clip, timed
+from timing import add_json_argument, peak_memory_mib, random_open_clip, reset_peak_memory, timed, write_json
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.methods import GRAMMetaLearner
 from vlprompt.prompts import CoOpPromptLearner, VPTPromptLearner
@@ -64,11 +64,10 @@ def measure(backbone: OpenCLIPBackbone, factory, second_order: bool, images: boo
             loss = model.meta_loss(episodes)
         loss.backward()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     seconds, _ = timed(step, args.repeats, device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return seconds, sum(saved.values()) / 2**20, peak
+    peak = peak_memory_mib(device)
+    return seconds, sum(saved.values()) / 2**20, float("nan") if peak is None else peak
 
 
 def main() -> None:
@@ -82,6 +81,7 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("vlprompt").setLevel(logging.WARNING)
@@ -94,13 +94,18 @@ def main() -> None:
             ("VPT-deep (8 tokens)", functools.partial(VPTPromptLearner, n_tokens=8, templates="photo"), True)]
     log.info("%-24s %-6s %9s %7s %11s %7s %13s", "learner", "order", "s/step", "ratio", "saved MiB", "ratio",
              "CUDA peak MiB")
-    base = None
+    base, measured = None, []
     for name, factory, images in rows:
         for second in (False, True):
             seconds, saved, peak = measure(backbone, factory, second, images, args, device)
             base = base or (seconds, saved)
             log.info("%-24s %-6s %9.3f %6.2fx %11.1f %6.2fx %13.0f", name, "second" if second else "first", seconds,
                      seconds / base[0], saved, saved / base[1], peak)
+            measured.append({"learner": name, "order": "second" if second else "first", "seconds": seconds,
+                             "saved_mib": saved, "peak_mib": None if peak != peak else peak})
+    write_json(args.json, "gram_meta_step", device, {"model": args.model, "size": args.size, "episodes": args.episodes,
+                                                     "ways": args.ways, "shots": args.shots, "queries": args.queries,
+                                                     "inner_steps": args.inner_steps}, measured)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from timing import random_open_clip, timed
+from timing import add_json_argument, peak_memory_mib, random_open_clip, reset_peak_memory, timed, write_json
 from vlprompt.backbones import Backbone, HFCLIPBackbone
 from vlprompt.methods import PromptSegmenter
 from vlprompt.prompts import CoOpPromptLearner, MaPLePromptLearner, VPTPromptLearner
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -68,6 +69,7 @@ def main() -> None:
     log.info("%s at %d px, batch %d, %s; decoder reads blocks %s of %d", args.vlsm or args.model, args.size, args.batch_size,
              device, PromptSegmenter(backbone, train_decoder=True).decoder.extract_layers, depth)
     log.info("%-20s %10s %10s %7s %11s %11s", "strategy", "plain s", "vlprompt s", "ratio", "plain loss", "vlprompt loss")
+    rows = []
     for name, factory in STRATEGIES.items():
         results = {}
         for variant in ("plain", "vlprompt"):
@@ -89,12 +91,17 @@ def main() -> None:
 
             with torch.no_grad():  # the same first loss in both variants (exactness)
                 first = model.loss(model(images, prompts), masks).item()
+            reset_peak_memory(device)
             results[variant] = (timed(step, args.repeats, device)[0], first)
+            rows.append({"strategy": name, "variant": variant, "seconds": results[variant][0], "loss": first,
+                         "peak_mib": peak_memory_mib(device)})
             backbone.__dict__.pop("encode_image_layers", None)
             assert model.decoder.extract_layers == read
         (plain_t, plain_l), (fast_t, fast_l) = results["plain"], results["vlprompt"]
         log.info("%-20s %10.3f %10.3f %6.2fx %11.5f %11.5f", name, plain_t, fast_t, plain_t / fast_t, plain_l, fast_l)
     backbone.truncate_text = True
+    write_json(args.json, "segmentation_step", device, {"vlsm": args.vlsm or args.model, "size": args.size,
+                                                        "batch_size": args.batch_size}, rows)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,37 @@ def random_open_clip(model: str, size: int, device: torch.device):
     folder = Path(tempfile.mkdtemp(prefix="vlprompt-bench-"))
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     return OpenCLIPBackbone(f"local-dir:{folder}").to(device)
+
+
+def device_name(device: torch.device | str) -> str:
+    """The card's name, or the CPU's thread count: absolute figures are labelled with it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mib(device: torch.device | str) -> float | None:
+    """Peak CUDA memory allocated since :func:`reset_peak_memory`; None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def add_json_argument(parser) -> None:
+    parser.add_argument("--json", default=None, help="also write the measured rows to this JSON file")
+
+
+def write_json(path: str | None, benchmark: str, device: torch.device | str, settings: dict[str, Any],
+               rows: list[dict[str, Any]]) -> None:
+    """The measurements as ``{benchmark, device, settings, rows}`` (read by ``gpu_report.py``)."""
+    if path:
+        Path(path).write_text(json.dumps({"benchmark": benchmark, "device": device_name(device),
+                                          "settings": settings, "rows": rows}, indent=1))

@@ -84,3 +84,13 @@ def dassl_folder(tmp_path) -> Path:
                 split[s].append([rel, label, name])
     (root / "split_zhou_Colours.json").write_text(json.dumps(split))
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``gpu`` tier runs where CUDA is, or on the CPU with ``VLPROMPT_GPU_SMOKE=1`` (tiny sizes)."""
+    if torch.cuda.is_available() or os.environ.get("VLPROMPT_GPU_SMOKE") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (VLPROMPT_GPU_SMOKE=1 runs it on the CPU with tiny models)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
