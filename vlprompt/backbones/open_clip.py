@@ -118,6 +118,22 @@ def _hf_layers(transformer: nn.Module) -> nn.ModuleList:
 _HF_POOLS = {"MeanPooler": "mean", "MaxPooler": "max", "ClsPooler": "first", "ClsLastHiddenStatePooler": "first"}
 
 
+def _fetch_failure(model: str, tag: str, err: Exception) -> str:
+    """What to do when an open_clip pretrained tag's weights could not be fetched (no internet, or
+    not in the cache): where they come from, where the cache is, how to carry it."""
+    from huggingface_hub import constants
+
+    source = open_clip.get_pretrained_cfg(model, tag)
+    where = (f"the Hugging Face hub repo {source['hf_hub'].rstrip('/')}" if source.get("hf_hub")
+             else source.get("url") or "its download address")
+    return (
+        f"could not fetch the weights of open_clip tag {tag!r} for {model!r} from {where} ({err}). Without internet: "
+        f"load it once on a machine with internet (open_clip.create_model({model!r}, pretrained={tag!r})), copy its "
+        f"Hugging Face cache (HF_HOME, here {constants.HF_HOME}) to this machine and set HF_HUB_OFFLINE=1; or pass "
+        "the checkpoint file itself as pretrained"
+    )
+
+
 class OpenCLIPBackbone(Backbone):
     """Any open_clip model, frozen, behind the prompt-learning API.
 
@@ -201,12 +217,9 @@ class OpenCLIPBackbone(Backbone):
                 resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False
             )
         except RuntimeError as err:
-            if pretrained and "download" in str(err).lower():
-                raise RuntimeError(
-                    f"Could not fetch weights {pretrained!r} for {resolved!r}: {err}. Without internet, "
-                    "download the checkpoint elsewhere and pass its local path as `pretrained`, or "
-                    "use `local-dir:/folder` with open_clip_config.json and the weights."
-                ) from err
+            if pretrained and not os.path.isfile(pretrained):
+                # open_clip says "not a known tag" also when a known tag's download failed
+                raise RuntimeError(_fetch_failure(resolved, pretrained, err)) from err
             raise
         except OSError as err:  # transformers could not fetch a Hugging Face text tower's config
             raise OSError(
