@@ -70,11 +70,10 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture()
-def dassl_folder(tmp_path) -> Path:
-    """A CoOp/Dassl-style folder: ``images/`` and ``split_zhou_Colours.json``."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "colours_dassl"
+def write_dassl_folder(root: Path, seed: int = 1) -> Path:
+    """A CoOp/Dassl-style folder: ``images/`` and ``split_zhou_Colours.json``; 4 colour classes with
+    8 train, 4 val and 6 test images each."""
+    rng = np.random.default_rng(seed)
     split: dict[str, list] = {"train": [], "val": [], "test": []}
     for label, (name, rgb) in enumerate(COLOURS.items()):
         for s, n in (("train", 8), ("val", 4), ("test", 6)):
@@ -84,6 +83,11 @@ def dassl_folder(tmp_path) -> Path:
                 split[s].append([rel, label, name])
     (root / "split_zhou_Colours.json").write_text(json.dumps(split))
     return root
+
+
+@pytest.fixture()
+def dassl_folder(tmp_path) -> Path:
+    return write_dassl_folder(tmp_path / "colours_dassl")
 
 
 def pytest_collection_modifyitems(config, items):

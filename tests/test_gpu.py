@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import COLOURS, TINY_CLIP, write_image, write_model_dir
+from conftest import TINY_CLIP, write_dassl_folder, write_model_dir
 from test_prompt_contract import TINY_KWARGS
 from vlprompt.backbones import Backbone, OpenCLIPBackbone
 from vlprompt.data import FewShotDataModule
@@ -97,18 +97,7 @@ def backbone(shared_backbone) -> OpenCLIPBackbone:
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
-    """A Dassl-layout folder: 4 colour classes, 8 train / 2 val / 4 test images each."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("colours")
-    split: dict[str, list] = {"train": [], "val": [], "test": []}
-    for label, (name, rgb) in enumerate(COLOURS.items()):
-        for part, n in (("train", 8), ("val", 2), ("test", 4)):
-            for i in range(n):
-                rel = f"{name.replace(' ', '_')}/{part}_{i}.png"
-                write_image(root / "images" / rel, rgb, rng)
-                split[part].append([rel, label, name])
-    (root / "split_zhou_Colours.json").write_text(json.dumps(split))
-    return root
+    return write_dassl_folder(tmp_path_factory.mktemp("colours"))
 
 
 def _factory(name: str):
@@ -189,7 +178,7 @@ def test_every_learner_family_fits_and_tests_in_mixed_precision(name, precision,
     assert all(p.grad is None for p in backbone.parameters())
     assert _moved(model.prompt_learner, start)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    assert metrics["test/images"] == 16 and 0 <= metrics["test/acc"] <= 100
+    assert metrics["test/images"] == 24 and 0 <= metrics["test/acc"] <= 100
     model.to(DEVICE).eval()
     images = _images(4, _image_size(backbone))
     _check_against_fp32(lambda: model(images), precision, float(backbone.logit_scale), record_property)
@@ -342,24 +331,15 @@ def test_ddp_on_one_device_saves_once(model_dir, colours, tmp_path):
 
 # -- compile_towers --------------------------------------------------------------------------------------------
 def test_compiled_towers_match_the_plain_ones_on_the_device(backbone):
+    from test_compile import compiled_matches_plain
+
     compiled = OpenCLIPBackbone.from_model(copy.deepcopy(backbone.model), backbone.tokenizer, name=backbone.model_name,
                                            pretrained=backbone.pretrained, compile_towers=True).to(DEVICE)
-    images = _images(2, _image_size(backbone))
     torch.manual_seed(0)
     learner = MaPLePromptLearner(backbone, ["cat", "red square", "dog"], **SIZES.learner_kwargs.get("maple", {}))
-    learner.to(DEVICE)
-    outputs = {}
-    for name, tower in (("plain", backbone), ("compiled", compiled)):
-        learner.backbone = tower
-        learner.zero_grad()
-        out = learner(images=images)
-        (out.image_features.sum() + out.text_features.pow(2).sum()).backward()
-        grads = [p.grad.clone() for p in learner.parameters() if p.grad is not None]
-        outputs[name] = (out.image_features.detach(), out.text_features.detach(), grads)
-    learner.backbone = backbone
-    # fused kernels sum in another order: compare each at its own scale
-    for ours, theirs in zip([*outputs["compiled"][:2], *outputs["compiled"][2]], [*outputs["plain"][:2], *outputs["plain"][2]]):
-        torch.testing.assert_close(ours, theirs, atol=1e-4 * float(theirs.abs().max()), rtol=1e-3)
+    # GPU kernels (cuBLAS, fused attention, Inductor's fusions) differ more in rounding than the CPU's
+    compiled_matches_plain(learner.to(DEVICE), backbone, compiled, _images(2, _image_size(backbone)),
+                           feature_atol=1e-4 if CUDA else 1e-5)
 
 
 # -- gradient checkpointing on a large tower --------------------------------------------------------------------

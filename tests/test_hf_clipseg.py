@@ -229,15 +229,20 @@ def test_fit_on_segmentation_data_keeps_the_frozen_head_out_of_the_checkpoint(hf
     assert torch.equal(restored.prompt_learner.ctx, seg.prompt_learner.ctx)
 
 
-def test_plain_clip_through_transformers():
-    torch.manual_seed(0)
+def tiny_clip(seed: int = 0):
+    """A tiny random transformers ``CLIPModel`` with CLIP's vocabulary (32 px images)."""
+    torch.manual_seed(seed)
     config = transformers.CLIPConfig(
         text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "max_position_embeddings": 24},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 32, "patch_size": 8},
         projection_dim=16)
-    model = transformers.CLIPModel(config).eval()
+    return transformers.CLIPModel(config).eval()
+
+
+def test_plain_clip_through_transformers():
+    model = tiny_clip()
     b = HFCLIPBackbone.from_model(model)  # open_clip's CLIP tokenizer: the same vocabulary
     assert b.vlsm_decoder() is None and b.preprocess_cfg["resize_mode"] == "shortest"
     ids = b.tokenize(["a red star", "blue"])

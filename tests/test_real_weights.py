@@ -76,17 +76,10 @@ def test_a_pretrained_tag_loads_offline_from_a_copied_cache_and_says_what_to_do_
 
 def test_a_transformers_clip_folder_loads_as_hf_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from test_hf_clipseg import write_clip_tokenizer
+    from test_hf_clipseg import tiny_clip, write_clip_tokenizer
     from vlprompt.backbones import load_backbone
 
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 24},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    model = transformers.CLIPModel(config).eval()
+    model = tiny_clip()
     folder = tmp_path / "my-clip"
     model.save_pretrained(folder)
     write_clip_tokenizer(folder)
