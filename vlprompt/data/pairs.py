@@ -13,6 +13,7 @@ import io
 import logging
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from PIL import Image
 
 from vlprompt.data.images import UnreadableImageError, load_rgb, to_rgb
 
-__all__ = ["ImagePair", "ImageTextPairs", "ImageTextPairsDataModule", "expand_shards", "load_pair_image"]
+__all__ = ["DamagedShardError", "ImagePair", "ImageTextPairs", "ImageTextPairsDataModule", "expand_shards",
+           "load_pair_image"]
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,20 @@ class ImageTextPairs:
     """The pairs of ``source``:
 
     - a folder: every image (searched recursively) with a caption file of the same stem
-      (``0001.jpg`` + ``0001.txt``); images without one are skipped and counted;
+      (``0001.jpg`` + ``0001.txt``);
     - a ``.csv``/``.tsv`` file with a header naming an image column (``image``, ``filepath``,
       ``path`` ...) and a caption column (``caption``, ``text``, ``title``); relative paths are
       relative to the file. Missing image files are an error naming them;
     - ``.tar`` shards (one path, a brace pattern such as ``cc3m-{0000..0099}.tar``, or a folder
       holding them): WebDataset members ``KEY.jpg`` + ``KEY.txt`` are grouped by key.
+
+    Captions are UTF-8 text (a leading BOM is dropped). Like unreadable images, pairs whose caption
+    is missing, empty (whitespace only) or not UTF-8 are skipped and counted (:attr:`skipped_by`),
+    and each pass logs one summary line naming an example of each; a source where no pair has a
+    caption is an error. A damaged shard (truncated, corrupt, or with data after its end-of-archive
+    marker) is a :class:`DamagedShardError` naming it: training on part of a shard unawares would
+    change the clusters, so it is refused rather than skipped. Shards whose last block is not the
+    end-of-archive marker are refused at once; damage further in is found when the pass reaches it.
 
     Iterating streams the pairs in order; nothing but the captions and references is kept.
     """
@@ -112,33 +122,78 @@ class ImageTextPairs:
                 raise ValueError(f"shards must be uncompressed .tar files (images are read back by byte offset): {compressed[:3]}")
         else:
             raise ValueError(f"{self.source}: expected a folder, a .csv/.tsv file or .tar shards")
-        #: Images without a caption (folder) or members without a partner (shards) skipped so far.
-        self.skipped = 0
+        for shard in getattr(self, "shards", []):
+            _check_shard_tail(shard)
+        #: Pairs skipped in the current (or last) pass, by reason.
+        self.skipped_by: Counter[str] = Counter()
+        self._examples: dict[str, str] = {}
+
+    @property
+    def skipped(self) -> int:
+        """Pairs skipped so far in this pass (every reason)."""
+        return sum(self.skipped_by.values())
 
     def __iter__(self) -> Iterator[ImagePair]:
-        self.skipped = 0
+        self.skipped_by, self._examples = Counter(), {}
         if self.kind == "folder":
-            yield from self._folder()
+            pairs = self._folder()
         elif self.kind == "table":
-            yield from self._table()
+            pairs = self._table()
         else:
-            for shard in self.shards:
-                yield from self._shard(shard)
-        if self.skipped:
-            log.warning("%s: %d images without a caption skipped", self.source, self.skipped)
+            pairs = (pair for shard in self.shards for pair in self._shard(shard))
+        kept = 0
+        for pair in pairs:
+            kept += 1
+            yield pair
+        self._report(kept)
+
+    def _skip(self, reason: str, where: str) -> None:
+        """Count a pair skipped for ``reason``; the first of each reason is the summary's example."""
+        self.skipped_by[reason] += 1
+        self._examples.setdefault(reason, where)
+        log.debug("skipping %s: %s", where, reason)
+
+    def _pair(self, key: str, text: bytes, where: str, ref: str | tuple[str, int, int]) -> ImagePair | None:
+        """The pair of caption bytes ``text`` (from ``where``), or None (counted) when the caption is not
+        UTF-8 text or is empty."""
+        try:
+            caption = text.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as err:
+            self._skip(_NOT_UTF8, f"{where}: {err}")
+            return None
+        if not caption:
+            self._skip(_EMPTY, where)
+            return None
+        return ImagePair(key, caption, ref)
+
+    def _report(self, kept: int) -> None:
+        """One summary line for the pass's skips (not one per pair); no pair kept at all is an error."""
+        if not self.skipped:
+            return
+        summary = "; ".join(f"{n} {reason} (e.g. {self._examples[reason]}{_HINTS.get(reason, '')})"
+                            for reason, n in self.skipped_by.items())
+        if not kept:
+            what = "both an image and a caption" if _NO_IMAGE in self.skipped_by else "a caption"
+            raise ValueError(f"{self.source}: no pair has {what}: {summary}")
+        if _reports():
+            log.warning("%s: skipped %d of %d pairs: %s", self.source, self.skipped, kept + self.skipped, summary)
 
     def _folder(self) -> Iterator[ImagePair]:
         root = Path(self.source)
         for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             text = next((image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()), None)
             if text is None:
-                self.skipped += 1
+                self._skip(_NO_CAPTION, str(image))
                 continue
-            yield ImagePair(str(image.relative_to(root).with_suffix("")), text.read_text().strip(), str(image))
+            pair = self._pair(str(image.relative_to(root).with_suffix("")), text.read_bytes(), str(text), str(image))
+            if pair is not None:
+                yield pair
 
     def _table(self) -> Iterator[ImagePair]:
         path = Path(self.source)
-        with path.open(newline="") as fh:
+        # Bytes that are not UTF-8 are kept as escapes, so a bad caption is a counted skip like a bad
+        # caption file, not an error on the whole table; utf-8-sig drops a spreadsheet's BOM.
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             columns = {c.lower().strip(): c for c in reader.fieldnames or []}
             image_col = next((columns[c] for c in _PATH_COLUMNS if c in columns), None)
@@ -146,33 +201,103 @@ class ImageTextPairs:
             if image_col is None or text_col is None:
                 raise ValueError(f"{path}: the header must name an image column ({', '.join(_PATH_COLUMNS)}) and a "
                                  f"caption column ({', '.join(_TEXT_COLUMNS)}); it has {reader.fieldnames}")
-            rows = [(row[image_col], row[text_col]) for row in reader]
-        files = [p if Path(p).is_absolute() else str(path.parent / p) for p, _ in rows]
+            rows = [(row[image_col], row[text_col] or "", reader.line_num) for row in reader]
+        files = [p if Path(p).is_absolute() else str(path.parent / p) for p, _, _ in rows]
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: {len(missing)} of {len(rows)} images do not exist, e.g. {missing[:3]}")
-        for (name, text), file in zip(rows, files):
-            yield ImagePair(name, (text or "").strip(), file)
+        for (name, text, line), file in zip(rows, files):
+            pair = self._pair(name, text.encode("utf-8", "surrogateescape"), f"{path} line {line}", file)
+            if pair is not None:
+                yield pair
 
     def _shard(self, shard: str) -> Iterator[ImagePair]:
-        pending: dict[str, dict[str, object]] = {}
-        with tarfile.open(shard, mode="r|") as tar:  # a stream: members are read once, in order
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                ext = "." + ext.lower()
-                entry = pending.setdefault(key, {})
-                if ext in IMAGE_SUFFIXES:
-                    entry["ref"] = (shard, member.offset_data, member.size)
-                elif ext in CAPTION_SUFFIXES:
-                    entry["caption"] = tar.extractfile(member).read().decode("utf-8").strip()
-                else:
-                    continue
-                if "ref" in entry and "caption" in entry:  # WebDataset keeps a sample's files together
-                    del pending[key]
-                    yield ImagePair(key, entry["caption"], entry["ref"])
-        self.skipped += len(pending)
+        size = Path(shard).stat().st_size
+        pending: dict[str, dict[str, Any]] = {}
+        pairs, last, end = 0, "", 0
+        try:
+            with tarfile.open(shard, mode="r|") as tar:  # a stream: members are read once, in order
+                for member in tar:
+                    if member.offset_data + member.size > size:
+                        raise DamagedShardError(
+                            f"{shard} is truncated inside member {member.name} (its data ends at byte "
+                            f"{member.offset_data + member.size}, the file at {size}; {pairs} pairs read); {_REDO}")
+                    last = member.name
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    ext = "." + ext.lower()
+                    if ext in IMAGE_SUFFIXES:
+                        entry = pending.setdefault(key, {"where": f"{shard} member {member.name}"})
+                        entry["ref"] = (shard, member.offset_data, member.size)
+                    elif ext in CAPTION_SUFFIXES:
+                        entry = pending.setdefault(key, {})
+                        entry["text"], entry["where"] = tar.extractfile(member).read(), f"{shard} member {member.name}"
+                    else:  # other files of the sample (.json, .cls ...)
+                        continue
+                    if "ref" in entry and "text" in entry:  # WebDataset keeps a sample's files together
+                        del pending[key]
+                        pair = self._pair(key, entry["text"], entry["where"], entry["ref"])
+                        if pair is not None:
+                            pairs += 1
+                            yield pair
+                end = tar.offset  # where the end-of-archive marker must be
+        except tarfile.TarError as err:  # tarfile names neither the file nor the place
+            place = f"after member {last} ({pairs} pairs read)" if last else "at its start"
+            raise DamagedShardError(f"{shard} is not a readable tar file {place}: {err}; {_REDO}") from err
+        _check_shard_end(shard, end, size, last, pairs)
+        for entry in pending.values():
+            self._skip(_NO_CAPTION if "ref" in entry else _NO_IMAGE, entry["where"])
+
+
+class DamagedShardError(OSError):
+    """A tar shard that is not whole: truncated, corrupt, or holding data no member accounts for."""
+
+
+_NO_CAPTION, _NO_IMAGE = "images without a caption", "captions without an image"
+_EMPTY, _NOT_UTF8 = "empty captions", "captions that are not UTF-8 text"
+_HINTS = {_NOT_UTF8: "; re-save the captions as UTF-8"}
+_REDO = "re-download or re-create it"
+_BLOCK = tarfile.BLOCKSIZE
+
+
+def _reports() -> bool:
+    """Whether this process logs a pass's summary: every loader worker streams all the pairs (taking
+    every n-th), so each sees the same skips and only the first reports them."""
+    info = torch.utils.data.get_worker_info()
+    return info is None or info.id == 0
+
+
+def _check_shard_tail(shard: str) -> None:
+    """Refuse, before any pass, a shard whose last block is not a tar end-of-archive marker (zeros):
+    cut short (an interrupted download) or not a tar file at all."""
+    size = Path(shard).stat().st_size
+    with open(shard, "rb") as fh:
+        fh.seek(max(size - _BLOCK, 0))
+        tail = fh.read(_BLOCK)
+    if size < _BLOCK or size % _BLOCK or tail.count(0) < _BLOCK:
+        raise DamagedShardError(f"{shard} does not end in a tar end-of-archive marker ({size} bytes): truncated "
+                                f"(an interrupted download?) or not a tar file; {_REDO}")
+
+
+def _check_shard_end(shard: str, end: int, size: int, last: str, pairs: int) -> None:
+    """Refuse a shard whose members are not followed by the end-of-archive marker and nothing but zero
+    padding: tarfile's stream stops quietly at a missing, cut or garbled header (or at the first of
+    two concatenated archives), which would drop the rest of the shard unseen."""
+    place = f"after member {last} ({pairs} pairs read from it)" if last else "before its first member"
+    with open(shard, "rb") as fh:
+        fh.seek(end)
+        marker = fh.read(_BLOCK)
+        if len(marker) < _BLOCK and marker.count(0) == len(marker):
+            raise DamagedShardError(f"{shard} is truncated: it ends at byte {size} {place}, with no end-of-archive "
+                                    f"marker; {_REDO}")
+        if marker.count(0) < _BLOCK:
+            raise DamagedShardError(f"{shard} is corrupt: byte {end}, {place}, starts neither a tar header nor the "
+                                    f"end-of-archive marker; {_REDO}")
+        while chunk := fh.read(1 << 16):
+            if chunk.count(0) < len(chunk):
+                raise DamagedShardError(f"{shard} has data after its end-of-archive marker (byte {end}) that no member "
+                                        f"accounts for (concatenated archives?); {_REDO}")
 
 
 class _PairImages(torch.utils.data.IterableDataset):

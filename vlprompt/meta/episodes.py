@@ -50,6 +50,8 @@ def cluster_pairs(image_features: torch.Tensor, text_features: torch.Tensor, cap
     n = len(captions)
     if not (len(image_features) == len(text_features) == n):
         raise ValueError(f"{len(image_features)} image features, {len(text_features)} text features, {n} captions")
+    if n and not any(c.strip() for c in captions):  # else every pseudo-class is named "" and all but one dropped
+        raise ValueError(f"no pair has a caption: all {n} captions are empty")
     if n_domains < 2:
         raise ValueError(f"n_domains must be at least 2 (support and query come from different domains), got {n_domains}")
     if n < n_domains * classes_per_domain:
