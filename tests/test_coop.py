@@ -18,7 +18,9 @@ def test_init_from_words_reproduces_the_hand_written_prompt(backbone, position, 
     coop = CoOpPromptLearner(backbone, NAMES, ctx_init="a photo of a", class_token_position=position)
     assert coop.n_ctx == 4
     reference = backbone.encode_text([template.format(n) for n in NAMES])
-    assert torch.allclose(coop.text_features(), reference, atol=1e-6)
+    # Features of size ~4 through the shared-prefix path: float32 sums in another order (~1e-6);
+    # test_prefix_cache proves the same equality to 1e-10 in float64.
+    assert torch.allclose(coop.text_features(), reference, atol=1e-5)
 
 
 def test_zero_shot_equals_plain_clip_and_ensembles_normalise(backbone):
@@ -37,11 +39,11 @@ def test_random_init_and_class_specific_contexts(backbone):
     assert csc.ctx.shape == (3, 8, backbone.text_width)
     # Each class's feature depends on its own context only.
     before = csc.text_features().detach()
-    with torch.no_grad():
-        csc.ctx[1].add_(1.0)
+    with torch.no_grad():  # not a constant shift: layer norms remove it, leaving rounding only
+        csc.ctx[1].add_(torch.randn_like(csc.ctx[1]))
     after = csc.text_features().detach()
-    # (allclose: a batched matmul may round a row differently when other rows change)
-    assert torch.allclose(before[0], after[0], atol=1e-6) and torch.allclose(before[2], after[2], atol=1e-6)
+    # (allclose: a batched matmul may round a row differently when other rows change, ~1e-6 on features of size ~3)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[2], after[2], atol=1e-5)
     assert not torch.allclose(before[1], after[1])
     with pytest.raises(ValueError, match="class-specific"):
         csc.set_classnames(["a", "b"])

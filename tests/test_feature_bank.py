@@ -1,6 +1,6 @@
 """Seeded augmentation and the augmented feature bank: views are a function of (seed, image content,
-epoch); training with the bank is bit-identical to training without it; a second run over the same
-images encodes nothing; bad set-ups get clear errors."""
+epoch); training with the bank gives the prompt training without it gives (to float32 rounding); a
+second run over the same images encodes nothing; bad set-ups get clear errors."""
 
 from __future__ import annotations
 
@@ -70,6 +70,14 @@ def _fit(backbone, dm, tmp_path, learner=CoOpPromptLearner, epochs=2, model_clas
     return model
 
 
+def _assert_same_training(ctx, expected):
+    """Equal to float32 rounding: the bank encodes views in batches of up to 256, a training step in
+    batches of 4, and kernels may sum in another order (~1e-7 relative per feature), grown over the
+    SGD steps to ~1e-6 of the prompt's size. float16 storage moves the prompt by ~1e-4 of its size."""
+    ctx, expected = ctx.detach(), expected.detach()
+    torch.testing.assert_close(ctx, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
+
+
 class _CheckingViews(PromptClassifier):
     """Counts training batches whose images are not the dataset's views at the current epoch."""
 
@@ -92,11 +100,11 @@ def test_a_resumed_run_with_loader_workers_trains_on_the_resumed_epochs_views(ba
     assert _CheckingViews.wrong == 0
 
 
-def test_training_with_the_bank_is_bit_identical_and_reuses_views(backbone, dassl_folder, tmp_path):
+def test_training_with_the_bank_equals_training_without_and_reuses_views(backbone, dassl_folder, tmp_path):
     plain = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path)
     bank_dir = tmp_path / "bank"
     banked = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, feature_bank=str(bank_dir))
-    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
+    _assert_same_training(banked.prompt_learner.ctx, plain.prompt_learner.ctx)
     assert banked.feature_bank.encoded == 32 * 2  # 32 training images, 2 epochs
     # Another method over the same images: every view is already stored.
     again = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, learner=KgCoOpPromptLearner,
@@ -156,7 +164,7 @@ def test_loader_workers_see_the_epoch(backbone, dassl_folder, tmp_path):
     plain = _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=3)
     banked = _fit(backbone, _data(dassl_folder, tmp_path, num_workers=2), tmp_path, epochs=3,
                   feature_bank=str(tmp_path / "bank"))
-    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
+    _assert_same_training(banked.prompt_learner.ctx, plain.prompt_learner.ctx)
 
 
 def test_unreadable_images_are_skipped_and_counted_the_same(backbone, dassl_folder, tmp_path):
@@ -166,4 +174,4 @@ def test_unreadable_images_are_skipped_and_counted_the_same(backbone, dassl_fold
     plain = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path)
     banked = _fit(backbone, _data(dassl_folder, tmp_path), tmp_path, feature_bank=str(tmp_path / "bank"))
     assert plain.unreadable.count("train") == banked.unreadable.count("train") == 1
-    assert torch.equal(plain.prompt_learner.ctx, banked.prompt_learner.ctx)
+    _assert_same_training(banked.prompt_learner.ctx, plain.prompt_learner.ctx)

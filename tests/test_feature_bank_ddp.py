@@ -1,6 +1,6 @@
 """The feature bank under DDP (2 CPU processes, gloo): each process encodes its share of the views,
-both read all of them, and training is bit-identical to DDP training without the bank. The
-progress bar is on, as on the command line."""
+both read all of them, and training gives the prompt DDP training without the bank gives (to float32
+rounding). The progress bar is on, as on the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 _SCRIPT = """
@@ -53,7 +54,11 @@ def test_ddp_training_with_the_bank(tmp_path, tiny_model_dir, dassl_folder):
     bank = tmp_path / "bank"
     with_bank = _run(tmp_path, tiny_model_dir, dassl_folder, str(bank), tmp_path / "with")
     without = _run(tmp_path, tiny_model_dir, dassl_folder, "", tmp_path / "without")
-    assert with_bank[0]["ctx"] == with_bank[1]["ctx"] == without[0]["ctx"]
+    assert with_bank[0]["ctx"] == with_bank[1]["ctx"]  # gradients were averaged: the same steps
+    # The bank encodes in other batch shapes than a training step: float32 sums in another order
+    # (~1e-7 relative per feature), grown over the SGD steps (as in test_feature_bank).
+    ctx, expected = torch.tensor(with_bank[0]["ctx"]), torch.tensor(without[0]["ctx"])
+    torch.testing.assert_close(ctx, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5)
     assert [r["encoded"] for r in with_bank] == [32, 32]  # 32 images x 2 epochs, split over 2 processes
     stored = 0
     for part in bank.rglob("part-*.safetensors"):

@@ -39,7 +39,9 @@ def test_a_prompt_change_changes_the_masks_and_only_prompts_get_gradients(name, 
     model = PromptSegmenter(backbone, learner(name), extract_layers=[0, 2], reduce_dim=16, n_heads=2)
     before = model(images(), PROMPTS)
     assert before.shape == (3, 1, 32, 32)
-    assert torch.allclose(before[0], before[2]) and not torch.allclose(before[0], before[1])  # same image and prompt
+    # Same image and prompt; rows of one batch may be summed in another order (kernel tails, thread
+    # splits): float32 rounding of logits of size ~1 is ~1e-7.
+    assert torch.allclose(before[0], before[2], atol=1e-5) and not torch.allclose(before[0], before[1])
     with torch.no_grad():
         for p in model.prompt_learner.parameters():
             p.add_(torch.randn_like(p) * 0.5)

@@ -154,8 +154,8 @@ class OpenCLIPBackbone(Backbone):
             longest pooled position, and with ``grad_checkpointing`` keep only each chunk's inputs
             for the backward pass (one chunk's activations are recomputed at a time). Bounds text
             memory when many classes are encoded together (multitask training over the union of
-            classes of all tasks). Same results; None encodes all prompts at once. Not part of the
-            backbone's identity.
+            classes of all tasks). Same results up to float rounding (chunks sum in another
+            order); None encodes all prompts at once. Not part of the backbone's identity.
         share_prefix: on causal towers, encode a prompt prefix shared by every class (start token
             and unified context) once, and each class's suffix against its cached keys/values,
             grouped by length (:mod:`vlprompt.backbones.prefix`). Exact; turn it off only to

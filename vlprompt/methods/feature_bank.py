@@ -6,8 +6,9 @@ a function of the image and the epoch (``FewShotDataModule(augment_seed=...)``,
 :func:`~vlprompt.data.images.view_seed`), the features of the views a run will see can be computed
 once, in large no-grad batches, stored, and reused by every method, shot count and few-shot draw of
 an evaluation sweep that sees the same image at the same epoch. Training with the bank gives the
-same features as encoding each batch's views in the training step (bit for bit in fp32 wherever
-the image tower's results do not depend on the batch size; fp16 storage rounds them).
+same features as encoding each batch's views in the training step: bit for bit in fp32 where the
+image tower's kernels round the same whatever the batch size, equal to float32 rounding elsewhere
+(other batch shapes may sum in another order); fp16 storage rounds them.
 
 Layout: ``ROOT/<backbone>/<augmentation>/epoch-NNNN/part-*.safetensors``, each part a set of
 features named by image content hash; ``<backbone>`` hashes the backbone's identity (weights

@@ -81,7 +81,7 @@ class PromptModule(pl.LightningModule):
             image tower untouched: each epoch's views are encoded once, in large no-grad batches,
             before the epoch, and shared by every run that sees the same images (methods, shot
             counts, few-shot draws). Needs the data module's ``augment_seed``. Same features as
-            without it in fp32.
+            without it in fp32, to float32 rounding (the bank encodes in other batch shapes).
         feature_bank_dtype: ``float32`` or ``float16`` storage.
     """
 
