@@ -34,7 +34,8 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
                    decoder: str | None, prompt: str | None, threshold: float = 0.5, device: str | None = None,
                    overwrite: bool = False) -> list[dict[str, object]]:
     """Segment every image for every text; returns one row per (image, text): paths written,
-    foreground share, status (``ok`` or ``unreadable``)."""
+    foreground share, status (``ok`` or ``unreadable``). A ``prompt`` saved with its trained head
+    brings that head; another ``decoder`` with it is refused."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -45,6 +46,7 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
     from vlprompt.backbones import load_backbone
     from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb
     from vlprompt.methods import PromptSegmenter
+    from vlprompt.methods.segmentation import prompt_head
     from vlprompt.prompts import load_prompt
 
     if not 0 < threshold < 1:
@@ -54,6 +56,13 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
     existing = [name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite or another --out")
+    saved_head = prompt_head(prompt)
+    if saved_head is not None:
+        # The prompt was tuned with this head; with any other one its masks would be wrong.
+        if decoder is not None and Path(decoder).expanduser().resolve() != saved_head.resolve():
+            raise ValueError(f"--prompt {prompt} holds the head it was trained with ({saved_head}); --decoder "
+                             f"{decoder} would replace it: leave --decoder out")
+        decoder = str(saved_head)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_backbone = load_backbone(backbone, pretrained)
     factory = None
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default=None, help="the backbone's pretrained tag or checkpoint file")
     parser.add_argument("--decoder", default=None,
                         help="the segmentation head: a safetensors file or zoo:NAME (default: the head saved with "
-                             "--prompt, else CLIPSeg's own for hf: backbones, else zoo:shapeworld-clip-tiny)")
+                             "--prompt, which no other may replace; else CLIPSeg's own for hf: backbones, else "
+                             "zoo:shapeworld-clip-tiny)")
     parser.add_argument("--prompt", default=None, help="a saved prompt tuned for segmentation (default: zero-shot)")
     parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
@@ -116,12 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     from vlprompt.apps.classify import _expand
 
     images = [Path(p) for p in _expand(args.images)]
+    from vlprompt.methods.segmentation import prompt_head
+
     decoder = args.decoder
-    if decoder is None:
-        saved = Path(args.prompt) / "decoder.safetensors" if args.prompt else None
-        if saved is not None and saved.is_file():
-            decoder = str(saved)
-        elif not args.backbone.startswith("hf:"):
-            decoder = "zoo:shapeworld-clip-tiny"
+    if decoder is None and prompt_head(args.prompt) is None and not args.backbone.startswith("hf:"):
+        decoder = "zoo:shapeworld-clip-tiny"  # a prompt's own head is picked up by segment_images
     segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=decoder,
                    prompt=args.prompt, threshold=args.threshold, device=args.device, overwrite=args.overwrite)

@@ -18,7 +18,17 @@ Decisions (read these before writing a loss or a metric):
 - **Targets and void.** ``mask`` is a float ``{0, 1}`` tensor. VOC's void/boundary pixels (255) are
   0 in ``mask`` and True in a separate boolean ``ignore`` tensor; losses and metrics drop those
   pixels. ``ignore`` is in the item whenever the dataset holds any palette-mask sample (all False
-  for a binary-mask sample then), and absent for purely binary data, so a batch never mixes both.
+  for a binary-mask sample then) or the item's own mask has void pixels, and absent for purely
+  binary data (:func:`collate_segmentation` gives the items of a batch that lack it an all-False one).
+- **Reading a binary (TuneVLSeg) mask** (:func:`read_binary_mask`): a grayscale mask holds
+  ``{0, 1}`` or ``{0, 255}``, 255 the object. In a palette (``P``) mask the values are indices: 255
+  is the object when the palette paints it white (a 0/255 mask saved with a grey palette) and VOC's
+  void band, ignored, when it paints it VOC's void colour (224, 224, 192); any other colour is
+  refused. A mask with an alpha channel is read from its alpha channel when the alpha varies and
+  the colour does not (the mask drawn in transparency only); when both vary they must mark the
+  same pixels. A value set that fits neither is refused, naming the file.
+- **Sizes** of every image and its mask are compared when the data is read (from the files'
+  headers, nothing decoded), so a mismatch fails before training instead of mid-epoch.
 - **Prompts.** Evaluation always uses a sample's first prompt (deterministic). Training draws one
   of its prompts at random for every load. ``prompt_index`` keeps the prompts of one key
   (``p<i>``), as TuneVLSeg's does; where TuneVLSeg's random mode (``-1``) draws among ``p1, p2 ...``
@@ -62,12 +72,14 @@ from vlprompt.data.sources import IMAGE_EXTENSIONS
 __all__ = [
     "SEGMENTATION_SPLITS",
     "VOC_CLASSNAMES",
+    "VOC_VOID_COLOUR",
     "VOID_INDEX",
     "SegmentationDataModule",
     "SegmentationDataset",
     "SegmentationFormat",
     "SegmentationSample",
     "collate_segmentation",
+    "read_binary_mask",
     "read_tunevlseg",
     "read_voc",
 ]
@@ -88,6 +100,9 @@ VOC_CLASSNAMES: tuple[str, ...] = (
     "cow", "dining table", "dog", "horse", "motorbike", "person", "potted plant", "sheep", "sofa",
     "train", "tv monitor",
 )
+
+#: The colour VOC's palette paints its void band (index 255) with.
+VOC_VOID_COLOUR = (224, 224, 192)
 
 #: image interpolations understood here (cv2's names: INTER_CUBIC, INTER_LINEAR, INTER_NEAREST)
 _INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -157,6 +172,33 @@ def _check_files_exist(paths: Sequence[str], where: str) -> None:
         raise FileNotFoundError(f"{where}: {len(missing)} image or mask files are missing:\n  - {shown}{more}")
 
 
+def _header_size(path: str) -> tuple[int, int] | None:
+    """An image file's ``(width, height)`` from its header (nothing decoded); None when unreadable
+    (loading skips or raises on it later, as ``on_error`` says)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _check_sizes(pairs: Sequence[tuple[str, str]], where: str,
+                 mask_sizes: Mapping[str, tuple[int, int]] | None = None) -> None:
+    """Refuse masks whose size differs from their image's, naming both files and both sizes.
+    ``mask_sizes``: sizes already known (masks decoded anyway), else read from the headers."""
+    wrong = []
+    for image, mask in dict.fromkeys(pairs):  # a pair listed twice (several prompts) is read once
+        mask_size = (mask_sizes or {}).get(mask) or _header_size(mask)
+        image_size = _header_size(image)
+        if mask_size is not None and image_size is not None and mask_size != image_size:
+            wrong.append(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
+                         f"{image_size[0]}x{image_size[1]}")
+    if wrong:
+        more = f"; ... and {len(wrong) - _SHOW_MISSING} more" if len(wrong) > _SHOW_MISSING else ""
+        raise ValueError(f"{where}: {len(wrong)} masks differ in size from their images: "
+                         f"{'; '.join(wrong[:_SHOW_MISSING])}{more}")
+
+
 def read_tunevlseg(root: str | Path, *, prompt_index: int | None = None) -> dict[str, list[SegmentationSample]]:
     """Read TuneVLSeg's layout: ``root/anns/{train,val,test}.json`` over ``root/images`` and
     ``root/masks``. Each entry's ``prompts`` maps ``p<i>`` to a string or a list of strings (as in
@@ -164,7 +206,8 @@ def read_tunevlseg(root: str | Path, *, prompt_index: int | None = None) -> dict
     ``p0`` is TuneVLSeg's empty prompt. ``prompt_index`` keeps only the prompts of ``p<i>``.
 
     ``train.json`` is required; a missing ``val.json``/``test.json`` gives an empty split. Empty
-    prompts (other than an empty ``p0``) and missing image or mask files are errors.
+    prompts (other than an empty ``p0``), missing image or mask files and masks whose size differs
+    from their image's (read from the file headers) are errors.
     """
     root = Path(root).expanduser()
     anns, images, masks = root / "anns", root / "images", root / "masks"
@@ -194,6 +237,7 @@ def read_tunevlseg(root: str | Path, *, prompt_index: int | None = None) -> dict
             prompts = _entry_prompts(entry["prompts"], where, prompt_index)
             samples.append(SegmentationSample(str(images / entry["img_name"]), str(masks / entry["mask_name"]), prompts))
         _check_files_exist([p for s in samples for p in (s.image, s.mask)], str(path))
+        _check_sizes([(s.image, s.mask) for s in samples], str(path))
         splits[split] = samples
     if not splits["train"]:
         raise ValueError(f"{anns / 'train.json'} lists no samples")
@@ -231,8 +275,10 @@ def read_voc(root: str | Path, *, classnames: Sequence[str] | None = None) -> di
 
     ``classnames[i]`` names class id ``i`` (default :data:`VOC_CLASSNAMES`). Each mask gives one
     sample per class present in it, its name as the prompt; class 0 (background) and
-    :data:`VOID_INDEX` are never a prompt. Without split files every mask is a training sample; a
-    split whose file is absent is empty. A mask value that names no class is an error.
+    :data:`VOID_INDEX` are never a prompt (void is ignored in that class's target). Without split
+    files every mask is a training sample; a split whose file is absent is empty. A mask value that
+    names no class, a mask of another size than its image, and a train split without samples are
+    errors (the last one says why, e.g. binary 0/255 masks, which are read as background and void).
     """
     root = Path(root).expanduser()
     image_dir, mask_dir, sets = root / "JPEGImages", root / "SegmentationClass", root / "ImageSets" / "Segmentation"
@@ -251,23 +297,105 @@ def read_voc(root: str | Path, *, classnames: Sequence[str] | None = None) -> di
         log.info("%s: no split files under %s; every mask is a training sample", root, sets)
         ids = {"train": sorted(p.stem for p in mask_dir.glob("*.png")), "val": [], "test": []}
     splits: dict[str, list[SegmentationSample]] = {}
+    void_masks: dict[str, list[str]] = {}  # by split: masks of background and void alone
     for split, stems in ids.items():
         pairs = [(str(_find_image(image_dir, stem)), str(mask_dir / f"{stem}.png")) for stem in stems]
         _check_files_exist([p for pair in pairs for p in pair], f"{root} ({split} split)")
-        samples = []
+        samples, sizes, void_only = [], {}, []
         for image, mask in pairs:
-            present = [int(v) for v in np.unique(_read_index_mask(mask)) if v not in (0, VOID_INDEX)]
+            labels = _read_index_mask(mask)
+            sizes[mask] = (labels.shape[1], labels.shape[0])
+            values = [int(v) for v in np.unique(labels)]
+            present = [v for v in values if v not in (0, VOID_INDEX)]
             unknown = [v for v in present if v >= len(names)]
             if unknown:
                 raise ValueError(f"{mask}: class ids {unknown} but only {len(names)} class names are known "
                                  f"({names[0]} ... {names[-1]}); pass classnames")
+            if not present and VOID_INDEX in values:
+                void_only.append(mask)
             samples += [SegmentationSample(image, mask, (names[v],), class_index=v) for v in present]
+        _check_sizes(pairs, f"{root} ({split} split)", sizes)
         splits[split] = samples
+        void_masks[split] = void_only
+        if void_only:
+            # VOC voids objects too hard to label, so a few such masks are normal; all of them is
+            # what binary 0/255 masks (255 the object) look like here (see the error below).
+            log.info("%s split: %d of %d masks hold only background (0) and void (255), e.g. %s; they give no "
+                     "sample (255 is void here; binary 0/255 masks belong to format 'tunevlseg')",
+                     split, len(void_only), len(pairs), void_only[0])
         if stems:
             log.info("%s split: %d images, %d (image, class) samples", split, len(stems), len(samples))
     if not splits["train"]:
-        raise ValueError(f"{root}: the train split has no (image, class) samples")
+        why = "it lists no images" if not ids["train"] else "no mask holds a class other than background (0)"
+        if ids["train"] and len(void_masks["train"]) == len(ids["train"]):
+            why = (f"every mask holds only background (0) and void (255), e.g. {void_masks['train'][0]}; in the VOC "
+                   "format 255 is void, never an object: binary 0/255 masks belong to the tunevlseg format "
+                   "(format: tunevlseg, images/, masks/, anns/{train,val,test}.json)")
+        raise ValueError(f"{root}: the train split has no (image, class) samples: {why}")
     return splits
+
+
+# -- binary masks ----------------------------------------------------------------------------------
+def _mask_channel(img: Image.Image, path: str) -> np.ndarray:
+    """The one channel of a binary mask file that holds the mask (see :func:`read_binary_mask`)."""
+    if img.mode in ("P", "L", "I", "I;16"):
+        return np.asarray(img)  # palette masks: their indices, not their colours
+    if "A" not in img.getbands():
+        return np.asarray(img.convert("L"))  # colour: as gray levels, as TuneVLSeg reads them
+    colour = np.asarray(img.convert("L"))  # PIL's conversion drops the alpha channel
+    alpha = np.asarray(img.getchannel("A"))
+    if alpha.min() == alpha.max():  # opaque (or uniformly transparent): the colour is the mask
+        return colour
+    if colour.min() == colour.max():  # the mask is drawn in transparency only
+        return alpha
+    if np.array_equal(colour > 0, alpha > 0):  # both mark the same pixels
+        return colour
+    raise ValueError(f"{path}: a {img.mode} mask whose colour and alpha channel mark different pixels; "
+                     "save the mask as one grayscale (L) channel")
+
+
+def read_binary_mask(path: str) -> np.ndarray:
+    """A binary (TuneVLSeg) mask file as uint8: 1 inside, 0 outside, :data:`VOID_INDEX` void.
+
+    Values ``{0, 1}`` or ``{0, 255}`` (255 the object). A palette (``P``) mask is read by index:
+    index 255 is the object when the palette paints it white, VOC's void band (ignored, as in the
+    VOC format) when it paints it :data:`VOC_VOID_COLOUR`, and refused otherwise. A mask with an
+    alpha channel is read from the alpha when only the alpha varies (see :func:`_mask_channel`).
+    Anything else is refused with what was found, naming the file.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            values = _mask_channel(img, path)
+            palette = img.getpalette() if img.mode == "P" else None
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read mask {path}: {err}") from err
+    if values.ndim != 2:
+        raise ValueError(f"{path}: expected a one-channel mask, got shape {values.shape}")
+    found = set(np.unique(values).tolist())
+    if palette is not None and VOID_INDEX in found and len(palette) >= 3 * (VOID_INDEX + 1):
+        painted = tuple(palette[3 * VOID_INDEX:3 * VOID_INDEX + 3])
+        if painted == VOC_VOID_COLOUR:  # VOC's void band: ignored, never the object
+            if found <= {0, 1, VOID_INDEX}:
+                return values.astype(np.uint8)
+            raise ValueError(f"{path}: a palette mask with VOC's void band (255) and values {sorted(found)[:10]}; a "
+                             "binary mask holds 0 and 1 besides void (a class mask needs format: voc)")
+        if painted != (255, 255, 255):
+            raise ValueError(f"{path}: palette index 255 is painted {painted}, neither white (the object of a 0/255 "
+                             f"mask) nor VOC's void colour {VOC_VOID_COLOUR}; save the mask as grayscale (L)")
+    if found <= {0, 1}:
+        return values.astype(np.uint8)
+    if found <= {0, 255}:
+        return (values == 255).astype(np.uint8)
+    shown = f"{sorted(found)[:10]}{' ...' if len(found) > 10 else ''}"
+    hint = ""
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        hint = " (JPEG compression makes masks non-binary: store masks as PNG)"
+    elif VOID_INDEX in found:
+        hint = (" (255 besides other values looks like a VOC-style void band: the tunevlseg format reads binary "
+                "masks only; the VOC format (format: voc, JPEGImages/, SegmentationClass/) reads class masks and "
+                "ignores their void (255) pixels)")
+    raise ValueError(f"{path}: a binary mask must hold values {{0, 1}} or {{0, 255}}; found {shown}{hint}")
 
 
 # -- dataset ---------------------------------------------------------------------------------------
@@ -295,10 +423,11 @@ class SegmentationDataset(Dataset):
 
     Items are dicts: ``image`` (float ``[3, H, W]``, normalised), ``mask`` (float ``[1, H, W]`` in
     {0, 1}), ``ignore`` (bool ``[1, H, W]``, void pixels; only when the dataset holds palette-mask
-    samples), ``prompt`` (str), ``index``, ``class_index`` (-1 for a binary-mask sample),
-    ``orig_size`` ((h, w) before resizing) and ``image_path``. An unreadable image or mask file
-    yields ``{"unreadable": index}`` with ``on_error="skip"`` (see :func:`collate_segmentation`).
-    A mask that is not binary, or whose size differs from its image's, is an error either way.
+    samples or the item's mask has void), ``prompt`` (str), ``index``, ``class_index`` (-1 for a
+    binary-mask sample), ``orig_size`` ((h, w) before resizing) and ``image_path``. An unreadable
+    image or mask file yields ``{"unreadable": index}`` with ``on_error="skip"`` (see
+    :func:`collate_segmentation`). A mask that is not binary (:func:`read_binary_mask`), or whose
+    size differs from its image's, is an error either way.
 
     Args:
         samples: what to load.
@@ -336,7 +465,8 @@ class SegmentationDataset(Dataset):
         self.train, self.augment, self.on_error, self.seed = train, augment, on_error, seed
         self.crop_scale, self.hflip = (float(crop_scale[0]), float(crop_scale[1])), hflip
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by loader workers
-        #: whether items carry an ``ignore`` mask (any sample of a palette mask)
+        #: whether every item carries an ``ignore`` mask (any sample of a palette mask); an item whose
+        #: binary mask has a void band carries one anyway
         self.has_void = any(s.class_index is not None for s in self.samples)
         digest = hashlib.sha256()
         for s in self.samples:
@@ -410,25 +540,7 @@ class SegmentationDataset(Dataset):
             out = (ids == sample.class_index).astype(np.uint8)
             out[ids == VOID_INDEX] = VOID_INDEX
             return out
-        try:
-            with Image.open(sample.mask) as img:
-                img.load()
-                # palette masks: their indices (0/1 saved with any palette); others as gray levels,
-                # as TuneVLSeg reads them (cv2.IMREAD_GRAYSCALE)
-                values = np.asarray(img if img.mode in ("P", "L", "I", "I;16") else img.convert("L"))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-            raise UnreadableImageError(f"cannot read mask {sample.mask}: {err}") from err
-        if values.ndim != 2:
-            raise ValueError(f"{sample.mask}: expected a one-channel mask, got shape {values.shape}")
-        found = np.unique(values)
-        if set(found.tolist()) <= {0, 1}:
-            return values.astype(np.uint8)
-        if set(found.tolist()) <= {0, 255}:
-            return (values == 255).astype(np.uint8)
-        hint = " (JPEG compression makes masks non-binary: store masks as PNG)" if Path(
-            sample.mask).suffix.lower() in (".jpg", ".jpeg") else ""
-        raise ValueError(f"{sample.mask}: a binary mask must hold values {{0, 1}} or {{0, 255}}; found "
-                         f"{found[:10].tolist()}{' ...' if found.size > 10 else ''}{hint}")
+        return read_binary_mask(sample.mask)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index, self.epoch)
@@ -464,7 +576,7 @@ class SegmentationDataset(Dataset):
             "orig_size": (int(image.shape[0]), int(image.shape[1])),
             "image_path": sample.image,
         }
-        if self.has_void:
+        if self.has_void or (target == VOID_INDEX).any():  # a binary mask with VOC's void band has some too
             item["ignore"] = torch.from_numpy(transformed == VOID_INDEX).unsqueeze(0)
         if self.train and self.seed is not None:
             item["epoch"] = epoch  # which epoch's draws: see remake_stale

@@ -39,7 +39,8 @@ from vlprompt.seg.clipseg import HFCLIPSegHead
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.metrics import SegmentationScores
 
-__all__ = ["PromptSegmenter", "build_head", "decoder_layout", "load_decoder_weights", "save_decoder_weights"]
+__all__ = ["DECODER_NAME", "PromptSegmenter", "build_head", "decoder_layout", "load_decoder_weights", "prompt_head",
+           "save_decoder_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def load_decoder_weights(decoder: nn.Module, path: str | Path) -> None:
 def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
                decoder_weights: str | None) -> nn.Module:
     """The segmentation head ``head`` names for ``backbone`` (see :class:`PromptSegmenter`), with
-    ``decoder_weights`` loaded."""
+    ``decoder_weights`` loaded; a saved vlprompt decoder is rebuilt with the layout it records."""
     if head not in ("auto", "model", "decoder"):
         raise ValueError(f"head must be 'auto', 'model' or 'decoder', not {head!r}")
     if decoder_weights and decoder_weights.startswith("zoo:"):
@@ -120,11 +121,34 @@ def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, 
         decoder: nn.Module = HFCLIPSegHead(copy.deepcopy(module), layers)
     else:
         layout = decoder_layout(decoder_weights) if decoder_weights else {}
-        decoder = CLIPSegDecoder.for_backbone(backbone, extract_layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
+        # A saved decoder is rebuilt as it was saved (layers, width, heads); layers configured
+        # otherwise are refused when it is loaded below.
+        layers = extract_layers if extract_layers is not None else layout.get("extract_layers")
+        decoder = CLIPSegDecoder.for_backbone(backbone, layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
                                               n_heads=layout.get("n_heads", n_heads))
     if decoder_weights:
         load_decoder_weights(decoder, decoder_weights)
     return decoder
+
+
+#: The file a trained head is saved as, next to its prompt.
+DECODER_NAME = "decoder.safetensors"
+
+
+def prompt_head(prompt: str | Path | None) -> Path | None:
+    """The trained head saved with a prompt folder (:meth:`PromptSegmenter.save_prompt`), None
+    when there is none (a prompt tuned with the head frozen, or a checkpoint file)."""
+    if not prompt:
+        return None
+    from vlprompt.zoo import resolve_prompt_dir
+
+    path = resolve_prompt_dir(prompt) / DECODER_NAME
+    return path if path.is_file() else None
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    details = ", ".join(f"{k} {v}" for k, v in layout.items() if k != "head")
+    return f"{layout.get('head', '?')} head ({details})" if details else f"{layout.get('head', '?')} head"
 
 
 class PromptSegmenter(PromptModule):
@@ -145,6 +169,13 @@ class PromptSegmenter(PromptModule):
             ``zoo:NAME`` for the head shipped with an embedded model. Its recorded width and heads
             are used (``reduce_dim``/``n_heads`` are for a new decoder).
         train_decoder: train the decoder with the prompt (else it stays as loaded).
+        init_prompt: a saved prompt (or Dassl checkpoint) to start from; a head saved with the
+            prompt (``decoder.safetensors``) is loaded too, in place of ``decoder_weights``.
+
+    What was learned is restored whatever is configured: a saved prompt's head (``init_prompt``)
+    and a checkpoint's trained head replace the configured one (``train_decoder`` need not be
+    repeated), and a head that does not fit the configured layout is refused. Resuming a fit
+    continues to train the head when the checkpoint's fit did (its optimiser state holds it).
         cache_image_layers: keep the image tower's layers of each image when the learner leaves the
             image tower alone (textual prompts) and the images are not randomly augmented (always
             in evaluation): exact, and the tower runs once per image instead of once per epoch.
@@ -183,11 +214,29 @@ class PromptSegmenter(PromptModule):
                          warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=False,
                          init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
-        self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights)
-        if not decoder_weights and not train_decoder and isinstance(self.decoder, CLIPSegDecoder):
-            log.warning("the decoder is neither loaded (decoder_weights) nor trained (train_decoder): it stays random")
+        saved_head = prompt_head(init_prompt)
+        if saved_head is None:
+            self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights)
+        else:
+            # The prompt was tuned with this head: starting from the prompt without it (from
+            # decoder_weights, the head before tuning) would pair the prompt with another head.
+            if decoder_weights:
+                log.info("init_prompt %s brings its trained head; it replaces decoder_weights=%s", init_prompt,
+                         decoder_weights)
+            try:
+                self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head))
+            except ValueError as err:
+                raise ValueError(f"init_prompt {init_prompt}: its trained head does not fit the configured one: "
+                                 f"{err}") from err
+        loaded = bool(decoder_weights) or saved_head is not None
+        if not loaded and not train_decoder and isinstance(self.decoder, CLIPSegDecoder):
+            log.warning("the decoder is neither loaded (decoder_weights, init_prompt) nor trained (train_decoder): it "
+                        "stays random unless a checkpoint restores a trained one")
         self.train_decoder = train_decoder
         self.decoder.requires_grad_(train_decoder)
+        #: whether the head's weights belong to what was learned (trained here, or restored from a
+        #: prompt or checkpoint that trained it): then checkpoints keep them and save_prompt saves them.
+        self.decoder_learned = train_decoder or saved_head is not None
         self.cache_image_layers = cache_image_layers
         from vlprompt.seg.losses import DiceBCELoss
 
@@ -197,15 +246,60 @@ class PromptSegmenter(PromptModule):
         self.test_results: dict[str, float] = {}
 
     def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Save the learned prompt; a trained decoder goes with it (``decoder.safetensors`` in the
-        same folder, which ``vlprompt segment --prompt`` picks up)."""
+        """Save the learned prompt; a learned decoder goes with it (``decoder.safetensors`` in the
+        same folder, which ``init_prompt`` and ``vlprompt segment --prompt`` pick up)."""
         directory = super().save_prompt(directory, overwrite=overwrite)
-        if self.train_decoder:
-            save_decoder_weights(self.decoder, Path(directory) / "decoder.safetensors")
+        if self.decoder_learned:
+            save_decoder_weights(self.decoder, Path(directory) / DECODER_NAME)
         return directory
 
     def frozen_modules(self) -> tuple[str, ...]:
-        return ("backbone",) if self.train_decoder else ("backbone", "decoder")
+        return ("backbone",) if self.decoder_learned else ("backbone", "decoder")
+
+    # -- checkpoints: the learned head is restored whatever is configured ------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["vlprompt"]["decoder"] = {"learned": self.decoder_learned, "trained": self.train_decoder,
+                                             **self.decoder.layout()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        saved = {k.removeprefix("decoder."): v for k, v in state.items() if k.startswith("decoder.")}
+        record = dict(checkpoint.get("vlprompt", {}).get("decoder") or {})
+        # Checkpoints from before the record held the decoder exactly when it was trained.
+        learned, trained = bool(record.get("learned", bool(saved))), bool(record.get("trained", bool(saved)))
+        super().on_load_checkpoint(checkpoint)  # the backbone and the learner first: their errors say more
+        if learned:
+            self._check_saved_head(saved, record)
+            if not self.decoder_learned:
+                log.info("the checkpoint holds a trained segmentation head: restored (train_decoder need not be set)")
+            state.update({f"decoder.{k}": v for k, v in saved.items()})  # over the configured head put there
+            self.decoder_learned = True
+        else:  # the checkpoint's head was the configured one, frozen: it is not in the file
+            state.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        trainer = self._trainer
+        resuming = trainer is not None and trainer.state.fn == "fit" and "optimizer_states" in checkpoint
+        if resuming and trained != self.train_decoder:
+            if self.train_decoder:
+                raise ValueError("train_decoder=true cannot resume this checkpoint: its fit kept the decoder frozen, "
+                                 "so its optimiser state has no head; resume without it, or start a new fit from "
+                                 "the saved prompt (init_prompt) with train_decoder=true")
+            log.warning("resuming a fit that trained the decoder: it is trained on (train_decoder=true), as the "
+                        "checkpoint's optimiser state holds it")
+            self.train_decoder = True
+            self.hparams["train_decoder"] = True
+            self.decoder.requires_grad_(True)
+
+    def _check_saved_head(self, saved: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """Refuse a checkpoint's trained head that does not fit the configured one, in one line."""
+        own = self.decoder.layout()
+        theirs = {k: record[k] for k in own if k in record}
+        own_shapes = {k: tuple(v.shape) for k, v in self.decoder.state_dict().items()}
+        saved_shapes = {k: tuple(v.shape) for k, v in saved.items()}
+        if any(theirs[k] != own[k] for k in theirs) or own_shapes != saved_shapes:
+            raise ValueError(f"the checkpoint holds a trained {_describe(theirs) if theirs else 'head'} that does not "
+                             f"fit the configured {_describe(own)}; configure the head it was trained with "
+                             "(head, extract_layers, reduce_dim, n_heads, decoder_weights)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = super().trainable_parameters()
