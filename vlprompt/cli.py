@@ -7,19 +7,30 @@ cross-dataset and domain-generalisation evaluation), ``tta`` (test-time prompt t
 or a dataset) and ``classify`` (classify images with a saved prompt).
 
 Heavy libraries are imported only by the subcommand that needs them, so ``vlprompt --help`` is
-instant. Errors are printed as the project's own one-line message (``VLPROMPT_DEBUG=1`` shows the
-traceback).
+instant; so is the help of every subcommand (the applications' options are parsed before their
+modules are imported, and the help of the LightningCLI commands, which must import Lightning and
+the models to build it, is cached per installation, see :func:`_help_cache_file`). A run says it
+has started as it begins to import PyTorch. Errors are printed as the project's own one-line message
+(``VLPROMPT_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import importlib.abc
+import io
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
-from typing import NoReturn
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
 
 __all__ = ["COMMANDS", "CommandParser", "error_message", "main"]
 
@@ -28,9 +39,9 @@ log = logging.getLogger("vlprompt")
 #: subcommand -> one-line description, in the order ``vlprompt --help`` lists them.
 COMMANDS = {
     "fit": "train a prompt (LightningCLI; --config files from configs/)",
-    "validate": "evaluate on the validation split",
-    "test": "evaluate on the test split (e.g. novel classes, --ckpt_path or --model.init_prompt)",
-    "predict": "run the model's predict step over a data module",
+    "validate": "evaluate on the validation split (no log folder unless --trainer.logger true)",
+    "test": "evaluate on the test split (--ckpt_path or --model.init_prompt; no log folder unless --trainer.logger true)",
+    "predict": "run the model's predict step over a data module (no log folder unless --trainer.logger true)",
     "classify": "classify images (a folder or files) with a saved prompt; writes predictions.csv/json",
     "tta": "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
     "segment": "segment a folder of images with text prompts; writes mask PNGs, overlays and segments.csv",
@@ -40,6 +51,12 @@ COMMANDS = {
     "demo": "the offline demos on the embedded default (configs/eval/shapeworld_*.yaml, configs/seg/)",
 }
 _LIGHTNING = ("fit", "validate", "test", "predict")
+#: commands built on LightningCLI: their parser needs Lightning and the model classes.
+_LIGHTNING_CLI = (*_LIGHTNING, "tta")
+#: applications whose options a light parser (vlprompt.apps.commands) reads before they are imported.
+_LIGHT_PARSERS = {"eval-fewshot": "fewshot_parser", "eval-multitask": "multitask_parser",
+                  "transferability": "transferability_parser", "demo": "demo_parser"}
+_HELP = ("-h", "--help")
 #: where vlprompt's own code lives: an error raised here carries the project's own message.
 _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 
@@ -71,6 +88,24 @@ def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended.*")
     # LightningCLI seeds every run and records the seed (the run's config.yaml, tta's summary).
     warnings.filterwarnings("ignore", message=r".*No seed found, seed set to.*")
+    # Lightning itself still builds torch's deprecated LeafSpec (utilities/_pytree.py) on every run;
+    # nothing a user of vlprompt can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    # A data module without validation data returns an empty validation loader on purpose (fit runs
+    # without validation); Lightning's reminder that the list is empty says nothing more.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drops Lightning's tips to install its cloud products (litlogger, litmodels), printed on every
+    run; its other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("💡 Tip:") and ("litlogger" in message or "litmodels" in message))
+
+
+_NO_ADVERTISEMENTS = _NoAdvertisements()
 
 
 def _quiet_lightning() -> None:
@@ -83,6 +118,101 @@ def _quiet_lightning() -> None:
     # The seed is recorded with the run; as the first line of every run it would also come before
     # the one-line error of a run that fails while its classes are built.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    # rank_zero_info logs on the rank-zero logger of whichever Lightning package set it last.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _NO_ADVERTISEMENTS not in logger.filters:
+            logger.addFilter(_NO_ADVERTISEMENTS)
+
+
+# -- a first line at once ------------------------------------------------------------------------------
+class _TorchAnnouncer(importlib.abc.MetaPathFinder):
+    """Logs one line when PyTorch starts to be imported: importing it, Lightning and the models
+    takes seconds (over ten on a small machine) before a run has anything else to say. Finds
+    nothing itself; the import goes on as usual."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torch":
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+            log.info("%s: loading PyTorch and the models", self.command)
+        return None
+
+
+@contextlib.contextmanager
+def _announcing_torch(command: str) -> Iterator[None]:
+    """Within: the first import of PyTorch (none when the options are wrong) logs that it loads."""
+    announcer = _TorchAnnouncer(command)
+    if "torch" not in sys.modules:
+        sys.meta_path.insert(0, announcer)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(announcer)
+
+
+# -- fast help ---------------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    # vlprompt.data.fewshot.default_cache_dir's rule, not imported from there: that imports torch.
+    if os.environ.get("VLPROMPT_CACHE_DIR"):
+        return Path(os.environ["VLPROMPT_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vlprompt"
+
+
+def _help_cache_file(argv: list[str]) -> Path:
+    """Where the help of a LightningCLI command (``argv``: the command and ``--help``) is cached.
+    The key holds everything the text depends on: the arguments and the program name, the terminal
+    width, the interpreter, the installed packages (the modification times of the folders they are
+    installed in, which change when a package is installed, upgraded or removed) and vlprompt's own
+    source files (name, size, modification time), so an edit or an upgrade builds the help anew."""
+    import site
+    import sysconfig
+
+    key = [repr(argv), os.path.basename(sys.argv[0] or "vlprompt"), str(shutil.get_terminal_size().columns),
+           sys.version, sys.prefix, repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE")))]
+    paths = sysconfig.get_paths()
+    for folder in sorted({paths["purelib"], paths["platlib"], site.getusersitepackages()}):
+        with contextlib.suppress(OSError):
+            key.append(f"{folder}:{os.stat(folder).st_mtime_ns}")
+    for folder, dirs, files in os.walk(_PACKAGE_DIR):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            stat = os.stat(os.path.join(folder, name))
+            key.append(f"{os.path.relpath(os.path.join(folder, name), _PACKAGE_DIR)}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
+    return _cache_dir() / "help" / f"{argv[0]}-{digest}.txt"
+
+
+def _save_help(path: Path, text: str) -> None:
+    """Cache a help text (atomically: two commands may write it at once); a cache that cannot be
+    written only costs the next ``--help`` its speed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(staging, path)
+    except OSError as err:
+        log.debug("help not cached at %s: %s", path, err)
+
+
+@contextlib.contextmanager
+def _caching_help(argv: list[str]) -> Iterator[None]:
+    """Around a LightningCLI command asked for its help: keep the text it prints in the cache."""
+    path, buffer = _help_cache_file(argv), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except SystemExit as done:
+        if done.code in (0, None) and buffer.getvalue():
+            _save_help(path, buffer.getvalue())
+        raise
+    finally:
+        sys.stdout.write(buffer.getvalue())
 
 
 # -- errors as one line ------------------------------------------------------------------------------
@@ -150,6 +280,32 @@ def _fail(command: str, text: str, hint: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _dispatch(command: str, argv: list[str]) -> None:
+    """Import the subcommand and run it with its arguments (``argv[1:]``)."""
+    if command in _LIGHTNING:
+        from vlprompt.apps.train import run_lightning_cli
+
+        _quiet_lightning()
+        run_lightning_cli(argv)
+        return
+    if command == "demo":
+        from vlprompt.apps.demo import main as run
+    elif command == "tta":
+        from vlprompt.apps.tta import main as run
+    elif command == "eval-fewshot":
+        from vlprompt.apps.fewshot import main as run
+    elif command == "eval-multitask":
+        from vlprompt.apps.multitask import main as run
+    elif command == "segment":
+        from vlprompt.apps.segment import main as run
+    elif command == "transferability":
+        from vlprompt.apps.transferability import main as run
+    else:
+        from vlprompt.apps.classify import main as run
+    _quiet_lightning()
+    run(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vlprompt`` console script: dispatch to the subcommand, and turn any
     error into one line of the project's own message and exit status 2."""
@@ -162,31 +318,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"vlprompt: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n"
                          "(`vlprompt --help` describes them)\n")
         raise SystemExit(2)
+    help_only = len(rest) == 1 and rest[0] in _HELP
+    if help_only and command in _LIGHTNING_CLI:
+        with contextlib.suppress(OSError):
+            sys.stdout.write(_help_cache_file(argv).read_text(encoding="utf-8"))
+            return
     _setup_logging()
     debug = bool(os.environ.get("VLPROMPT_DEBUG"))
     try:
-        if command in _LIGHTNING:
-            from vlprompt.apps.train import run_lightning_cli as run
+        if command in _LIGHT_PARSERS:
+            # Options (and --help) are read before the application and PyTorch are imported.
+            from vlprompt.apps import commands
 
-            _quiet_lightning()
-            run(argv)
-            return
-        if command == "demo":
-            from vlprompt.apps.demo import main as run
-        elif command == "tta":
-            from vlprompt.apps.tta import main as run
-        elif command == "eval-fewshot":
-            from vlprompt.apps.fewshot import main as run
-        elif command == "eval-multitask":
-            from vlprompt.apps.multitask import main as run
-        elif command == "segment":
-            from vlprompt.apps.segment import main as run
-        elif command == "transferability":
-            from vlprompt.apps.transferability import main as run
-        else:
-            from vlprompt.apps.classify import main as run
-        _quiet_lightning()
-        run(rest)
+            getattr(commands, _LIGHT_PARSERS[command])().parse_args(rest)
+        with contextlib.ExitStack() as around:
+            if not help_only and os.environ.get("LOCAL_RANK", "0") == "0":  # once, not by every DDP process
+                around.enter_context(_announcing_torch(command))
+            if help_only and command in _LIGHTNING_CLI:
+                around.enter_context(_caching_help(argv))
+            _dispatch(command, argv)
     except SystemExit as done:
         # An application that stops with a message (SystemExit("...")) gets the same one line.
         if isinstance(done.code, str) and not debug:

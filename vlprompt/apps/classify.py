@@ -119,12 +119,16 @@ def classify_images(
     """
     import torch
 
+    from vlprompt.data.classnames import check_distinct_classnames
     from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb, to_rgb
     from vlprompt.methods.scoring import prompt_logits
     from vlprompt.prompts import PromptLearner, load_prompt
 
     if batch_size < 1 or top_k < 1:
         raise ValueError(f"batch_size and top_k must be at least 1 (got {batch_size} and {top_k})")
+    if classnames is not None:
+        # Two classes of one name would split the probability between them.
+        check_distinct_classnames(list(classnames), "classnames")
     items = _expand(images)
     given = isinstance(prompt, PromptLearner)
     if given:
@@ -241,11 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     # Checked before the model is loaded: a refused or mistyped run costs nothing.
     _refuse_overwrite(out, args.overwrite)
     images = _expand(args.images)
-    classnames = args.classnames
-    if args.classnames_file:
-        from vlprompt.data.classnames import read_classnames_file
+    from vlprompt.data.classnames import check_distinct_classnames, read_classnames_file
 
-        classnames = [name for _, name in read_classnames_file(args.classnames_file)]
+    classnames = args.classnames
+    if classnames is not None:
+        # As fit and tta do: two classes of one name would split the probability between them.
+        check_distinct_classnames(classnames, "--classnames")
+    if args.classnames_file:
+        classnames = [name for _, name in read_classnames_file(args.classnames_file)]  # checked there
     from vlprompt.prompts import load_prompt
 
     learner = load_prompt(args.prompt, classnames=classnames)

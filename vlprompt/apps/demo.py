@@ -18,8 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
+from vlprompt.apps.commands import demo_parser, read_yaml
 from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
@@ -30,24 +29,7 @@ log = logging.getLogger("vlprompt.demo")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vlprompt demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--config",
-        default="shapeworld_demo",
-        help="an evaluation YAML, or the name of one shipped in configs/eval/ (shapeworld_demo: "
-        "zero-shot vs CoOp over shots; shapeworld_base_to_novel: every method, base-to-novel; "
-        "shapeworld_transfer: source domain to held-out classes and other domains; "
-        "shapeworld_tta: zero-shot vs TPT vs DiffTPT on a shifted split; shapeworld_multitask: "
-        "MVLPT, a prompt from three source tasks used on held-out target tasks; seg/shapeworld_demo: "
-        "referring segmentation, zero-shot vs text, visual and multimodal prompts; shapeworld_gram: CoOp and "
-        "VPT from their usual initialisation vs GRAM's meta-prompt, with and without its gradient regulator)",
-    )
-    parser.add_argument("--output-dir", help="default: outputs/demo/<timestamp>")
-    parser.add_argument("--data-root", help="where the ShapeWorld images are generated (default from the config)")
-    parser.add_argument("--shots", type=int, nargs="+")
-    parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--max-epochs", type=int)
-    parser.add_argument("--methods", nargs="+", help="only these methods from the config")
+    parser = demo_parser()
     args = parser.parse_args(argv)
 
     if "shapeworld-clip-tiny" not in available_models():
@@ -59,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml")) + ["seg/shapeworld_demo"]
             raise SystemExit(f"--config {args.config!r}: no such file, and not a shipped config ({', '.join(known)})")
     output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
-    raw = yaml.safe_load(config.read_text()) or {}
+    raw = read_yaml(config)
     if "tta" in raw:
         return _tta_demo(raw["tta"], args, output_dir, config.resolve().parent)
     if "targets" in raw:

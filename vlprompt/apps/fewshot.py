@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from vlprompt.apps.commands import fewshot_parser, read_yaml
 from vlprompt.backbones import Backbone
 from vlprompt.eval.plots import plot_accuracy_vs_shots
 from vlprompt.eval.tables import (
@@ -118,8 +118,7 @@ class Recipe:
         self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
         config = Namespace()
         for path in configs:
-            config = self.parser.parse_object(yaml.safe_load(Path(path).read_text()) or {}, namespace=config,
-                                              defaults=False)
+            config = self.parser.parse_object(read_yaml(path), namespace=config, defaults=False)
         overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
         if overrides:
             config = self.parser.parse_object(overrides, namespace=config, defaults=False)
@@ -178,9 +177,10 @@ C = TypeVar("C")
 
 def read_config(cls: type[C], path: str | Path) -> C:
     """Read an evaluation YAML into the dataclass ``cls`` (unknown keys are an error); relative
-    method config paths resolve against the YAML's folder (``config_dir``)."""
+    method config paths resolve against the YAML's folder (``config_dir``). A key given twice in
+    a mapping (two tasks of one name ...) is an error, not the last one silently kept."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     known = {f.name for f in fields(cls)} - {"config_dir"}
     unknown = set(raw) - known
     if unknown:
@@ -445,20 +445,7 @@ def format_report(results: Sequence[Result], transfer_targets: Sequence[str] = (
 
 def main(argv: list[str] | None = None) -> None:
     """``vlprompt eval-fewshot`` / ``tools/eval_fewshot.py``."""
-    parser = argparse.ArgumentParser(prog="vlprompt eval-fewshot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="evaluation YAML (see configs/eval/)")
-    parser.add_argument("--output-dir", default="outputs/eval_fewshot")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output-dir")
-    parser.add_argument("--root", help="override the data root of the source and every target")
-    parser.add_argument("--model-name", help="override backbone.init_args.model_name")
-    parser.add_argument("--pretrained", help="override backbone.init_args.pretrained")
-    parser.add_argument("--shots", type=int, nargs="*", help="override shots (none: skip the all-classes runs)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override seeds")
-    parser.add_argument("--methods", nargs="+", help="only these methods from the config")
-    parser.add_argument("--max-epochs", type=int, help="override every method's max_epochs")
-    parser.add_argument("--no-base-to-novel", action="store_true")
-    parser.add_argument("--no-transfer", action="store_true", help="skip the cross-dataset / domain-generalisation runs")
-    parser.add_argument("--save-prompts", action="store_true", help="save every learned prompt under output-dir/prompts")
+    parser = fewshot_parser()
     args = parser.parse_args(argv)
     cfg = load_eval_config(resolve_config_path(args.config))
     apply_overrides(cfg, args, parser)

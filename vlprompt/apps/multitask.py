@@ -42,7 +42,6 @@ averaged source prompt) into the output folder.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
 import logging
@@ -54,6 +53,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vlprompt.apps.commands import multitask_parser
 from vlprompt.apps.fewshot import (
     MethodRecipe,
     instantiate,
@@ -63,7 +63,7 @@ from vlprompt.apps.fewshot import (
     resolve_config_path,
 )
 from vlprompt.backbones import Backbone
-from vlprompt.data.multitask import MultiTaskDataModule
+from vlprompt.data.multitask import MultiTaskDataModule, check_task_names
 from vlprompt.eval.tables import Result, multitask_table, write_csv
 from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
 from vlprompt.methods.module import PromptModule
@@ -97,6 +97,7 @@ class TaskSet:
         unknown = set(self.data) - (set(inspect.signature(MultiTaskDataModule).parameters) - {"tasks"})
         if unknown:
             raise ValueError(f"data: {sorted(unknown)} are not MultiTaskDataModule arguments")
+        check_task_names(list(self.tasks))  # before anything runs, not when the tasks are first tuned together
         for name, spec in self.tasks.items():
             if not isinstance(spec, dict) or "class_path" not in spec:
                 raise ValueError(f"task {name!r}: give class_path and init_args of a data module")
@@ -283,12 +284,7 @@ def format_summary(results: Sequence[Result], cfg: MultiTaskConfig, seconds: flo
 
 def main(argv: list[str] | None = None) -> None:
     """``vlprompt eval-multitask``."""
-    parser = argparse.ArgumentParser(prog="vlprompt eval-multitask", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="multitask evaluation YAML (see configs/eval/shapeworld_multitask.yaml)")
-    parser.add_argument("--output-dir", default="outputs/eval_multitask")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output-dir")
-    parser.add_argument("--methods", nargs="+", help="only these methods from the config")
-    parser.add_argument("--root", help="the data root of every source and target task")
+    parser = multitask_parser()
     args = parser.parse_args(argv)
     cfg = load_multitask_config(resolve_config_path(args.config))
     if args.root:

@@ -1,20 +1,44 @@
 """``vlprompt fit|validate|test|predict``: LightningCLI over :class:`PromptClassifier`; the
-learned prompt is saved once fitting ends (also under DDP, by rank zero only)."""
+learned prompt is saved once fitting ends (also under DDP, by rank zero only).
+
+Where a run writes: ``fit`` into a fresh ``<default_root_dir>/lightning_logs/version_N`` (the
+logger's folder: ``config.yaml``, ``checkpoints/``, ``prompt/``), also with ``--trainer.logger
+false``, which only turns the metric logs off. ``validate``, ``test`` and ``predict`` write nothing
+(no logger by default; ``--trainer.logger true`` or a logger class logs them into a folder of
+their own).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from vlprompt.apps.commands import config_files, read_yaml, refuse_duplicate_keys
 from vlprompt.methods import PromptClassifier, PromptModule
 from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["VLPromptCLI", "check_checkpoint_path", "run_lightning_cli"]
+__all__ = ["RunConfig", "VLPromptCLI", "check_checkpoint_path", "fresh_run_dir", "run_lightning_cli"]
 
 log = logging.getLogger("vlprompt")
+
+#: What ``vlprompt <command> --help`` says first: what the command does and where it writes.
+_DESCRIPTIONS = {
+    "fit": "Train a prompt. Writes a fresh <default_root_dir>/lightning_logs/version_N (config.yaml, checkpoints/, "
+           "prompt/), also with --trainer.logger false, which only turns the metric logs off.",
+    "validate": "Evaluate on the validation split. Prints the metrics and writes nothing unless a logger is asked for "
+                "(--trainer.logger true, or a logger class).",
+    "test": "Evaluate on the test split. Prints the metrics and writes nothing unless a logger is asked for "
+            "(--trainer.logger true, or a logger class).",
+    "predict": "Run the model's predict step over a data module. Writes nothing unless a logger is asked for "
+               "(--trainer.logger true, or a logger class).",
+}
+_PARSER_KWARGS = {command: {"description": text} for command, text in _DESCRIPTIONS.items()}
 
 #: ``ckpt_path`` values Lightning resolves itself.
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
@@ -36,12 +60,57 @@ def check_checkpoint_path(value: str | None) -> None:
         raise FileNotFoundError(f"--ckpt_path {value}: no such checkpoint file")
 
 
+def fresh_run_dir(root: str | Path) -> Path:
+    """``<root>/lightning_logs/version_N`` with the next free ``N``: the folder Lightning's default
+    logger would give the run. Not created here: under DDP every process computes it before any of
+    them writes, so they agree."""
+    base = Path(root).expanduser() / "lightning_logs"
+    taken = [int(p.name[len("version_"):]) for p in base.glob("version_*") if p.name[len("version_"):].isdigit()]
+    return base / f"version_{max(taken, default=-1) + 1}"
+
+
+def _no_logger(value: Any) -> bool:
+    # Trainer(logger=None) means the default logger; False or an empty list means none.
+    return value is False or (isinstance(value, (list, tuple)) and not value)
+
+
+class RunConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written into the run's folder (``trainer.log_dir``). A
+    validate, test or predict run without a logger has no folder of its own and writes none: the
+    file would land in the working directory, and the next run would refuse to overwrite it."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" and not trainer.loggers:
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def _hide_version_number(trainer: pl.Trainer) -> None:
+    """Leave ``v_num`` (the log folder's number, the same all run long) out of the progress bar.
+    Lightning 2 asks the progress bar, not the module, for what it shows; the bar is Lightning's
+    default (rich or tqdm) or the user's, so its ``get_metrics`` is wrapped rather than subclassed."""
+    bar = trainer.progress_bar_callback
+    if bar is None:
+        return
+    shown = bar.get_metrics
+
+    def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = dict(shown(trainer, pl_module))
+        metrics.pop("v_num", None)
+        return metrics
+
+    bar.get_metrics = get_metrics
+
+
 class VLPromptCLI(LightningCLI):
     """LightningCLI that links the data's class names into the model, always keeps ``last.ckpt``
     (an interrupted fit resumes with ``--ckpt_path``), and saves the learned prompt
     (``<log dir>/prompt`` or ``--save_prompt``) when fitting ends. An existing prompt there is
-    refused before training starts unless ``--overwrite_prompt true``. Parse errors are raised
-    (``vlprompt`` prints them as one line) instead of printing the whole usage."""
+    refused before training starts unless ``--overwrite_prompt true``. ``fit`` always writes into a
+    run folder of its own, also without a logger; ``validate``, ``test`` and ``predict`` log nothing
+    unless a logger is asked for (see the module docstring). The progress bar leaves out ``v_num``.
+    Parse errors are raised (``vlprompt`` prints them as one line) instead of printing the whole
+    usage."""
 
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)
@@ -59,6 +128,25 @@ class VLPromptCLI(LightningCLI):
                             help="Where to save the learned prompt after fit (default: <log dir>/prompt).")
         parser.add_argument("--overwrite_prompt", type=bool, default=False,
                             help="Replace a prompt already saved at --save_prompt.")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand != "fit":
+            # Evaluating a run must not open another lightning_logs/version_N for every test:
+            # no logger unless one is asked for (--trainer.logger true, or a logger class).
+            parser.set_defaults({"trainer.logger": False})
+        return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "fit" and _no_logger(config.get("logger")):
+            # Without a logger, Lightning's log_dir is default_root_dir itself (the working
+            # directory by default): config.yaml, checkpoints/ and prompt/ would land there and
+            # the next run would refuse to start. The run gets the folder a logger would give it.
+            kwargs.setdefault("default_root_dir", str(fresh_run_dir(config.get("default_root_dir") or os.getcwd())))
+        trainer = super().instantiate_trainer(**kwargs)
+        _hide_version_number(trainer)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         # Before the model and the data are built: a wrong --ckpt_path (also from a YAML) fails
@@ -121,17 +209,14 @@ class MetaLearningCLI(SegmentationCLI):
 
 
 def _model_class(argv: list[str]) -> str | None:
-    """The ``model: class_path`` a ``--config`` file names, if any (segmentation configs do)."""
-    import yaml
-
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    """The ``model: class_path`` a ``--config`` file names, if any (segmentation configs do). A
+    file that gives a key twice is refused here, with its name (:func:`read_yaml`)."""
     found = None
-    for path in paths:
-        if Path(path).is_file():
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
-            if isinstance(model, dict) and model.get("class_path"):
-                found = model["class_path"]
+    for path in config_files(argv):
+        config = read_yaml(path)
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict) and model.get("class_path"):
+            found = model["class_path"]
     return found
 
 
@@ -140,9 +225,11 @@ def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
     :class:`PromptClassifier`, or over :class:`~vlprompt.methods.PromptSegmenter` /
     :class:`~vlprompt.methods.GRAMMetaLearner` when a config names it as ``model: class_path``
     (``configs/seg/``, ``configs/gram/``)."""
+    refuse_duplicate_keys()
     class_path = _model_class(argv)
     if class_path is None:
-        return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
+        return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_callback=RunConfig,
+                           save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)
     from vlprompt.methods import GRAMMetaLearner, PromptSegmenter
 
     kinds = {"PromptSegmenter": (SegmentationCLI, PromptSegmenter), "GRAMMetaLearner": (MetaLearningCLI, GRAMMetaLearner)}
@@ -151,4 +238,5 @@ def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
         raise ValueError(f"model class_path {class_path!r}: vlprompt fit runs PromptClassifier (no class_path), "
                          "vlprompt.methods.PromptSegmenter or vlprompt.methods.GRAMMetaLearner")
     cli, module = kind
-    return cli(module, subclass_mode_model=True, subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": False})
+    return cli(module, subclass_mode_model=True, subclass_mode_data=True, args=argv, save_config_callback=RunConfig,
+               save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)

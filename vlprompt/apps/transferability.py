@@ -29,7 +29,6 @@ The YAML (``configs/eval/shapeworld_transferability.yaml``)::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlprompt.apps.commands import transferability_parser
 from vlprompt.apps.fewshot import MethodRecipe, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.apps.multitask import TaskRunner
 from vlprompt.eval.plots import plot_transfer_matrix
@@ -168,11 +168,7 @@ def run_transferability(cfg: TransferabilityConfig, output_dir: str | Path, *, o
 
 def main(argv: list[str] | None = None) -> None:
     """``vlprompt transferability``."""
-    parser = argparse.ArgumentParser(prog="vlprompt transferability", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="study YAML (see configs/eval/shapeworld_transferability.yaml)")
-    parser.add_argument("--output-dir", default="outputs/transferability")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier study in --output-dir")
-    parser.add_argument("--finetune", action="store_true", help="tune each target from the source prompt")
+    parser = transferability_parser()
     args = parser.parse_args(argv)
     cfg = load_transferability_config(resolve_config_path(args.config))
     cfg.finetune = cfg.finetune or args.finetune

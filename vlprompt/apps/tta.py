@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from vlprompt.apps.commands import config_files, read_yaml, refuse_duplicate_keys
 from vlprompt.data.images import UnreadableImageError, load_rgb
 from vlprompt.data.test_images import UNLABELLED
 from vlprompt.methods import DiffTPT, TestTimePromptTuning
@@ -180,6 +182,9 @@ def save_view_pictures(model: TestTimePromptTuning, samples: list, outputs: list
 def run_tta(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Parse ``vlprompt tta`` arguments and run; returns the summary of the run (None with
     ``--generate_views_only``)."""
+    refuse_duplicate_keys()
+    for path in config_files(sys.argv[1:] if argv is None else argv):
+        read_yaml(path)  # a key given twice is refused with the file's name (jsonargparse would not say which)
     cli = TTACLI(TestTimePromptTuning, subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
                  save_config_callback=None, auto_configure_optimizers=False)
     model, datamodule, trainer, config = cli.model, cli.datamodule, cli.trainer, cli.config

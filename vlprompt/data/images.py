@@ -319,17 +319,23 @@ class SplitLoaders:
     ``eval_batch_size``, ``num_workers`` and ``root``; subclasses set :attr:`collate_fn`."""
 
     collate_fn: Callable = staticmethod(collate_skipping)
+    #: Set up found no validation samples: fit runs without validation.
+    no_val_split: bool = False
 
     def build_dataset(self, split: str, samples: list) -> Dataset:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         for split in STAGE_SPLITS.get(stage, ("train", "val", "test")):
-            if split in self.datasets:
+            if split in self.datasets or (split == "val" and self.no_val_split):
                 continue
             samples = self.split_samples(split)
             if not samples and split == "val":
-                log.info("no validation split; validation is skipped")
+                # Normal for segmentation data (TuneVLSeg's test-only sets, VOC without split
+                # files; their readers name a missing split file), so not announced on every run.
+                # Remembered: the validation loader then neither sets up again nor repeats it.
+                self.no_val_split = True
+                log.debug("%s: no validation samples; fit runs without validation", self.root)
                 continue
             if not samples:
                 raise ValueError(f"the {split} split of {self.root} is empty" + self._empty_hint())
@@ -363,7 +369,7 @@ class SplitLoaders:
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
-        if "val" not in self.datasets:
+        if "val" not in self.datasets and not self.no_val_split:
             self.setup("validate")
         return self._loader("val") if "val" in self.datasets else []
 

@@ -34,12 +34,34 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from vlprompt.data.images import STAGE_SPLITS, ImageDataset, collate_skipping, eval_sampler
 from vlprompt.data.protocol import ClassificationData
 
-__all__ = ["MultiTaskDataModule", "MultiTaskDataset", "Task", "TaskBatchSampler", "TaskMetric", "TaskSampling"]
+__all__ = ["RESERVED_TASK_NAMES", "MultiTaskDataModule", "MultiTaskDataset", "Task", "TaskBatchSampler", "TaskMetric",
+           "TaskSampling", "check_task_names"]
 
 log = logging.getLogger(__name__)
 
 TaskMetric = Literal["accuracy", "mean_per_class"]
 TaskSampling = Literal["mixed", "proportional", "round_robin"]
+
+
+#: Metric names a multitask classifier logs beside each task's ``<stage>/<task name>`` (the mean
+#: over tasks, the unreadable images): a task of one of these names would be overwritten by them.
+RESERVED_TASK_NAMES = ("acc", "unreadable_images")
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    """Refuse task names that would mix two tasks' results: a name given twice, an empty name, or a
+    name of a metric logged beside the tasks' scores (:data:`RESERVED_TASK_NAMES`)."""
+    seen: set[str] = set()
+    for name in names:
+        key = str(name)  # what the scores are logged under: 1 and "1" are one name there
+        if not key.strip():
+            raise ValueError(f"task names must not be empty, got {name!r}")
+        if key in seen:
+            raise ValueError(f"task {name!r} is given twice; give each task its own name")
+        if key in RESERVED_TASK_NAMES:
+            raise ValueError(f"task name {name!r} is reserved (the multitask scores are logged as <stage>/<task> "
+                             f"beside {', '.join(RESERVED_TASK_NAMES)}); rename the task")
+        seen.add(key)
 
 
 @dataclass(frozen=True)
@@ -164,7 +186,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     Args:
         tasks: task name -> data module (e.g. :class:`~vlprompt.data.FewShotDataModule` or
-            :class:`~vlprompt.data.ShapeWorldDataModule`, each with its own shots and seed).
+            :class:`~vlprompt.data.ShapeWorldDataModule`, each with its own shots and seed), or a
+            list of (name, data module) pairs; names must be unique (:func:`check_task_names`).
             Order matters: it fixes the label offsets.
         metrics: task name -> ``accuracy`` or ``mean_per_class``; default: the task's data module's
             ``metric`` (a dataset descriptor's), else ``accuracy``.
@@ -185,15 +208,19 @@ class MultiTaskDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if not tasks:
+        # A list of (name, data module) pairs is accepted too; dict() would keep the last of two
+        # tasks of one name silently, and report its scores under the name of both.
+        pairs = list(tasks.items() if isinstance(tasks, Mapping) else tasks)
+        if not pairs:
             raise ValueError("MultiTaskDataModule needs at least one task")
+        check_task_names([name for name, _ in pairs])
         if sampling not in ("mixed", "proportional", "round_robin"):
             raise ValueError(f"sampling must be mixed, proportional or round_robin, not {sampling!r}")
         metrics = dict(metrics or {})
-        unknown = sorted(set(metrics) - set(tasks))
+        unknown = sorted(set(metrics) - {name for name, _ in pairs})
         if unknown:
-            raise ValueError(f"metrics given for tasks that do not exist: {unknown}; tasks: {list(tasks)}")
-        self.modules: dict[str, pl.LightningDataModule] = dict(tasks)
+            raise ValueError(f"metrics given for tasks that do not exist: {unknown}; tasks: {[n for n, _ in pairs]}")
+        self.modules: dict[str, pl.LightningDataModule] = dict(pairs)
         self.tasks: list[Task] = []
         offset = 0
         for name, dm in self.modules.items():

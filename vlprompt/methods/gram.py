@@ -220,13 +220,23 @@ class GradientRegulation(pl.Callback):
         from vlprompt.zoo import resolve_prompt_dir
 
         self.meta_prompt = meta_prompt
-        folder = resolve_prompt_dir(meta_prompt)
-        self.regulator = load_regulator(folder)
-        self.backbone = read_prompt_config(folder)["backbone"]
+        self.folder = resolve_prompt_dir(meta_prompt)
+        self.regulator = load_regulator(self.folder)
+        self.backbone = read_prompt_config(self.folder)["backbone"]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_backbone_identity(self.backbone, pl_module.backbone.identity, what=f"gradient regulator {self.meta_prompt}")
         self.regulator.to(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The regulator reshapes gradients and nothing else shows that it runs: say once which one.
+        if trainer.is_global_zero:
+            where = Path(self.folder).resolve()
+            log.info("gradient regulation on: GRAM regulator %s (hidden %d, gate %.3f) from the meta-prompt %s%s, "
+                     "applied to the prompt gradients before every optimiser step",
+                     self.regulator.layout()["regulator"], self.regulator.hidden,
+                     float(torch.sigmoid(self.regulator.gate)), where,
+                     f" ({self.meta_prompt})" if str(self.meta_prompt) != str(where) else "")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
