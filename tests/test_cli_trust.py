@@ -18,20 +18,7 @@ import yaml
 
 from vlprompt.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch):
-    # LightningCLI reads sys.argv too; pytest's own arguments must not reach it.
-    monkeypatch.setattr(sys, "argv", ["vlprompt"])
-
-
-def _backbone_yaml(tmp_path: Path, model_dir: Path) -> str:
-    path = tmp_path / "backbone.yaml"
-    path.write_text(yaml.safe_dump({"model": {"backbone": {
-        "class_path": "vlprompt.backbones.OpenCLIPBackbone", "init_args": {"model_name": f"local-dir:{model_dir}"}}}}))
-    return str(path)
+from test_cli import CONFIGS, _backbone_yaml, _plain_argv  # noqa: F401 (the autouse fixture applies here too)
 
 
 def _fit_args(tmp_path: Path, model_dir: Path, data: Path, *extra: str, command: str = "fit") -> list[str]:

@@ -380,3 +380,15 @@ def test_voc_layout_of_binary_masks_says_why_there_are_no_samples(voc, tmp_path)
         SegmentationDataModule(str(root), format="voc", num_workers=0)
     assert "\n" not in str(err.value)
 
+
+
+def test_a_folder_read_in_the_other_layout_names_the_right_format(tmp_path):
+    from vlprompt.data.segmentation import read_tunevlseg, read_voc
+
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+    (tmp_path / "voc" / "SegmentationClass").mkdir()
+    (tmp_path / "tunevlseg" / "anns").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="looks like VOC's layout: format voc"):
+        read_tunevlseg(tmp_path / "voc")
+    with pytest.raises(FileNotFoundError, match="looks like TuneVLSeg's layout: format tunevlseg"):
+        read_voc(tmp_path / "tunevlseg")

@@ -94,6 +94,9 @@ def _setup_logging() -> None:
     # A data module without validation data returns an empty validation loader on purpose (fit runs
     # without validation); Lightning's reminder that the list is empty says nothing more.
     warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    # Testing from a run's checkpoint restores its checkpoint callback's state into this run's
+    # callback; where this run would save checkpoints does not matter to an evaluation.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 
 
 class _NoAdvertisements(logging.Filter):

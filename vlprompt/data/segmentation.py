@@ -212,9 +212,10 @@ def read_tunevlseg(root: str | Path, *, prompt_index: int | None = None) -> dict
     root = Path(root).expanduser()
     anns, images, masks = root / "anns", root / "images", root / "masks"
     if not (anns / "train.json").is_file():
+        hint = "; it looks like VOC's layout: format voc" if (root / "JPEGImages").is_dir() else ""
         raise FileNotFoundError(
             f"{root} is not in TuneVLSeg's layout: {anns / 'train.json'} not found "
-            "(expected images/, masks/ and anns/{train,val,test}.json)")
+            f"(expected images/, masks/ and anns/{{train,val,test}}.json){hint}")
     splits: dict[str, list[SegmentationSample]] = {}
     for split in SEGMENTATION_SPLITS:
         path = anns / f"{split}.json"
@@ -284,7 +285,8 @@ def read_voc(root: str | Path, *, classnames: Sequence[str] | None = None) -> di
     image_dir, mask_dir, sets = root / "JPEGImages", root / "SegmentationClass", root / "ImageSets" / "Segmentation"
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{root} is not a VOC-style folder: {folder} not found")
+            hint = "; it looks like TuneVLSeg's layout: format tunevlseg" if (root / "anns").is_dir() else ""
+            raise FileNotFoundError(f"{root} is not a VOC-style folder: {folder} not found{hint}")
     names = [normalize_classname(c) for c in (VOC_CLASSNAMES if classnames is None else classnames)]
     check_distinct_classnames(names, f"{root} class names")
     if len(names) < 2:
