@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_CLIP, write_dassl_folder, write_model_dir
 from test_prompt_contract import TINY_KWARGS
@@ -118,7 +117,6 @@ class Watch(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.with_grad: set[str] = set()
-        self.finite_grads = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
