@@ -72,6 +72,7 @@ def decoder_state(model: PromptSegmenter) -> dict[str, torch.Tensor]:
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-equal weights: restoring copies saved tensors, no arithmetic, so equality is exact anywhere."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -237,6 +238,8 @@ def voc():
 
 
 def one_item(image: Path, mask: Path) -> dict:
+    """The dataset's item at the image's own size: the mask is the file's pixels, read and
+    thresholded without resizing or float arithmetic, so comparing it with torch.equal is exact."""
     h, w = np.asarray(Image.open(image)).shape[:2]
     return SegmentationDataset([SegmentationSample(str(image), str(mask), ("thing",))], size=(h, w))[0]
 
