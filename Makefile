@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/vlprompt --cache-help  # the LightningCLI commands' --help, instant from now on
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -234,12 +234,11 @@ def test_the_lightning_commands_help_is_kept_and_then_needs_no_torch(tmp_path, m
     env = {"VLPROMPT_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "100"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit) as done:  # built by LightningCLI here (Lightning is imported already)
-        main(["test", "--help"])
-    assert done.value.code in (0, None)
+    main(["test", "--help"])  # built by LightningCLI here (Lightning is imported already)
     built = capsys.readouterr().out
     assert "--trainer.logger" in built and "--ckpt_path" in built
-    assert len(list((tmp_path / "cache" / "help").glob("test-*.txt"))) == 1
+    kept = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "help").glob("*.txt"))
+    assert kept == ["fit", "predict", "test", "tta", "validate"]  # one miss keeps all five
     again = _fresh("""
         import sys
         sys.argv[0] = "vlprompt"
@@ -249,3 +248,15 @@ def test_the_lightning_commands_help_is_kept_and_then_needs_no_torch(tmp_path, m
         """, env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.rsplit("TORCH", 1) == [built, " False False\n"]
+
+
+def test_the_cached_help_is_one_text_for_every_wide_terminal(monkeypatch):
+    from vlprompt.cli import _HELP_MAX_COLUMNS, _help_cache_file, _help_columns
+
+    def key(columns: str) -> str:
+        monkeypatch.setenv("COLUMNS", columns)
+        with _help_columns():
+            assert int(os.environ["COLUMNS"]) == min(int(columns), _HELP_MAX_COLUMNS)
+            return _help_cache_file(["fit", "--help"]).name
+    assert key("120") == key("200") == key("400") != key("100") != key("80")
+    assert os.environ["COLUMNS"] == "80"  # restored

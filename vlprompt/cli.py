@@ -9,7 +9,8 @@ or a dataset) and ``classify`` (classify images with a saved prompt).
 Heavy libraries are imported only by the subcommand that needs them, so ``vlprompt --help`` is
 instant; so is the help of every subcommand (the applications' options are parsed before their
 modules are imported, and the help of the LightningCLI commands, which must import Lightning and
-the models to build it, is cached per installation, see :func:`_help_cache_file`). A run says it
+the models to build it, is cached per installation, see :func:`_help_cache_file` and
+:func:`cache_help`). A run says it
 has started as it begins to import PyTorch. Errors are printed as the project's own one-line message
 (``VLPROMPT_DEBUG=1`` shows the traceback).
 """
@@ -32,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["COMMANDS", "CommandParser", "error_message", "main"]
+__all__ = ["COMMANDS", "CommandParser", "cache_help", "error_message", "main"]
 
 log = logging.getLogger("vlprompt")
 
@@ -73,6 +74,7 @@ def _overview() -> str:
     lines = ["usage: vlprompt <command> [options]   (vlprompt <command> --help for its options)", "", "commands:"]
     width = max(map(len, COMMANDS))
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "vlprompt --cache-help builds the cached --help of the LightningCLI commands (make install does)"]
     return "\n".join(lines)
 
 
@@ -203,19 +205,53 @@ def _save_help(path: Path, text: str) -> None:
         log.debug("help not cached at %s: %s", path, err)
 
 
+#: LightningCLI help is formatted at most this wide (click caps its help at 80 the same way), so that
+#: one cached text serves every terminal at least as wide.
+_HELP_MAX_COLUMNS = 120
+
+
 @contextlib.contextmanager
-def _caching_help(argv: list[str]) -> Iterator[None]:
-    """Around a LightningCLI command asked for its help: keep the text it prints in the cache."""
-    path, buffer = _help_cache_file(argv), io.StringIO()
+def _help_columns(columns: int | None = None) -> Iterator[None]:
+    """Within: help is formatted ``columns`` wide (default: the terminal's width, at most
+    :data:`_HELP_MAX_COLUMNS`); argparse reads the width from ``COLUMNS``."""
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(columns or min(shutil.get_terminal_size().columns, _HELP_MAX_COLUMNS))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
+
+
+def _lightning_help(command: str) -> str:
+    """The help of a LightningCLI command at the current width: from the cache, or built (importing
+    Lightning and the models: seconds) and cached."""
+    argv = [command, "--help"]
+    path = _help_cache_file(argv)
+    with contextlib.suppress(OSError):
+        return path.read_text(encoding="utf-8")
+    buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
-            yield
+            _dispatch(command, argv)
     except SystemExit as done:
-        if done.code in (0, None) and buffer.getvalue():
-            _save_help(path, buffer.getvalue())
-        raise
-    finally:
-        sys.stdout.write(buffer.getvalue())
+        if done.code not in (0, None):
+            sys.stdout.write(buffer.getvalue())
+            raise
+    if buffer.getvalue():
+        _save_help(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def cache_help(widths: tuple[int, ...] = (80, _HELP_MAX_COLUMNS)) -> None:
+    """Build and cache the help of every LightningCLI command at each width (``make install`` runs
+    this through ``vlprompt --cache-help``, so that even the first ``--help`` is instant)."""
+    for columns in widths:
+        with _help_columns(columns):
+            for command in _LIGHTNING_CLI:
+                _lightning_help(command)
 
 
 # -- errors as one line ------------------------------------------------------------------------------
@@ -309,6 +345,33 @@ def _dispatch(command: str, argv: list[str]) -> None:
     run(argv[1:])
 
 
+def _print_lightning_help(command: str) -> None:
+    with _help_columns():
+        cached = _help_cache_file([command, "--help"]).is_file()
+        sys.stdout.write(_lightning_help(command))
+        if not cached:  # Lightning is loaded now: the other commands' help costs little more
+            sys.stdout.flush()
+            for other in _LIGHTNING_CLI:
+                _lightning_help(other)
+
+
+def _run(command: str, rest: list[str]) -> None:
+    """Run ``vlprompt command rest``: an application's options are read before it is imported; a
+    LightningCLI command's help comes from the cache."""
+    help_only = len(rest) == 1 and rest[0] in _HELP
+    if help_only and command in _LIGHTNING_CLI:
+        _print_lightning_help(command)
+        return
+    if command in _LIGHT_PARSERS:
+        from vlprompt.apps import commands
+
+        getattr(commands, _LIGHT_PARSERS[command])().parse_args(rest)
+    with contextlib.ExitStack() as around:
+        if not help_only and os.environ.get("LOCAL_RANK", "0") == "0":  # once, not by every DDP process
+            around.enter_context(_announcing_torch(command))
+        _dispatch(command, [command, *rest])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vlprompt`` console script: dispatch to the subcommand, and turn any
     error into one line of the project's own message and exit status 2."""
@@ -316,30 +379,19 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
         return
+    if argv == ["--cache-help"]:
+        _setup_logging()
+        cache_help()
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         sys.stderr.write(f"vlprompt: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n"
                          "(`vlprompt --help` describes them)\n")
         raise SystemExit(2)
-    help_only = len(rest) == 1 and rest[0] in _HELP
-    if help_only and command in _LIGHTNING_CLI:
-        with contextlib.suppress(OSError):
-            sys.stdout.write(_help_cache_file(argv).read_text(encoding="utf-8"))
-            return
     _setup_logging()
     debug = bool(os.environ.get("VLPROMPT_DEBUG"))
     try:
-        if command in _LIGHT_PARSERS:
-            # Options (and --help) are read before the application and PyTorch are imported.
-            from vlprompt.apps import commands
-
-            getattr(commands, _LIGHT_PARSERS[command])().parse_args(rest)
-        with contextlib.ExitStack() as around:
-            if not help_only and os.environ.get("LOCAL_RANK", "0") == "0":  # once, not by every DDP process
-                around.enter_context(_announcing_torch(command))
-            if help_only and command in _LIGHTNING_CLI:
-                around.enter_context(_caching_help(argv))
-            _dispatch(command, argv)
+        _run(command, rest)
     except SystemExit as done:
         # An application that stops with a message (SystemExit("...")) gets the same one line.
         if isinstance(done.code, str) and not debug:
