@@ -49,7 +49,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from vlprompt.data.classnames import normalize_classname
-from vlprompt.data.sources import IMAGE_EXTENSIONS, Sample, SplitSamples
+from vlprompt.data.files import list_images
+from vlprompt.data.sources import Sample, SplitSamples
 
 __all__ = [
     "CLASSNAMES_SOURCES",
@@ -497,7 +498,7 @@ def read_descriptor_samples(desc: DatasetDescriptor, root: str | Path) -> SplitS
             continue
         samples = []
         for label, folder in enumerate(present):
-            files = sorted(p for p in (directory / folder).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = list_images(directory / folder, recursive=False)
             samples += [Sample(str(p), label, names_by_folder[folder]) for p in files]
         setattr(out, split, samples)
     logger.info("%s: read %d train and %d test images", desc.display_name, len(out.train), len(out.test))

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image
 
+from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
 from vlprompt.data.images import UnreadableImageError, load_rgb, to_rgb
 
 __all__ = ["DamagedShardError", "ImagePair", "ImageTextPairs", "ImageTextPairsDataModule", "expand_shards",
@@ -30,7 +31,6 @@ __all__ = ["DamagedShardError", "ImagePair", "ImageTextPairs", "ImageTextPairsDa
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
 _PATH_COLUMNS = ("image", "filepath", "path", "file", "img", "image_path")
 _TEXT_COLUMNS = ("caption", "text", "title", "captions")
@@ -180,7 +180,7 @@ class ImageTextPairs:
 
     def _folder(self) -> Iterator[ImagePair]:
         root = Path(self.source)
-        for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for image in list_images(root):
             text = next((image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()), None)
             if text is None:
                 self._skip(_NO_CAPTION, str(image))
@@ -227,7 +227,7 @@ class ImageTextPairs:
                         continue
                     key, _, ext = member.name.partition(".")
                     ext = "." + ext.lower()
-                    if ext in IMAGE_SUFFIXES:
+                    if ext in IMAGE_EXTENSIONS:
                         entry = pending.setdefault(key, {"where": f"{shard} member {member.name}"})
                         entry["ref"] = (shard, member.offset_data, member.size)
                     elif ext in CAPTION_SUFFIXES:

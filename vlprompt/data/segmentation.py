@@ -67,7 +67,7 @@ from torch.utils.data import Dataset
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
 from vlprompt.data.images import OnError, SplitLoaders, UnreadableImageError, load_rgb, remake_stale
-from vlprompt.data.sources import IMAGE_EXTENSIONS
+from vlprompt.data.files import find_image
 
 __all__ = [
     "SEGMENTATION_SPLITS",
@@ -260,16 +260,6 @@ def _read_index_mask(path: str) -> np.ndarray:
         raise UnreadableImageError(f"cannot read mask {path}: {err}") from err
 
 
-def _find_image(folder: Path, stem: str) -> Path:
-    preferred = folder / f"{stem}.jpg"
-    if preferred.is_file():
-        return preferred
-    for ext in IMAGE_EXTENSIONS:
-        if (folder / f"{stem}{ext}").is_file():
-            return folder / f"{stem}{ext}"
-    return preferred  # reported as missing
-
-
 def read_voc(root: str | Path, *, classnames: Sequence[str] | None = None) -> dict[str, list[SegmentationSample]]:
     """Read a VOC-style folder: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png`` (palette
     masks whose pixel values are class ids) and ``ImageSets/Segmentation/{train,val,test}.txt``.
@@ -301,7 +291,7 @@ def read_voc(root: str | Path, *, classnames: Sequence[str] | None = None) -> di
     splits: dict[str, list[SegmentationSample]] = {}
     void_masks: dict[str, list[str]] = {}  # by split: masks of background and void alone
     for split, stems in ids.items():
-        pairs = [(str(_find_image(image_dir, stem)), str(mask_dir / f"{stem}.png")) for stem in stems]
+        pairs = [(str(find_image(image_dir, stem)), str(mask_dir / f"{stem}.png")) for stem in stems]
         _check_files_exist([p for pair in pairs for p in pair], f"{root} ({split} split)")
         samples, sizes, void_only = [], {}, []
         for image, mask in pairs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
+from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,9 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -93,10 +91,6 @@ def read_dassl_split(split_file: str | Path, image_dir: str | Path) -> SplitSamp
     return out
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def _read_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str], dict[str, list[Path]]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -121,7 +115,7 @@ def _read_class_folders(root: Path, classes: list[str] | None) -> tuple[list[str
         path = root / folder
         if not path.is_dir():
             raise FileNotFoundError(f"class folder missing: {path}")
-        images[folder] = _list_images(path)
+        images[folder] = list_images(path)
         if not images[folder]:
             raise ValueError(f"class folder {path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         if all(p.parent != path for p in images[folder]):

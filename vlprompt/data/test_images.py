@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
 from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, collate_skipping, eval_sampler
-from vlprompt.data.sources import IMAGE_EXTENSIONS, Sample
+from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
+from vlprompt.data.sources import Sample
 
 __all__ = ["UNLABELLED", "TestImagesDataModule"]
 
@@ -21,11 +22,6 @@ log = logging.getLogger(__name__)
 
 #: Label of an image whose class is unknown.
 UNLABELLED = -1
-
-
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 class TestImagesDataModule(pl.LightningDataModule):
@@ -68,8 +64,8 @@ class TestImagesDataModule(pl.LightningDataModule):
     def _read(self, classnames: list[str] | None, classnames_file: str | None) -> tuple[list[Sample], list[str]]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        loose = _images_in(self.root, recursive=False)
-        folders = {d: _images_in(d, recursive=True) for d in sorted(self.root.iterdir())
+        loose = list_images(self.root, recursive=False)
+        folders = {d: list_images(d) for d in sorted(self.root.iterdir())
                    if d.is_dir() and not d.name.startswith(".")}
         empty = [str(d) for d, images in folders.items() if not images]
         folders = {d: images for d, images in folders.items() if images}
