@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["COMMANDS", "CommandParser", "cache_help", "error_message", "main"]
+__all__ = ["COMMANDS", "cache_help", "error_message", "main"]
 
 log = logging.getLogger("vlprompt")
 
@@ -62,12 +62,6 @@ _HELP = ("-h", "--help")
 _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 
 
-class CommandParser(argparse.ArgumentParser):
-    """``argparse`` parser for a ``vlprompt`` subcommand whose errors are one line
-    (``vlprompt classify: error: ...`` and where to find the options), not the whole usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
 
 
 def _overview() -> str:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from vlprompt.cli import CommandParser
+from vlprompt.apps.runner import CommandParser, expand_image_inputs
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -61,34 +61,6 @@ class Prediction:
     status: str = "ok"
 
 
-def _expand(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    """Files and in-memory images in order; a folder becomes its image files (recursively, sorted)."""
-    from PIL import Image as PILImage
-
-    from vlprompt.data.sources import IMAGE_EXTENSIONS
-
-    items = [images] if isinstance(images, (str, Path, PILImage.Image)) else list(images)
-    found: list[ImageInput] = []
-    missing: list[str] = []
-    for item in items:
-        if isinstance(item, PILImage.Image):
-            found.append(item)
-            continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not inside:
-                raise ValueError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-            found += inside
-        elif path.exists():
-            found.append(path)
-        else:
-            missing.append(str(path))
-    if missing:
-        # A mistyped path is the caller's error, not an unreadable image to skip quietly.
-        raise FileNotFoundError(f"no such image or folder: {', '.join(missing[:5])}"
-                                + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
-    return found
 
 
 def classify_images(
@@ -129,7 +101,7 @@ def classify_images(
     if classnames is not None:
         # Two classes of one name would split the probability between them.
         check_distinct_classnames(list(classnames), "classnames")
-    items = _expand(images)
+    items = expand_image_inputs(images)
     given = isinstance(prompt, PromptLearner)
     if given:
         if backbone is not None and backbone is not prompt.backbone:
@@ -244,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).expanduser()
     # Checked before the model is loaded: a refused or mistyped run costs nothing.
     _refuse_overwrite(out, args.overwrite)
-    images = _expand(args.images)
+    images = expand_image_inputs(args.images)
     from vlprompt.data.classnames import check_distinct_classnames, read_classnames_file
 
     classnames = args.classnames

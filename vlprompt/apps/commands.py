@@ -7,13 +7,10 @@ are answered from here in a fraction of a second, before the command imports PyT
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
-from vlprompt.cli import CommandParser
+from vlprompt.apps.runner import CommandParser
 
-__all__ = ["check_unique_keys", "config_files", "demo_parser", "fewshot_parser", "multitask_parser", "read_yaml", "refuse_duplicate_keys",
-           "transferability_parser"]
+__all__ = ["demo_parser", "fewshot_parser", "multitask_parser", "transferability_parser"]
 
 
 def fewshot_parser() -> CommandParser:
@@ -93,69 +90,3 @@ def demo_parser() -> CommandParser:
     return parser
 
 
-# -- YAML files ----------------------------------------------------------------------------------------
-def _mapping_path(path: list[str]) -> str:
-    return f"in {'.'.join(path)}" if path else "at the top level"
-
-
-def check_unique_keys(text: str, where: str) -> None:
-    """Raise ``ValueError`` when a mapping of the YAML ``text`` gives a key twice: a YAML loader
-    keeps the last value silently, so one task (method, section ...) would be dropped and another
-    run under its name. ``where`` names the file in the message."""
-    import yaml
-
-    def walk(node: Any, path: list[str]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else None
-                if name is not None and name != "<<":  # "<<" merges another mapping in; not a key
-                    if name in seen:
-                        what = "task" if path and path[-1] == "tasks" else "key"
-                        raise ValueError(f"{where}: {what} {name!r} is given twice {_mapping_path(path)} (lines "
-                                         f"{seen[name] + 1} and {key.start_mark.line + 1}); give each {what} its own name")
-                    seen[name] = key.start_mark.line
-                walk(value, [*path, str(name)])
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, [*path, str(i)])
-
-    for document in yaml.compose_all(text, Loader=yaml.SafeLoader):
-        walk(document, [])
-
-
-def read_yaml(path: str | Path) -> Any:
-    """The content of a YAML file (an empty file is ``{}``), refusing keys given twice in a mapping
-    (:func:`check_unique_keys`)."""
-    import yaml
-
-    path = Path(path)
-    text = path.read_text()
-    check_unique_keys(text, str(path))
-    return yaml.safe_load(text) or {}
-
-
-def config_files(argv: list[str]) -> list[Path]:
-    """The files a LightningCLI command line names with ``--config``/``-c`` (those that exist)."""
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    return [Path(p) for p in paths if Path(p).is_file()]
-
-
-def refuse_duplicate_keys() -> None:
-    """Make jsonargparse (LightningCLI's ``--config`` files and YAML values) refuse a key given twice
-    in a mapping, e.g. two tasks of one name under a ``MultiTaskDataModule``'s ``tasks``; its YAML
-    loader is otherwise kept as it is. Idempotent."""
-    import yaml
-    from jsonargparse import get_loader, set_loader
-
-    loader = get_loader("yaml")
-    if getattr(loader, "refuses_duplicate_keys", False):
-        return
-
-    def load(stream: str) -> Any:
-        check_unique_keys(stream, "YAML")
-        return loader(stream)
-
-    load.refuses_duplicate_keys = True  # type: ignore[attr-defined]
-    set_loader("yaml", load, exceptions=(yaml.YAMLError,))

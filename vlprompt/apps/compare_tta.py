@@ -24,7 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 from jsonargparse import ArgumentParser
 
-from vlprompt.apps.fewshot import Recipe, instantiate, resolve_config_path
+from vlprompt.apps.runner import Recipe, instantiate, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.methods import TestTimePromptTuning
 

@@ -18,7 +18,8 @@ import logging
 import time
 from pathlib import Path
 
-from vlprompt.apps.commands import demo_parser, read_yaml
+from vlprompt.apps.commands import demo_parser
+from vlprompt.apps.runner import read_yaml
 from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models

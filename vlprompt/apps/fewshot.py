@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import logging
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from vlprompt.apps.commands import fewshot_parser, read_yaml
+from vlprompt.apps.commands import fewshot_parser
+from vlprompt.apps.runner import MethodRecipe, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.eval.plots import plot_accuracy_vs_shots
 from vlprompt.eval.tables import (
@@ -55,137 +53,21 @@ from vlprompt.eval.tables import (
     transfer_table,
     write_csv,
 )
-from vlprompt.methods import PromptClassifier, PromptModule
+from vlprompt.methods import PromptClassifier
 from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.prompts import ZeroShotPrompt
-from vlprompt.resources import bundled_dir
 
 __all__ = [
     "EvaluationConfig",
-    "MethodRecipe",
-    "Recipe",
     "TransferProtocol",
     "format_report",
-    "instantiate",
     "load_eval_config",
     "main",
-    "method_recipe",
-    "prepare_output_dir",
-    "read_config",
-    "resolve_config_path",
     "run_fewshot_eval",
 ]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
-def instantiate(base: type[T], spec: dict[str, Any], **init_args: Any) -> T:
-    """Build a ``{class_path, init_args}`` spec (a subclass of ``base``) with jsonargparse, the way
-    LightningCLI does, with ``init_args`` overriding the spec's."""
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(base, "obj", required=True)
-    config = parser.parse_object({"obj": spec})
-    if init_args:
-        config = parser.parse_object({"obj": {"init_args": init_args}}, namespace=config)
-    return parser.instantiate(config).obj
-
-
-def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """A config file named absolutely, relative to ``relative_to`` (the file that names it), or
-    relative to the shipped ``configs/`` folder (``methods/coop.yaml``)."""
-    path = Path(path).expanduser()
-    candidates = [path] if path.is_absolute() else [*([relative_to / path] if relative_to else []), Path.cwd() / path,
-                                                    bundled_dir("configs") / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config {str(path)!r} not found; looked in: " + ", ".join(str(c) for c in candidates))
-
-
-class Recipe:
-    """A method as its command would run it: one or more method YAMLs (``model:`` and optionally
-    ``trainer:``), later files overriding earlier ones as with repeated ``--config``, plus
-    overrides of either section; parsed and instantiated by jsonargparse with the CLI's types.
-    Subclasses declare ``model`` (:meth:`add_model_arguments`) and build it (:meth:`build`)."""
-
-    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
-                 trainer: dict[str, Any] | None = None) -> None:
-        self.parser = ArgumentParser(exit_on_error=False)
-        self.parser.add_argument("--config", action=ActionConfigFile)
-        self.add_model_arguments(self.parser)
-        self.parser.add_class_arguments(pl.Trainer, "trainer", instantiate=False, sub_configs=True)
-        config = Namespace()
-        for path in configs:
-            config = self.parser.parse_object(read_yaml(path), namespace=config, defaults=False)
-        overrides = {k: v for k, v in (("model", model), ("trainer", trainer)) if v}
-        if overrides:
-            config = self.parser.parse_object(overrides, namespace=config, defaults=False)
-        self.config = config
-        #: Trainer arguments the method's configs set (e.g. ``max_epochs``, ``callbacks``).
-        self.trainer_keys = sorted((config.get("trainer") or Namespace()).keys())
-
-    def add_model_arguments(self, parser: ArgumentParser) -> None:
-        raise NotImplementedError
-
-    def instantiate(self) -> Namespace:
-        """The configs with defaults, instantiated afresh (new optimizers, callbacks ...)."""
-        return self.parser.instantiate(self.parser.parse_object(self.config.as_dict()))
-
-    def trainer_args(self, built: Namespace) -> dict[str, Any]:
-        return {k: built.trainer[k] for k in self.trainer_keys}
-
-
-class MethodRecipe(Recipe):
-    """A method as ``vlprompt fit`` would run it (``model:`` holds the arguments of ``module``,
-    :class:`PromptClassifier` by default, but the backbone and the class names). The same method
-    YAML builds a :class:`~vlprompt.methods.MultiTaskPromptClassifier` with ``module=``."""
-
-    def __init__(self, configs: Sequence[str | Path], model: dict[str, Any] | None = None,
-                 trainer: dict[str, Any] | None = None, *, module: type[PromptModule] = PromptClassifier) -> None:
-        self.module = module
-        super().__init__(configs, model, trainer)
-
-    def add_model_arguments(self, parser: ArgumentParser) -> None:
-        skip = {"backbone", "classnames"} & set(inspect.signature(self.module).parameters)
-        parser.add_class_arguments(self.module, "model", skip=skip, instantiate=False, sub_configs=True)
-
-    def build(self, backbone: Backbone, classnames: Sequence[str] | None = None,
-              **model_args: Any) -> tuple[PromptModule, dict[str, Any]]:
-        """A fresh model (``model_args`` override the recipe's; no class names for modules that take
-        none, such as :class:`~vlprompt.methods.PromptSegmenter`) and the trainer arguments the
-        method sets (fresh callback instances)."""
-        built = self.instantiate()
-        if classnames is not None:
-            model_args = {"classnames": list(classnames), **model_args}
-        model = self.module(backbone, **{**dict(vars(built.model)), **model_args})
-        return model, self.trainer_args(built)
-
-
-def method_recipe(spec: dict[str, Any], config_dir: Path | None, *, trainer_key: str = "trainer",
-                  module: type[PromptModule] = PromptClassifier) -> MethodRecipe:
-    """The recipe of a method entry of an evaluation YAML (``config:`` one or more method YAMLs,
-    relative to ``config_dir``; ``model:`` and ``trainer_key`` (else ``trainer:``) overrides)."""
-    configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-    return MethodRecipe([resolve_config_path(c, config_dir) for c in configs], spec.get("model"),
-                        spec.get(trainer_key) or spec.get("trainer"), module=module)
-
-
-C = TypeVar("C")
-
-
-def read_config(cls: type[C], path: str | Path) -> C:
-    """Read an evaluation YAML into the dataclass ``cls`` (unknown keys are an error); relative
-    method config paths resolve against the YAML's folder (``config_dir``). A key given twice in
-    a mapping (two tasks of one name ...) is an error, not the last one silently kept."""
-    path = Path(path)
-    raw = read_yaml(path)
-    known = {f.name for f in fields(cls)} - {"config_dir"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
-    return cls(**raw, config_dir=path.resolve().parent)
 
 
 @dataclass
@@ -354,17 +236,6 @@ def _zero_shot(templates: str | list[str]) -> functools.partial:
     return functools.partial(ZeroShotPrompt, templates=templates)
 
 
-def prepare_output_dir(output_dir: str | Path, marker: str, overwrite: bool) -> Path:
-    """Create the output folder of an evaluation, refusing one that already holds ``marker`` (its
-    results) unless ``overwrite``, and quiet Lightning's per-run chatter: one line per run is ours."""
-    output_dir = Path(output_dir)
-    if (output_dir / marker).exists() and not overwrite:
-        raise FileExistsError(f"{output_dir / marker} exists; choose another --output-dir or pass --overwrite")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|modules? in eval mode|LeafSpec).*")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return output_dir
 
 
 def run_fewshot_eval(cfg: EvaluationConfig, output_dir: str | Path, *, overwrite: bool = False) -> list[Result]:

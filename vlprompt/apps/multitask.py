@@ -42,7 +42,6 @@ averaged source prompt) into the output folder.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import time
@@ -54,22 +53,14 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.apps.commands import multitask_parser
-from vlprompt.apps.fewshot import (
-    MethodRecipe,
-    instantiate,
-    method_recipe,
-    prepare_output_dir,
-    read_config,
-    resolve_config_path,
-)
-from vlprompt.backbones import Backbone
+from vlprompt.apps.runner import MethodRecipe, TaskRunner, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.data.multitask import MultiTaskDataModule, check_task_names
 from vlprompt.eval.tables import Result, multitask_table, write_csv
 from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
 from vlprompt.methods.module import PromptModule
-from vlprompt.prompts import ZeroShotPrompt, average_prompts
+from vlprompt.prompts import average_prompts
 
-__all__ = ["VARIANTS", "MultiTaskConfig", "TaskRunner", "TaskSet", "load_multitask_config", "main", "run_multitask_eval"]
+__all__ = ["VARIANTS", "MultiTaskConfig", "TaskSet", "load_multitask_config", "main", "run_multitask_eval"]
 
 log = logging.getLogger(__name__)
 
@@ -135,44 +126,6 @@ def load_multitask_config(path: str | Path) -> MultiTaskConfig:
     return read_config(MultiTaskConfig, path)
 
 
-def _score(metrics: dict[str, float], dm: Any) -> float:
-    """The task's own metric (a descriptor may declare mean per-class accuracy), in %."""
-    key = "test/acc_per_class_mean" if getattr(dm, "metric", None) == "mean_per_class" else "test/acc"
-    return 100.0 * metrics[key]
-
-
-class TaskRunner:
-    """Tuning and testing prompts on tasks, as the applications over several tasks need it: one
-    backbone, one trainer configuration, data modules built from ``{class_path, init_args}``."""
-
-    def __init__(self, backbone: dict[str, Any], trainer: dict[str, Any]) -> None:
-        self.backbone: Backbone = instantiate(Backbone, backbone)
-        self.trainer_config = trainer
-
-    def trainer(self, **overrides: Any) -> pl.Trainer:
-        return pl.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-                             "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-                             **self.trainer_config, **overrides})
-
-    def data(self, spec: dict[str, Any], shots: int, seed: int) -> pl.LightningDataModule:
-        return instantiate(pl.LightningDataModule, spec, shots=shots, seed=seed)
-
-    def fit(self, recipe: MethodRecipe, dm: pl.LightningDataModule, seed: int, **model_args: Any) -> PromptModule:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        model, trainer_args = recipe.build(self.backbone, getattr(dm, "classnames", None), **model_args)
-        self.trainer(**{"max_epochs": 20, **trainer_args, "limit_val_batches": 0}).fit(model, datamodule=dm)
-        return model
-
-    def test(self, model: PromptModule, dm: pl.LightningDataModule) -> float:
-        """Accuracy in %, with the task's own metric."""
-        return _score(self.trainer().test(model, datamodule=dm, verbose=False)[0], dm)
-
-    def zeroshot(self, dm: pl.LightningDataModule, templates: str | list[str]) -> float:
-        """Zero-shot accuracy in %; ``templates: dataset`` takes the dataset descriptor's template."""
-        if templates == "dataset":
-            templates = getattr(dm, "template", None) or "photo"
-        model = PromptClassifier(self.backbone, functools.partial(ZeroShotPrompt, templates=templates), dm.classnames)
-        return self.test(model, dm)
 
 
 class _Runner(TaskRunner):

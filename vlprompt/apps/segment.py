@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from vlprompt.cli import CommandParser
+from vlprompt.apps.runner import CommandParser, expand_image_inputs
 
 __all__ = ["main", "segment_images"]
 
@@ -123,9 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).expanduser()
     if any((out / name).exists() for name in _OUTPUTS) and not args.overwrite:
         parser.error(f"{out} already holds segments.csv; pass --overwrite or another --out")
-    from vlprompt.apps.classify import _expand
 
-    images = [Path(p) for p in _expand(args.images)]
+    images = [Path(p) for p in expand_image_inputs(args.images)]
     from vlprompt.methods.segmentation import prompt_head
 
     decoder = args.decoder

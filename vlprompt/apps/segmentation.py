@@ -32,8 +32,7 @@ import torch
 import yaml
 from PIL import Image
 
-from vlprompt.apps.fewshot import instantiate, method_recipe, prepare_output_dir
-from vlprompt.apps.multitask import TaskRunner
+from vlprompt.apps.runner import TaskRunner, instantiate, method_recipe, prepare_output_dir
 from vlprompt.methods import PromptSegmenter
 
 __all__ = ["SegmentationEvalConfig", "format_table", "overlay_mask", "run_segmentation_eval", "save_overlays"]

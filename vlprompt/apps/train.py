@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from vlprompt.apps.commands import config_files, read_yaml, refuse_duplicate_keys
+from vlprompt.apps.runner import config_files, read_yaml, refuse_duplicate_keys
 from vlprompt.methods import PromptClassifier, PromptModule
 from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.apps.commands import transferability_parser
-from vlprompt.apps.fewshot import MethodRecipe, method_recipe, prepare_output_dir, read_config, resolve_config_path
-from vlprompt.apps.multitask import TaskRunner
+from vlprompt.apps.runner import MethodRecipe, TaskRunner, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.eval.plots import plot_transfer_matrix
 
 __all__ = ["TransferabilityConfig", "TransferabilityStudy", "load_transferability_config", "main", "run_transferability",

@@ -26,7 +26,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
-from vlprompt.apps.commands import config_files, read_yaml, refuse_duplicate_keys
+from vlprompt.apps.runner import config_files, read_yaml, refuse_duplicate_keys
 from vlprompt.data.images import UnreadableImageError, load_rgb
 from vlprompt.data.test_images import UNLABELLED
 from vlprompt.methods import DiffTPT, TestTimePromptTuning
