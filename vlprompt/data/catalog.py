@@ -28,7 +28,7 @@ Schema (keys of a descriptor YAML; see ``datasets/README.md``):
 ``variant_files`` and ``notes`` are optional in general but required by some
 formats:
 
-* ``dassl_split``: images plus a CoOp ``split_zhou_*.json`` file
+* ``dassl`` (also written ``dassl_split``): images plus a CoOp ``split_zhou_*.json`` file
   (``split_file`` required).
 * ``imagefolder``: one sub-folder per class (``test_dir`` and
   ``folder_names`` required; ``train_dir`` optional for test-only sets).
@@ -48,9 +48,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from vlprompt.data.classnames import normalize_classname
-from vlprompt.data.files import list_images
-from vlprompt.data.sources import Sample, SplitSamples
+from vlprompt.data.formats import format_names, get_format
+from vlprompt.data.samples import SplitSamples
 
 __all__ = [
     "CLASSNAMES_SOURCES",
@@ -68,8 +67,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Supported storage formats.
-FORMATS: frozenset[str] = frozenset({"dassl_split", "imagefolder", "fgvc_variants"})
+#: Storage formats a descriptor may name: the registered classification formats that read a
+#: descriptor (:mod:`vlprompt.data.formats`), with their old names (``dassl_split`` is ``dassl``).
+FORMATS: frozenset[str] = frozenset(format_names("classification", aliases=True, descriptor=True))
 #: Where class names come from.
 CLASSNAMES_SOURCES: frozenset[str] = frozenset({"split_file", "classnames_file", "open_clip_imagenet"})
 #: How class folders are named in an ``imagefolder`` dataset.
@@ -105,7 +105,6 @@ _OPTIONAL_STR_KEYS: tuple[str, ...] = (
 )
 _REQUIRED_KEYS: tuple[str, ...] = _REQUIRED_STR_KEYS + ("num_classes", "sources")
 _KNOWN_KEYS: frozenset[str] = frozenset(_REQUIRED_KEYS + _OPTIONAL_STR_KEYS + ("variant_files", "classnames"))
-_VARIANT_SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SUFFIX = ".yaml"
 
 
@@ -263,11 +262,10 @@ def _check_choice(value: Optional[str], allowed: frozenset[str], key: str, path:
         raise _fail(path, key, f"unknown value {value!r}; expected one of {sorted(allowed)}")
 
 
-def _parse(data: Any, path: Path) -> DatasetDescriptor:
-    """Validate the parsed YAML ``data`` of ``path`` and build a descriptor."""
+def _check_keys(data: Any, path: Path) -> None:
+    """A mapping with every required key; unknown keys are logged and ignored."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-
     missing = [k for k in _REQUIRED_KEYS if k not in data or data[k] is None]
     if missing:
         raise _fail(path, missing[0], "missing required key" + (
@@ -276,33 +274,32 @@ def _parse(data: Any, path: Path) -> DatasetDescriptor:
     if unknown:
         logger.warning("%s: ignoring unknown key(s): %s", path, ", ".join(map(str, unknown)))
 
-    s: dict[str, Optional[str]] = {k: _get_str(data, k, path, required=True) for k in _REQUIRED_STR_KEYS}
-    s.update({k: _get_str(data, k, path, required=False) for k in _OPTIONAL_STR_KEYS})
 
-    if s["name"] != path.stem:
-        raise _fail(path, "name", f"{s['name']!r} does not match the file stem {path.stem!r}")
-
+def _read_num_classes(data: Mapping[str, Any], path: Path) -> int:
     num_classes = data["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise _fail(path, "num_classes", f"expected a positive integer, got {num_classes!r}")
+    return num_classes
 
-    fmt = s["format"]
-    _check_choice(fmt, FORMATS, "format", path)
-    _check_choice(s["classnames_from"], CLASSNAMES_SOURCES, "classnames_from", path)
-    _check_choice(s["role"], ROLES, "role", path)
-    _check_choice(s["folder_names"], FOLDER_NAMES, "folder_names", path)
-    _check_choice(s["class_subset"], CLASS_SUBSETS, "class_subset", path)
-    _check_choice(s["metric"], METRICS, "metric", path)
+
+def _check_choices(s: Mapping[str, Optional[str]], path: Path) -> None:
+    for key, allowed in (("format", FORMATS), ("classnames_from", CLASSNAMES_SOURCES), ("role", ROLES),
+                         ("folder_names", FOLDER_NAMES), ("class_subset", CLASS_SUBSETS), ("metric", METRICS)):
+        _check_choice(s[key], allowed, key, path)
+
+
+def _read_classnames(data: Mapping[str, Any], num_classes: int, path: Path) -> Optional[tuple[str, ...]]:
     classnames = data.get("classnames")
-    if classnames is not None:
-        if not isinstance(classnames, list) or not all(isinstance(c, (str, int)) for c in classnames):
-            raise _fail(path, "classnames", "expected a list of class names")
-        classnames = tuple(str(c) for c in classnames)
-        if len(classnames) != num_classes:
-            raise _fail(path, "classnames", f"lists {len(classnames)} names but num_classes is {num_classes}")
+    if classnames is None:
+        return None
+    if not isinstance(classnames, list) or not all(isinstance(c, (str, int)) for c in classnames):
+        raise _fail(path, "classnames", "expected a list of class names")
+    if len(classnames) != num_classes:
+        raise _fail(path, "classnames", f"lists {len(classnames)} names but num_classes is {num_classes}")
+    return tuple(str(c) for c in classnames)
 
-    template = s["template"]
-    assert template is not None
+
+def _check_template(template: str, path: Path) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
@@ -310,65 +307,51 @@ def _parse(data: Any, path: Path) -> DatasetDescriptor:
     if fields != [""]:
         raise _fail(path, "template", f"must contain '{{}}' exactly once and no other fields: {template!r}")
 
+
+def _read_sources(data: Mapping[str, Any], path: Path) -> dict[str, str]:
     sources = _get_str_map(data["sources"], "sources", path)
     if "images" not in sources:
         raise _fail(path, "sources", "must have an 'images' entry")
+    return sources
 
-    variant_files: Optional[dict[str, str]] = None
+
+def _check_format_fields(fields: Mapping[str, Any], path: Path) -> None:
+    """Cross-field rules: where class names come from, and what the format needs and allows
+    (each registered format declares its own keys and checks)."""
+    if fields["classnames_from"] == "split_file" and fields["split_file"] is None:
+        raise _fail(path, "split_file", "required when classnames_from is 'split_file'")
+    if fields["classnames_from"] == "classnames_file" and fields["classnames_file"] is None:
+        raise _fail(path, "classnames_file", "required when classnames_from is 'classnames_file'")
+    written = fields["format"]
+    fmt = get_format(written, "classification")
+    problem = fmt.check_descriptor(fields, written) if fmt.check_descriptor is not None else None
+    if problem is not None:
+        raise _fail(path, *problem)
+    for other in (get_format(n) for n in format_names("classification", descriptor=True)):
+        for key in other.descriptor_keys:
+            if other is not fmt and fields.get(key) is not None:
+                raise _fail(path, key, f"only allowed with format {other.name!r}, not {written!r}")
+
+
+def _parse(data: Any, path: Path) -> DatasetDescriptor:
+    """Validate the parsed YAML ``data`` of ``path`` and build a descriptor."""
+    _check_keys(data, path)
+    s: dict[str, Optional[str]] = {k: _get_str(data, k, path, required=True) for k in _REQUIRED_STR_KEYS}
+    s.update({k: _get_str(data, k, path, required=False) for k in _OPTIONAL_STR_KEYS})
+    if s["name"] != path.stem:
+        raise _fail(path, "name", f"{s['name']!r} does not match the file stem {path.stem!r}")
+    num_classes = _read_num_classes(data, path)
+    _check_choices(s, path)
+    classnames = _read_classnames(data, num_classes, path)
+    _check_template(s["template"], path)  # type: ignore[arg-type]
+    sources = _read_sources(data, path)
+    variant_files = None
     if data.get("variant_files") is not None:
         variant_files = _get_str_map(data["variant_files"], "variant_files", path)
-
-    # Cross-field rules.
-    if s["classnames_from"] == "split_file" and s["split_file"] is None:
-        raise _fail(path, "split_file", "required when classnames_from is 'split_file'")
-    if s["classnames_from"] == "classnames_file" and s["classnames_file"] is None:
-        raise _fail(path, "classnames_file", "required when classnames_from is 'classnames_file'")
-    if fmt == "dassl_split" and s["split_file"] is None:
-        raise _fail(path, "split_file", "required for format 'dassl_split'")
-    if fmt == "imagefolder":
-        for key in ("test_dir", "folder_names"):
-            if s[key] is None:
-                raise _fail(path, key, "required for format 'imagefolder'")
-    else:
-        for key in ("train_dir", "test_dir", "folder_names", "class_subset"):
-            if s[key] is not None:
-                raise _fail(path, key, f"only allowed with format 'imagefolder', not {fmt!r}")
-    if fmt == "fgvc_variants":
-        if variant_files is None:
-            raise _fail(path, "variant_files", "required for format 'fgvc_variants'")
-        absent = [k for k in _VARIANT_SPLITS if k not in variant_files]
-        if absent:
-            raise _fail(path, "variant_files", f"missing entries: {', '.join(absent)}")
-        if s["classnames_file"] is None:
-            raise _fail(path, "classnames_file", "required for format 'fgvc_variants' (variants.txt)")
-    elif variant_files is not None:
-        raise _fail(path, "variant_files", f"only allowed with format 'fgvc_variants', not {fmt!r}")
-
-    return DatasetDescriptor(
-        name=s["name"],  # type: ignore[arg-type]
-        display_name=s["display_name"],  # type: ignore[arg-type]
-        num_classes=num_classes,
-        format=fmt,  # type: ignore[arg-type]
-        folder=s["folder"],  # type: ignore[arg-type]
-        image_dir=s["image_dir"],  # type: ignore[arg-type]
-        template=template,
-        classnames_from=s["classnames_from"],  # type: ignore[arg-type]
-        role=s["role"],  # type: ignore[arg-type]
-        sources=sources,
-        layout=s["layout"],  # type: ignore[arg-type]
-        prepare=s["prepare"],  # type: ignore[arg-type]
-        split_file=s["split_file"],
-        classnames_file=s["classnames_file"],
-        train_dir=s["train_dir"],
-        test_dir=s["test_dir"],
-        folder_names=s["folder_names"],
-        class_subset=s["class_subset"],
-        variant_files=variant_files,
-        notes=s["notes"],
-        metric=s["metric"],
-        classnames=classnames,
-        source_path=path,
-    )
+    fields: dict[str, Any] = {**s, "variant_files": variant_files}
+    _check_format_fields(fields, path)
+    return DatasetDescriptor(**fields, num_classes=num_classes, sources=sources, classnames=classnames,
+                             source_path=path)
 
 
 def load_descriptor(name: str, directory: str | Path | None = None) -> DatasetDescriptor:
@@ -457,49 +440,10 @@ def check_prepared(desc: DatasetDescriptor, root: str | Path) -> list[str]:
 
 
 def read_descriptor_samples(desc: DatasetDescriptor, root: str | Path) -> SplitSamples:
-    """Read the samples of a prepared ``imagefolder`` or ``fgvc_variants`` dataset.
-
-    ImageNet-style folders map folder names (wnids, or class indices for ImageNetV2) to class
-    names through ``classnames_file``; sets that cover a subset of ImageNet's classes
-    (ImageNet-A/-R) keep the classes whose folders are present, in ``classnames_file`` order.
-    Test-only sets have empty train/val splits.
+    """Read the samples of the prepared dataset ``desc`` under the data root ``root``, with the
+    reader its format registers (:mod:`vlprompt.data.formats`): e.g. ImageNet-style class folders
+    mapped to class names through ``classnames_file`` (sets covering a subset of ImageNet's classes,
+    ImageNet-A/-R, keep the classes whose folders are present), FGVC-Aircraft's variant lists or a
+    CoOp split file. Test-only sets have empty train/val splits.
     """
-    paths = desc.paths(root)
-    if desc.format == "fgvc_variants":
-        names = [n.strip() for n in paths["classnames_file"].read_text().splitlines() if n.strip()]
-        index = {n: i for i, n in enumerate(names)}
-        out = SplitSamples(classnames=[normalize_classname(n) for n in names])
-        for split in ("train", "val", "test"):
-            samples = []
-            for line in paths[f"variant_{split}"].read_text().splitlines():
-                image_id, _, variant = line.strip().partition(" ")
-                if not image_id:
-                    continue
-                if variant not in index:
-                    raise ValueError(f"{paths[f'variant_{split}']}: unknown variant {variant!r}")
-                samples.append(Sample(str(paths["image_dir"] / f"{image_id}.jpg"), index[variant], normalize_classname(variant)))
-            setattr(out, split, samples)
-        return out
-
-    lines = [ln.strip() for ln in paths["classnames_file"].read_text().splitlines() if ln.strip()]
-    folders = [ln.partition(" ")[0] for ln in lines]
-    names_by_folder = {ln.partition(" ")[0]: normalize_classname(ln.partition(" ")[2]) for ln in lines}
-    if desc.folder_names == "index":
-        folders = [str(i) for i in range(len(lines))]
-        names_by_folder = {str(i): normalize_classname(ln.partition(" ")[2]) for i, ln in enumerate(lines)}
-    split_dirs = {"train": paths.get("train_dir"), "test": paths.get("test_dir")}
-    present = folders
-    if desc.class_subset == "from_folders":
-        base = split_dirs["test"] or split_dirs["train"]
-        present = [f for f in folders if (base / f).is_dir()]
-    out = SplitSamples(classnames=[names_by_folder[f] for f in present])
-    for split, directory in split_dirs.items():
-        if directory is None:
-            continue
-        samples = []
-        for label, folder in enumerate(present):
-            files = list_images(directory / folder, recursive=False)
-            samples += [Sample(str(p), label, names_by_folder[folder]) for p in files]
-        setattr(out, split, samples)
-    logger.info("%s: read %d train and %d test images", desc.display_name, len(out.train), len(out.test))
-    return out
+    return get_format(desc.format, "classification").read_descriptor(desc, root)

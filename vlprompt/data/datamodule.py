@@ -6,35 +6,29 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
 from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
+from vlprompt.data.formats import ClassificationSource, detect_format, get_format
 from vlprompt.data.images import (
+    DEFAULT_PREPROCESS,
     ImageDataset,
     OnError,
     SplitLoaders,
     build_eval_transform,
     build_train_transform,
 )
-from vlprompt.data.sources import SplitSamples, read_csv_splits, read_dassl_split, read_imagefolder
+from vlprompt.data.samples import SplitSamples
 
 __all__ = ["DEFAULT_PREPROCESS", "FewShotDataModule"]
 
 log = logging.getLogger(__name__)
 
-DataFormat = Literal["auto", "dassl", "imagefolder", "csv"]
-
-#: OpenAI CLIP's preprocessing, used until a backbone hands over its own.
-DEFAULT_PREPROCESS: dict[str, Any] = {
-    "size": 224,
-    "mean": (0.48145466, 0.4578275, 0.40821073),
-    "std": (0.26862954, 0.26130258, 0.27577711),
-    "interpolation": "bicubic",
-    "resize_mode": "shortest",
-}
+#: ``auto`` or a registered classification format (:func:`~vlprompt.data.formats.format_names`).
+DataFormat = str
 
 
 class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
@@ -52,7 +46,8 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         root: dataset folder (Dassl folder, ImageFolder root, or the DATA root when ``dataset``
             names a descriptor from ``datasets/``).
         dataset: name of a standard dataset descriptor (``oxford_pets``, ``imagenet`` ...).
-        format: ``dassl`` (split JSON), ``imagefolder``, ``csv`` or ``auto`` (detect).
+        format: ``dassl`` (split JSON; ``dassl_split`` is an alias), ``imagefolder``, ``csv``, another
+            registered classification format, or ``auto`` (detect).
         split_file: the Dassl split JSON (default: the one ``split_zhou_*.json`` in ``root``).
         image_dir: folder the split file's paths are relative to (default ``root/images``).
         train_csv, val_csv, test_csv: CSV files for ``format="csv"``.
@@ -120,7 +115,9 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         self.augment, self.crop_scale, self.on_error = augment, tuple(crop_scale), on_error
         self.augment_seed = augment_seed
         self.template: str | None = None
-        self.samples = self._read(dataset, format, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file)
+        source = ClassificationSource(self.root, split_file, image_dir, train_csv, val_csv, test_csv, classnames,
+                                      classnames_file, seed)
+        self.samples = self._read(dataset, format, source)
         if classnames is not None and format != "csv":
             self._check_expected_classnames(classnames)
         check_distinct_classnames(self.samples.classnames, str(self.root))
@@ -131,32 +128,16 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         self.eval_transform: Callable | None = None
 
     # -- reading -------------------------------------------------------------------------------
-    def _read(self, dataset, fmt, split_file, image_dir, train_csv, val_csv, test_csv, classnames, classnames_file) -> SplitSamples:
+    def _read(self, dataset: str | None, fmt: str, source: ClassificationSource) -> SplitSamples:
         self._folder = self.root
         if dataset is not None:
             return self._read_descriptor(dataset)
         if fmt == "auto":
-            if train_csv or val_csv or test_csv:
-                fmt = "csv"
-            elif split_file or list(self.root.glob("split_*.json")):
-                fmt = "dassl"
-            else:
-                fmt = "imagefolder"
-        if fmt == "csv":
-            return read_csv_splits(train_csv, val_csv, test_csv, classnames=classnames)
-        if fmt == "dassl":
-            if split_file is None:
-                found = sorted(self.root.glob("split_*.json"))
-                if len(found) != 1:
-                    raise FileNotFoundError(f"{self.root}: expected one split_*.json file, found {[f.name for f in found]}; pass split_file")
-                split_file = str(found[0])
-            return read_dassl_split(split_file, image_dir or self.root / "images")
-        if fmt == "imagefolder":
-            return read_imagefolder(self.root, classnames_file=classnames_file, seed=self.seed)
-        raise ValueError(f"unknown format {fmt!r}; use auto, dassl, imagefolder or csv")
+            return detect_format("classification", source).read(source)
+        return get_format(fmt, "classification", extra=("auto",)).read(source)
 
     def _read_descriptor(self, name: str) -> SplitSamples:
-        from vlprompt.data.catalog import check_prepared, load_descriptor
+        from vlprompt.data.catalog import check_prepared, load_descriptor, read_descriptor_samples
 
         desc = load_descriptor(name)
         problems = check_prepared(desc, self.root)
@@ -165,14 +146,9 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
                 f"{desc.display_name} is not prepared under {self.root}:\n  - " + "\n  - ".join(problems)
                 + f"\nSee datasets/{desc.name}.yaml for the expected layout and how to prepare it."
             )
-        paths = desc.paths(self.root)
-        self._folder = paths["folder"]
+        self._folder = desc.paths(self.root)["folder"]
         self.template = desc.template
         self.metric = getattr(desc, "metric", None)
-        if desc.format == "dassl_split":
-            return read_dassl_split(paths["split_file"], paths["image_dir"])
-        from vlprompt.data.catalog import read_descriptor_samples
-
         return read_descriptor_samples(desc, self.root)
 
     def _default_fewshot_dir(self, dataset: str | None) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlprompt.data.images import UnreadableImageError, load_rgb
-from vlprompt.data.sources import Sample
+from vlprompt.data.samples import Sample
 
 __all__ = [
     "ClassSubset",

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "find_image", "is_image_name", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "find_image", "is_image_name", "list_images"]
 
 #: Extensions (lower case) of the image files vlprompt reads, wherever it looks for images.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be opened or decoded."""
 
 
 def is_image_name(name: str | Path) -> bool:

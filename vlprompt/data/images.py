@@ -16,14 +16,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision.transforms import v2 as T
 
-from vlprompt.data.sources import Sample
+from vlprompt.data.files import UnreadableImageError
+from vlprompt.data.samples import Sample
 
 __all__ = [
+    "DEFAULT_PREPROCESS",
     "EvalDistributedSampler",
     "ImageDataset",
     "OnError",
     "STAGE_SPLITS",
     "SplitLoaders",
+    "UnreadableImageError",
     "build_eval_transform",
     "build_train_transform",
     "collate_skipping",
@@ -35,15 +38,20 @@ log = logging.getLogger(__name__)
 
 OnError = Literal["skip", "raise"]
 
+#: OpenAI CLIP's preprocessing, used until a backbone hands over its own.
+DEFAULT_PREPROCESS: dict[str, Any] = {
+    "size": 224,
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
 _INTERPOLATION = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
     "nearest": T.InterpolationMode.NEAREST,
 }
-
-
-class UnreadableImageError(OSError):
-    """An image file that cannot be opened or decoded."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
