@@ -24,6 +24,45 @@ log = logging.getLogger(__name__)
 UNLABELLED = -1
 
 
+def _scan(root: Path) -> tuple[list[Path], dict[Path, list[Path]]]:
+    """The images directly in ``root`` and those of each class folder (searched recursively);
+    folders without images are ignored (logged)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    loose = list_images(root, recursive=False)
+    folders = {d: list_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    empty = [str(d) for d, images in folders.items() if not images]
+    folders = {d: images for d, images in folders.items() if images}
+    if not loose and not folders:
+        raise ValueError(f"{root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        log.warning("ignoring %d folders without images: %s", len(empty), ", ".join(empty[:5]))
+    return loose, folders
+
+
+def _classnames(root: Path, classnames: list[str] | None, classnames_file: str | None,
+                folders: dict[Path, list[Path]]) -> tuple[list[str], dict[str, str]]:
+    """The class names (given, from the file, or the class folders) and the class name of each
+    folder a ``<folder> <name>`` line names."""
+    folder_label: dict[str, str] = {}
+    if classnames_file is not None:
+        entries = read_classnames_file(classnames_file, [d.name for d in folders])
+        classnames = [name for _, name in entries]
+        folder_label = {folder: name for folder, name in entries if folder is not None}
+    if classnames is None:
+        if not folders:
+            raise ValueError(
+                f"{root} holds unlabelled images only: give the class names "
+                "(classnames=[...] or classnames_file with one name per line)"
+            )
+        classnames = [normalize_classname(d.name) for d in folders]
+    classnames = [normalize_classname(c) for c in classnames]
+    if not classnames:
+        raise ValueError("class names must not be empty")
+    check_distinct_classnames(classnames, str(root))
+    return classnames, folder_label
+
+
 class TestImagesDataModule(pl.LightningDataModule):
     """Images to classify, read from ``root``:
 
@@ -62,33 +101,8 @@ class TestImagesDataModule(pl.LightningDataModule):
         self.datasets: dict[str, ImageDataset] = {}
 
     def _read(self, classnames: list[str] | None, classnames_file: str | None) -> tuple[list[Sample], list[str]]:
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        loose = list_images(self.root, recursive=False)
-        folders = {d: list_images(d) for d in sorted(self.root.iterdir())
-                   if d.is_dir() and not d.name.startswith(".")}
-        empty = [str(d) for d, images in folders.items() if not images]
-        folders = {d: images for d, images in folders.items() if images}
-        if not loose and not folders:
-            raise ValueError(f"{self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-        if empty:
-            log.warning("ignoring %d folders without images: %s", len(empty), ", ".join(empty[:5]))
-        folder_label: dict[str, str] = {}  # folder -> class name, from <folder> <name> lines
-        if classnames_file is not None:
-            entries = read_classnames_file(classnames_file, [d.name for d in folders])
-            classnames = [name for _, name in entries]
-            folder_label = {folder: name for folder, name in entries if folder is not None}
-        if classnames is None:
-            if not folders:
-                raise ValueError(
-                    f"{self.root} holds unlabelled images only: give the class names "
-                    "(classnames=[...] or classnames_file with one name per line)"
-                )
-            classnames = [normalize_classname(d.name) for d in folders]
-        classnames = [normalize_classname(c) for c in classnames]
-        if not classnames:
-            raise ValueError("class names must not be empty")
-        check_distinct_classnames(classnames, str(self.root))
+        loose, folders = _scan(self.root)
+        classnames, folder_label = _classnames(self.root, classnames, classnames_file, folders)
         label_of = {c.lower(): i for i, c in enumerate(classnames)}
         label_of.update({folder: label_of[name.lower()] for folder, name in folder_label.items()})
 
@@ -105,7 +119,7 @@ class TestImagesDataModule(pl.LightningDataModule):
         for folder, images in folders.items():
             label = label_of[folder_key(folder)]
             samples += [Sample(str(p), label, classnames[label]) for p in images]
-        return samples, list(classnames)
+        return samples, classnames
 
     @property
     def labelled(self) -> bool:
