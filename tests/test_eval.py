@@ -132,9 +132,10 @@ def test_shipped_evaluation_configs_parse():
     """Every evaluation YAML in configs/eval/ refers to method YAMLs that parse with the CLI's types."""
     for path in sorted((bundled_dir("configs") / "eval").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if "tta" in raw:
+        runner = raw["runner"]  # every shipped config declares its runner
+        if runner == "tta":
             continue
-        if "targets" in raw:  # multitask (MVLPT): each method builds multitask and single-task models
+        if runner == "multitask":  # multitask (MVLPT): each method builds multitask and single-task models
             from vlprompt.apps.multitask import load_multitask_config
             from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
 
@@ -143,12 +144,12 @@ def test_shipped_evaluation_configs_parse():
                 cfg.recipe(name, MultiTaskPromptClassifier, "source_trainer")
                 cfg.recipe(name, PromptClassifier)
             continue
-        if "tasks" in raw:  # a transferability study
+        if runner == "transferability":
             from vlprompt.apps.transferability import load_transferability_config
 
             load_transferability_config(path).recipe()
             continue
-        if "settings" in raw:  # one few-shot evaluation per setting (GRAM)
+        if runner == "gram":  # one few-shot evaluation per setting
             from vlprompt.apps.fewshot import EvaluationConfig
             from vlprompt.apps.gram import load_settings
 
@@ -162,3 +163,28 @@ def test_shipped_evaluation_configs_parse():
                 from vlprompt.methods import GradientRegulation
 
                 assert any(isinstance(c, GradientRegulation) for c in recipe.trainer_args(recipe.instantiate())["callbacks"])
+
+
+def test_a_config_declares_its_runner_and_the_wrong_command_says_which(tmp_path):
+    from vlprompt.apps.multitask import load_multitask_config
+    from vlprompt.apps.runner import RUNNERS, declared_runner
+
+    shipped = bundled_dir("configs")
+    assert declared_runner(yaml.safe_load((shipped / "eval" / "shapeworld_demo.yaml").read_text()), "x") == "fewshot"
+    with pytest.raises(ValueError, match=r"declares `runner: multitask`: run it with `vlprompt eval-multitask`"):
+        load_eval_config(shipped / "eval" / "shapeworld_multitask.yaml")
+    with pytest.raises(ValueError, match=r"declares `runner: fewshot`: run it with `vlprompt eval-fewshot`"):
+        load_multitask_config(shipped / "eval" / "shapeworld_demo.yaml")
+    # A config written before `runner:` existed: its own command still reads it ...
+    old = tmp_path / "old_multitask.yaml"
+    raw = yaml.safe_load((shipped / "eval" / "shapeworld_multitask.yaml").read_text())
+    old.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "runner"}))
+    assert load_multitask_config(old).methods
+    # ... and where it would be read as a few-shot config, the error says what changed.
+    with pytest.raises(ValueError, match=r"unknown keys \['source', 'targets'\].*declares it with `runner:`"):
+        load_eval_config(old)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runner: fewshots\n")
+    with pytest.raises(ValueError, match="is not a runner of vlprompt"):
+        load_eval_config(bad)
+    assert set(RUNNERS.values()) <= {"eval-fewshot", "eval-multitask", "transferability", "demo"}

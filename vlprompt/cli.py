@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import importlib.abc
 import io
 import logging
@@ -29,34 +30,58 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["COMMANDS", "cache_help", "error_message", "main"]
+__all__ = ["COMMANDS", "Command", "cache_help", "error_message", "main"]
 
 log = logging.getLogger("vlprompt")
 
-#: subcommand -> one-line description, in the order ``vlprompt --help`` lists them.
-COMMANDS = {
-    "fit": "train a prompt (LightningCLI; --config files from configs/)",
-    "validate": "evaluate on the validation split (no log folder unless --trainer.logger true)",
-    "test": "evaluate on the test split (--ckpt_path or --model.init_prompt; no log folder unless --trainer.logger true)",
-    "predict": "run the model's predict step over a data module (no log folder unless --trainer.logger true)",
-    "classify": "classify images (a folder or files) with a saved prompt; writes predictions.csv/json",
-    "tta": "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
-    "segment": "segment a folder of images with text prompts; writes mask PNGs, overlays and segments.csv",
-    "eval-fewshot": "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
-    "eval-multitask": "multitask prompt tuning (MVLPT): a source prompt from several tasks, used on target tasks",
-    "transferability": "which tasks help each other: task x task transfer matrix, heat map and task groups",
-    "demo": "the offline demos on the embedded default (configs/eval/shapeworld_*.yaml, configs/seg/)",
+@dataclass(frozen=True)
+class Command:
+    """A ``vlprompt`` subcommand: one row of :data:`COMMANDS`."""
+
+    #: ``"module:function"``, called with the arguments after the command's name.
+    run: str
+    #: One line for ``vlprompt --help``.
+    summary: str
+    #: ``"module:function"`` returning the command's light parser (standard library only), which reads
+    #: the options, and answers ``--help`` or a mistyped option, before ``run``'s module is imported.
+    options: str | None = None
+    #: Built on LightningCLI: its help needs Lightning and the models, and so is cached.
+    lightning: bool = False
+
+
+#: subcommand -> what runs it, in the order ``vlprompt --help`` lists them. A new application is its
+#: module in ``vlprompt/apps/`` and one row here.
+COMMANDS: dict[str, Command] = {
+    "fit": Command("vlprompt.apps.train:fit", "train a prompt (LightningCLI; --config files from configs/)", lightning=True),
+    "validate": Command("vlprompt.apps.train:validate",
+                        "evaluate on the validation split (no log folder unless --trainer.logger true)", lightning=True),
+    "test": Command("vlprompt.apps.train:test", "evaluate on the test split (--ckpt_path or --model.init_prompt; no log "
+                    "folder unless --trainer.logger true)", lightning=True),
+    "predict": Command("vlprompt.apps.train:predict", "run the model's predict step over a data module (no log folder "
+                       "unless --trainer.logger true)", lightning=True),
+    "classify": Command("vlprompt.apps.classify:main",
+                        "classify images (a folder or files) with a saved prompt; writes predictions.csv/json"),
+    "tta": Command("vlprompt.apps.tta:main", "test-time prompt tuning (TPT, DiffTPT) on a folder of images or a dataset",
+                   lightning=True),
+    "segment": Command("vlprompt.apps.segment:main",
+                       "segment a folder of images with text prompts; writes mask PNGs, overlays and segments.csv"),
+    "eval-fewshot": Command("vlprompt.apps.fewshot:main",
+                            "few-shot, base-to-novel, cross-dataset and domain-generalisation evaluation",
+                            options="vlprompt.apps.commands:fewshot_parser"),
+    "eval-multitask": Command("vlprompt.apps.multitask:main", "multitask prompt tuning (MVLPT): a source prompt from "
+                              "several tasks, used on target tasks", options="vlprompt.apps.commands:multitask_parser"),
+    "transferability": Command("vlprompt.apps.transferability:main", "which tasks help each other: task x task transfer "
+                               "matrix, heat map and task groups", options="vlprompt.apps.commands:transferability_parser"),
+    "demo": Command("vlprompt.apps.demo:main", "the offline demos on the embedded default (configs/eval/shapeworld_*.yaml, "
+                    "configs/seg/)", options="vlprompt.apps.commands:demo_parser"),
 }
-_LIGHTNING = ("fit", "validate", "test", "predict")
 #: commands built on LightningCLI: their parser needs Lightning and the model classes.
-_LIGHTNING_CLI = (*_LIGHTNING, "tta")
-#: applications whose options a light parser (vlprompt.apps.commands) reads before they are imported.
-_LIGHT_PARSERS = {"eval-fewshot": "fewshot_parser", "eval-multitask": "multitask_parser",
-                  "transferability": "transferability_parser", "demo": "demo_parser"}
+_LIGHTNING_CLI = tuple(name for name, command in COMMANDS.items() if command.lightning)
 _HELP = ("-h", "--help")
 #: where vlprompt's own code lives: an error raised here carries the project's own message.
 _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
@@ -67,7 +92,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
 def _overview() -> str:
     lines = ["usage: vlprompt <command> [options]   (vlprompt <command> --help for its options)", "", "commands:"]
     width = max(map(len, COMMANDS))
-    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
     lines += ["", "vlprompt --cache-help builds the cached --help of the LightningCLI commands (make install does)"]
     return "\n".join(lines)
 
@@ -313,28 +338,15 @@ def _fail(command: str, text: str, hint: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _load(target: str) -> Callable[..., Any]:
+    """The function a ``"module:function"`` names (importing its module)."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _dispatch(command: str, argv: list[str]) -> None:
     """Import the subcommand and run it with its arguments (``argv[1:]``)."""
-    if command in _LIGHTNING:
-        from vlprompt.apps.train import run_lightning_cli
-
-        _quiet_lightning()
-        run_lightning_cli(argv)
-        return
-    if command == "demo":
-        from vlprompt.apps.demo import main as run
-    elif command == "tta":
-        from vlprompt.apps.tta import main as run
-    elif command == "eval-fewshot":
-        from vlprompt.apps.fewshot import main as run
-    elif command == "eval-multitask":
-        from vlprompt.apps.multitask import main as run
-    elif command == "segment":
-        from vlprompt.apps.segment import main as run
-    elif command == "transferability":
-        from vlprompt.apps.transferability import main as run
-    else:
-        from vlprompt.apps.classify import main as run
+    run = _load(COMMANDS[command].run)
     _quiet_lightning()
     run(argv[1:])
 
@@ -356,10 +368,9 @@ def _run(command: str, rest: list[str]) -> None:
     if help_only and command in _LIGHTNING_CLI:
         _print_lightning_help(command)
         return
-    if command in _LIGHT_PARSERS:
-        from vlprompt.apps import commands
-
-        getattr(commands, _LIGHT_PARSERS[command])().parse_args(rest)
+    options = COMMANDS[command].options
+    if options is not None:
+        _load(options)().parse_args(rest)
     with contextlib.ExitStack() as around:
         if not help_only and os.environ.get("LOCAL_RANK", "0") == "0":  # once, not by every DDP process
             around.enter_context(_announcing_torch(command))
@@ -369,7 +380,14 @@ def _run(command: str, rest: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vlprompt`` console script: dispatch to the subcommand, and turn any
     error into one line of the project's own message and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `vlprompt ... --help | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
         return

@@ -5,10 +5,12 @@ embedded CLIP's pretraining), then evaluates zero-shot CLIP against few-shot pro
 (CoOp by default) over a few shot counts and in the base-to-novel setting, and prints the
 accuracies. Results, tables and a plot land in ``outputs/demo/<timestamp>/``.
 
-A config with a top-level ``tta`` section (``shapeworld_tta``) instead compares zero-shot, TPT
-and DiffTPT on a shifted test split, with no training; one with ``source`` and ``targets`` task
-sets (``shapeworld_multitask``) runs multitask prompt tuning (MVLPT, :mod:`vlprompt.apps.multitask`); one
-with ``settings`` (``shapeworld_gram``) runs the few-shot evaluation once per setting (:mod:`vlprompt.apps.gram`).
+Every config declares the runner that reads it with ``runner:`` (none: ``fewshot``): ``tta``
+(``shapeworld_tta``) compares zero-shot, TPT and DiffTPT on a shifted test split, with no training;
+``multitask`` (``shapeworld_multitask``) runs multitask prompt tuning (MVLPT,
+:mod:`vlprompt.apps.multitask`); ``segmentation`` (``seg/shapeworld_demo``) compares referring
+segmentation prompts (:mod:`vlprompt.apps.segmentation`); ``gram`` (``shapeworld_gram``) runs the
+few-shot evaluation once per setting (:mod:`vlprompt.apps.gram`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vlprompt.apps.commands import demo_parser
-from vlprompt.apps.runner import read_yaml
+from vlprompt.apps.runner import RUNNERS, declared_runner, read_yaml, runner_section
 from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
@@ -42,15 +45,13 @@ def main(argv: list[str] | None = None) -> None:
             known = sorted(p.stem for p in (bundled_dir("configs") / "eval").glob("*.yaml")) + ["seg/shapeworld_demo"]
             raise SystemExit(f"--config {args.config!r}: no such file, and not a shipped config ({', '.join(known)})")
     output_dir = Path(args.output_dir or Path("outputs") / "demo" / time.strftime("%Y%m%d-%H%M%S"))
-    raw = read_yaml(config)
-    if "tta" in raw:
-        return _tta_demo(raw["tta"], args, output_dir, config.resolve().parent)
-    if "targets" in raw:
-        return _multitask_demo(config, args, parser, output_dir)
-    if "segmentation" in raw:
-        return _segmentation_demo(config, args, output_dir)
-    if "settings" in raw:
-        return _settings_demo(config, args, parser, output_dir)
+    runner = declared_runner(read_yaml(config), config)
+    if runner not in _DEMOS:
+        raise SystemExit(f"{config} declares `runner: {runner}`: run it with `vlprompt {RUNNERS[runner]}`")
+    _DEMOS[runner](config, args, parser, output_dir)
+
+
+def _fewshot_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
     cfg = load_eval_config(config)
     if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
-def _tta_demo(config: dict, args: argparse.Namespace, output_dir: Path, config_dir: Path) -> None:
+def _tta_demo(path: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
     from vlprompt.apps.compare_tta import compare_tta, format_comparison
 
+    config = runner_section(path, "tta", section="tta")
+    config_dir = path.resolve().parent
     if args.data_root:
         config["data"].setdefault("init_args", {})["root"] = args.data_root
     started = time.perf_counter()
@@ -105,7 +108,7 @@ def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.Arg
     log.info("%s\nTables: %s", format_summary(results, cfg, time.perf_counter() - started), output_dir / "summary.md")
 
 
-def _segmentation_demo(config: Path, args: argparse.Namespace, output_dir: Path) -> None:
+def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
     from vlprompt.apps.segmentation import SegmentationEvalConfig, format_table, run_segmentation_eval
 
     cfg = SegmentationEvalConfig.read(config)
@@ -130,3 +133,9 @@ def _settings_demo(config: Path, args: argparse.Namespace, parser: argparse.Argu
     results = run_settings(config, output_dir, args, parser)
     log.info("Few-shot accuracy (%%, mean ± std over seeds), embedded tiny CLIP, %s (%.0f s):\n%s\nTables: %s",
              config.stem, time.perf_counter() - started, format_gram_table(results), output_dir)
+
+
+#: The demo of each runner a config may declare (``runner:``; none: ``fewshot``).
+_DEMOS: dict[str, Callable[[Path, argparse.Namespace, argparse.ArgumentParser, Path], None]] = {
+    "fewshot": _fewshot_demo, "tta": _tta_demo, "multitask": _multitask_demo, "segmentation": _segmentation_demo,
+    "gram": _settings_demo}

@@ -13,9 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlprompt.apps.fewshot import EvaluationConfig, apply_overrides, run_fewshot_eval
+from vlprompt.apps.runner import runner_section
 from vlprompt.eval.tables import Result, summarise
 
 __all__ = ["format_gram_table", "load_settings", "run_settings"]
@@ -23,8 +22,7 @@ __all__ = ["format_gram_table", "load_settings", "run_settings"]
 
 def load_settings(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The ``settings`` of an evaluation YAML and the rest of it."""
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = runner_section(path, "gram")
     settings = raw.pop("settings", None)
     if not isinstance(settings, dict) or not settings:
         raise ValueError(f"{path}: `settings:` must map setting names to data modules ({{class_path, init_args}})")

@@ -123,7 +123,7 @@ class MultiTaskConfig:
 
 def load_multitask_config(path: str | Path) -> MultiTaskConfig:
     """Read a multitask evaluation YAML (unknown keys are an error)."""
-    return read_config(MultiTaskConfig, path)
+    return read_config(MultiTaskConfig, path, "multitask")
 
 
 

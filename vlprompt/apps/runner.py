@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 __all__ = [
     "CommandParser",
     "MethodRecipe",
+    "RUNNERS",
     "Recipe",
     "TaskRunner",
     "check_unique_keys",
+    "declared_runner",
     "config_files",
     "expand_image_inputs",
     "instantiate",
@@ -45,6 +47,7 @@ __all__ = [
     "read_yaml",
     "refuse_duplicate_keys",
     "resolve_config_path",
+    "runner_section",
     "task_score",
 ]
 
@@ -67,7 +70,7 @@ def expand_image_inputs(images: ImageInput | Sequence[ImageInput]) -> list[Image
     becoming its image files (recursively, sorted). A path that does not exist is an error."""
     from PIL import Image as PILImage
 
-    from vlprompt.data.sources import IMAGE_EXTENSIONS
+    from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
 
     items = [images] if isinstance(images, (str, Path, PILImage.Image)) else list(images)
     found: list[ImageInput] = []
@@ -78,7 +81,7 @@ def expand_image_inputs(images: ImageInput | Sequence[ImageInput]) -> list[Image
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            inside = list_images(path)
             if not inside:
                 raise ValueError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             found += inside
@@ -260,16 +263,52 @@ def method_recipe(spec: dict[str, Any], config_dir: Path | None, *, trainer_key:
                         spec.get(trainer_key) or spec.get("trainer"), module=module)
 
 
-def read_config(cls: type[C], path: str | Path) -> C:
-    """Read an evaluation YAML into the dataclass ``cls`` (unknown keys are an error); relative
-    method config paths resolve against the YAML's folder (``config_dir``). A key given twice in
-    a mapping (two tasks of one name ...) is an error, not the last one silently kept."""
-    path = Path(path)
+#: The runners, by the name a config declares with ``runner:``, and the command that runs each
+#: (``vlprompt demo`` runs all but ``transferability``). A config without ``runner:`` is ``fewshot``'s.
+RUNNERS = {"fewshot": "eval-fewshot", "multitask": "eval-multitask", "transferability": "transferability",
+           "tta": "demo", "segmentation": "demo", "gram": "demo"}
+
+
+def declared_runner(raw: Any, path: str | Path) -> str:
+    """The runner a config (its YAML content ``raw``) declares with ``runner:``; ``fewshot`` when
+    it declares none."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys, found {type(raw).__name__}")
+    name = raw.get("runner", "fewshot")
+    if name not in RUNNERS:
+        raise ValueError(f"{path}: `runner: {name}` is not a runner of vlprompt ({', '.join(RUNNERS)})")
+    return name
+
+
+def runner_section(path: str | Path, runner: str, section: str | None = None) -> dict[str, Any]:
+    """The YAML file ``path`` as the runner ``runner`` reads it (its ``section`` if given), refusing
+    a file declared for another runner with the command that runs it."""
     raw = read_yaml(path)
+    declared = declared_runner(raw, path)
+    if declared != runner and "runner" in raw:
+        raise ValueError(f"{path} declares `runner: {declared}`: run it with `vlprompt {RUNNERS[declared]}`")
+    raw = {k: v for k, v in raw.items() if k != "runner"}
+    if section is not None:
+        raw = raw.get(section)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a `{section}:` section (runner: {runner})")
+    return raw
+
+
+def read_config(cls: type[C], path: str | Path, runner: str = "fewshot", section: str | None = None) -> C:
+    """Read a runner's YAML (declared ``runner: runner``, or without ``runner:``; its ``section``
+    if given) into the dataclass ``cls``: unknown keys are an error; relative method config paths
+    resolve against the YAML's folder (``config_dir``). A key given twice in a mapping (two tasks
+    of one name ...) is an error, not the last one silently kept."""
+    path = Path(path)
+    raw = runner_section(path, runner, section)
     known = {f.name for f in fields(cls)} - {"config_dir"}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        where = f" in `{section}:`" if section else ""
+        hint = "" if section or "runner" in read_yaml(path) else (
+            f"; a config for another runner declares it with `runner:` ({', '.join(r for r in RUNNERS if r != runner)})")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}{where}; expected {sorted(known)}{hint}")
     return cls(**raw, config_dir=path.resolve().parent)
 
 

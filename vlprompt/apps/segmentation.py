@@ -29,10 +29,9 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
-from vlprompt.apps.runner import TaskRunner, instantiate, method_recipe, prepare_output_dir
+from vlprompt.apps.runner import TaskRunner, instantiate, method_recipe, prepare_output_dir, read_config
 from vlprompt.methods import PromptSegmenter
 
 __all__ = ["SegmentationEvalConfig", "format_table", "overlay_mask", "run_segmentation_eval", "save_overlays"]
@@ -60,14 +59,7 @@ class SegmentationEvalConfig:
     @classmethod
     def read(cls, path: str | Path) -> SegmentationEvalConfig:
         """Read the ``segmentation:`` section of a YAML file (unknown keys are an error)."""
-        path = Path(path)
-        raw = (yaml.safe_load(path.read_text()) or {}).get("segmentation")
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a `segmentation:` section")
-        unknown = set(raw) - (set(cls.__dataclass_fields__) - {"config_dir"})
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)} in `segmentation:`")
-        return cls(**raw, config_dir=path.resolve().parent)
+        return read_config(cls, path, "segmentation", section="segmentation")
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

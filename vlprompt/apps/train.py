@@ -23,7 +23,7 @@ from vlprompt.apps.runner import config_files, read_yaml, refuse_duplicate_keys
 from vlprompt.methods import PromptClassifier, PromptModule
 from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["RunConfig", "VLPromptCLI", "check_checkpoint_path", "fresh_run_dir", "run_lightning_cli"]
+__all__ = ["RunConfig", "VLPromptCLI", "check_checkpoint_path", "fit", "fresh_run_dir", "predict", "run_lightning_cli", "test", "validate"]
 
 log = logging.getLogger("vlprompt")
 
@@ -240,3 +240,23 @@ def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
     cli, module = kind
     return cli(module, subclass_mode_model=True, subclass_mode_data=True, args=argv, save_config_callback=RunConfig,
                save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)
+
+
+def fit(argv: list[str]) -> None:
+    """``vlprompt fit``: train a prompt (``argv``: the options after the command's name)."""
+    run_lightning_cli(["fit", *argv])
+
+
+def validate(argv: list[str]) -> None:
+    """``vlprompt validate``: evaluate on the validation split."""
+    run_lightning_cli(["validate", *argv])
+
+
+def test(argv: list[str]) -> None:
+    """``vlprompt test``: evaluate on the test split."""
+    run_lightning_cli(["test", *argv])
+
+
+def predict(argv: list[str]) -> None:
+    """``vlprompt predict``: run the model's predict step over a data module."""
+    run_lightning_cli(["predict", *argv])

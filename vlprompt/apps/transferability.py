@@ -74,7 +74,7 @@ class TransferabilityConfig:
 
 def load_transferability_config(path: str | Path) -> TransferabilityConfig:
     """Read a transferability YAML (unknown keys are an error)."""
-    return read_config(TransferabilityConfig, path)
+    return read_config(TransferabilityConfig, path, "transferability")
 
 
 def task_groups(gain: dict[str, dict[str, float]], threshold: float) -> list[list[str]]:
