@@ -8,14 +8,10 @@ the image inside it), so episodes can load exactly the images they draw.
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
-import re
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +19,9 @@ import lightning.pytorch as pl
 import torch
 from PIL import Image
 
-from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
+from vlprompt.data.formats import find_format
+from vlprompt.data.formats.pair_records import NO_IMAGE, NOT_UTF8, ImagePair, SkippedPair
+from vlprompt.data.formats.webdataset import DamagedShardError, expand_shards
 from vlprompt.data.images import UnreadableImageError, load_rgb, to_rgb
 
 __all__ = ["DamagedShardError", "ImagePair", "ImageTextPairs", "ImageTextPairsDataModule", "expand_shards",
@@ -31,35 +29,6 @@ __all__ = ["DamagedShardError", "ImagePair", "ImageTextPairs", "ImageTextPairsDa
 
 log = logging.getLogger(__name__)
 
-CAPTION_SUFFIXES = (".txt", ".caption")
-_PATH_COLUMNS = ("image", "filepath", "path", "file", "img", "image_path")
-_TEXT_COLUMNS = ("caption", "text", "title", "captions")
-
-
-@dataclass(frozen=True)
-class ImagePair:
-    """One image and its caption. ``ref`` is a file path, or ``(shard, offset, size)`` of the image
-    bytes inside an uncompressed tar shard."""
-
-    key: str
-    caption: str
-    ref: str | tuple[str, int, int]
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """WebDataset's brace notation: ``data/cc-{000..009}.tar`` names ten shards (zero padding kept);
-    several patterns may be joined with ``::``."""
-    shards: list[str] = []
-    for part in pattern.split("::"):
-        match = re.search(r"\{(\d+)\.\.(\d+)\}", part)
-        if match is None:
-            shards.append(part)
-            continue
-        first, last = match.group(1), match.group(2)
-        width = len(first) if first.startswith("0") else 0
-        for i in range(int(first), int(last) + 1):
-            shards += expand_shards(part[: match.start()] + str(i).zfill(width) + part[match.end():])
-    return shards
 
 
 def load_pair_image(ref: str | tuple[str, int, int]) -> Image.Image:
@@ -80,7 +49,8 @@ def load_pair_image(ref: str | tuple[str, int, int]) -> Image.Image:
 
 
 class ImageTextPairs:
-    """The pairs of ``source``:
+    """The pairs of ``source``, in the first registered pairs format (:mod:`vlprompt.data.formats`)
+    that recognises it:
 
     - a folder: every image (searched recursively) with a caption file of the same stem
       (``0001.jpg`` + ``0001.txt``);
@@ -103,27 +73,12 @@ class ImageTextPairs:
 
     def __init__(self, source: str | Path) -> None:
         self.source = str(source)
-        path = Path(self.source)
-        if path.is_dir() and not any(path.glob("*.tar")):
-            self.kind = "folder"
-        elif path.is_dir():
-            self.kind, self.shards = "shards", sorted(str(p) for p in path.glob("*.tar"))
-        elif path.suffix.lower() in (".csv", ".tsv"):
-            if not path.is_file():
-                raise FileNotFoundError(f"captions file {path} does not exist")
-            self.kind = "table"
-        elif ".tar" in self.source:
-            self.kind, self.shards = "shards", expand_shards(self.source)
-            missing = [s for s in self.shards if not Path(s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards do not exist, e.g. {missing[:3]}")
-            compressed = [s for s in self.shards if not s.endswith(".tar")]
-            if compressed:
-                raise ValueError(f"shards must be uncompressed .tar files (images are read back by byte offset): {compressed[:3]}")
-        else:
+        fmt = find_format("pairs", self.source)
+        if fmt is None:
             raise ValueError(f"{self.source}: expected a folder, a .csv/.tsv file or .tar shards")
-        for shard in getattr(self, "shards", []):
-            _check_shard_tail(shard)
+        #: the registered pairs format of the source (``caption_folder``, ``caption_table``, ``webdataset`` ...)
+        self.format = fmt.name
+        self._records = fmt.read(self.source)  # checks what can be checked before a pass
         #: Pairs skipped in the current (or last) pass, by reason.
         self.skipped_by: Counter[str] = Counter()
         self._examples: dict[str, str] = {}
@@ -135,16 +90,13 @@ class ImageTextPairs:
 
     def __iter__(self) -> Iterator[ImagePair]:
         self.skipped_by, self._examples = Counter(), {}
-        if self.kind == "folder":
-            pairs = self._folder()
-        elif self.kind == "table":
-            pairs = self._table()
-        else:
-            pairs = (pair for shard in self.shards for pair in self._shard(shard))
         kept = 0
-        for pair in pairs:
+        for record in self._records:
+            if isinstance(record, SkippedPair):
+                self._skip(record.reason, record.where)
+                continue
             kept += 1
-            yield pair
+            yield record
         self._report(kept)
 
     def _skip(self, reason: str, where: str) -> None:
@@ -153,19 +105,6 @@ class ImageTextPairs:
         self._examples.setdefault(reason, where)
         log.debug("skipping %s: %s", where, reason)
 
-    def _pair(self, key: str, text: bytes, where: str, ref: str | tuple[str, int, int]) -> ImagePair | None:
-        """The pair of caption bytes ``text`` (from ``where``), or None (counted) when the caption is not
-        UTF-8 text or is empty."""
-        try:
-            caption = text.decode("utf-8-sig").strip()
-        except UnicodeDecodeError as err:
-            self._skip(_NOT_UTF8, f"{where}: {err}")
-            return None
-        if not caption:
-            self._skip(_EMPTY, where)
-            return None
-        return ImagePair(key, caption, ref)
-
     def _report(self, kept: int) -> None:
         """One summary line for the pass's skips (not one per pair); no pair kept at all is an error."""
         if not self.skipped:
@@ -173,131 +112,18 @@ class ImageTextPairs:
         summary = "; ".join(f"{n} {reason} (e.g. {self._examples[reason]}{_HINTS.get(reason, '')})"
                             for reason, n in self.skipped_by.items())
         if not kept:
-            what = "both an image and a caption" if _NO_IMAGE in self.skipped_by else "a caption"
+            what = "both an image and a caption" if NO_IMAGE in self.skipped_by else "a caption"
             raise ValueError(f"{self.source}: no pair has {what}: {summary}")
         if _reports():
             log.warning("%s: skipped %d of %d pairs: %s", self.source, self.skipped, kept + self.skipped, summary)
 
-    def _folder(self) -> Iterator[ImagePair]:
-        root = Path(self.source)
-        for image in list_images(root):
-            text = next((image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()), None)
-            if text is None:
-                self._skip(_NO_CAPTION, str(image))
-                continue
-            pair = self._pair(str(image.relative_to(root).with_suffix("")), text.read_bytes(), str(text), str(image))
-            if pair is not None:
-                yield pair
 
-    def _table(self) -> Iterator[ImagePair]:
-        path = Path(self.source)
-        # Bytes that are not UTF-8 are kept as escapes, so a bad caption is a counted skip like a bad
-        # caption file, not an error on the whole table; utf-8-sig drops a spreadsheet's BOM.
-        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            columns = {c.lower().strip(): c for c in reader.fieldnames or []}
-            image_col = next((columns[c] for c in _PATH_COLUMNS if c in columns), None)
-            text_col = next((columns[c] for c in _TEXT_COLUMNS if c in columns), None)
-            if image_col is None or text_col is None:
-                raise ValueError(f"{path}: the header must name an image column ({', '.join(_PATH_COLUMNS)}) and a "
-                                 f"caption column ({', '.join(_TEXT_COLUMNS)}); it has {reader.fieldnames}")
-            rows = [(row[image_col], row[text_col] or "", reader.line_num) for row in reader]
-        files = [p if Path(p).is_absolute() else str(path.parent / p) for p, _, _ in rows]
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path}: {len(missing)} of {len(rows)} images do not exist, e.g. {missing[:3]}")
-        for (name, text, line), file in zip(rows, files):
-            pair = self._pair(name, text.encode("utf-8", "surrogateescape"), f"{path} line {line}", file)
-            if pair is not None:
-                yield pair
-
-    def _shard(self, shard: str) -> Iterator[ImagePair]:
-        size = Path(shard).stat().st_size
-        pending: dict[str, dict[str, Any]] = {}
-        pairs, last, end = 0, "", 0
-        try:
-            with tarfile.open(shard, mode="r|") as tar:  # a stream: members are read once, in order
-                for member in tar:
-                    if member.offset_data + member.size > size:
-                        raise DamagedShardError(
-                            f"{shard} is truncated inside member {member.name} (its data ends at byte "
-                            f"{member.offset_data + member.size}, the file at {size}; {pairs} pairs read); {_REDO}")
-                    last = member.name
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    ext = "." + ext.lower()
-                    if ext in IMAGE_EXTENSIONS:
-                        entry = pending.setdefault(key, {"where": f"{shard} member {member.name}"})
-                        entry["ref"] = (shard, member.offset_data, member.size)
-                    elif ext in CAPTION_SUFFIXES:
-                        entry = pending.setdefault(key, {})
-                        entry["text"], entry["where"] = tar.extractfile(member).read(), f"{shard} member {member.name}"
-                    else:  # other files of the sample (.json, .cls ...)
-                        continue
-                    if "ref" in entry and "text" in entry:  # WebDataset keeps a sample's files together
-                        del pending[key]
-                        pair = self._pair(key, entry["text"], entry["where"], entry["ref"])
-                        if pair is not None:
-                            pairs += 1
-                            yield pair
-                end = tar.offset  # where the end-of-archive marker must be
-        except tarfile.TarError as err:  # tarfile names neither the file nor the place
-            place = f"after member {last} ({pairs} pairs read)" if last else "at its start"
-            raise DamagedShardError(f"{shard} is not a readable tar file {place}: {err}; {_REDO}") from err
-        _check_shard_end(shard, end, size, last, pairs)
-        for entry in pending.values():
-            self._skip(_NO_CAPTION if "ref" in entry else _NO_IMAGE, entry["where"])
-
-
-class DamagedShardError(OSError):
-    """A tar shard that is not whole: truncated, corrupt, or holding data no member accounts for."""
-
-
-_NO_CAPTION, _NO_IMAGE = "images without a caption", "captions without an image"
-_EMPTY, _NOT_UTF8 = "empty captions", "captions that are not UTF-8 text"
-_HINTS = {_NOT_UTF8: "; re-save the captions as UTF-8"}
-_REDO = "re-download or re-create it"
-_BLOCK = tarfile.BLOCKSIZE
-
-
+_HINTS = {NOT_UTF8: "; re-save the captions as UTF-8"}
 def _reports() -> bool:
     """Whether this process logs a pass's summary: every loader worker streams all the pairs (taking
     every n-th), so each sees the same skips and only the first reports them."""
     info = torch.utils.data.get_worker_info()
     return info is None or info.id == 0
-
-
-def _check_shard_tail(shard: str) -> None:
-    """Refuse, before any pass, a shard whose last block is not a tar end-of-archive marker (zeros):
-    cut short (an interrupted download) or not a tar file at all."""
-    size = Path(shard).stat().st_size
-    with open(shard, "rb") as fh:
-        fh.seek(max(size - _BLOCK, 0))
-        tail = fh.read(_BLOCK)
-    if size < _BLOCK or size % _BLOCK or tail.count(0) < _BLOCK:
-        raise DamagedShardError(f"{shard} does not end in a tar end-of-archive marker ({size} bytes): truncated "
-                                f"(an interrupted download?) or not a tar file; {_REDO}")
-
-
-def _check_shard_end(shard: str, end: int, size: int, last: str, pairs: int) -> None:
-    """Refuse a shard whose members are not followed by the end-of-archive marker and nothing but zero
-    padding: tarfile's stream stops quietly at a missing, cut or garbled header (or at the first of
-    two concatenated archives), which would drop the rest of the shard unseen."""
-    place = f"after member {last} ({pairs} pairs read from it)" if last else "before its first member"
-    with open(shard, "rb") as fh:
-        fh.seek(end)
-        marker = fh.read(_BLOCK)
-        if len(marker) < _BLOCK and marker.count(0) == len(marker):
-            raise DamagedShardError(f"{shard} is truncated: it ends at byte {size} {place}, with no end-of-archive "
-                                    f"marker; {_REDO}")
-        if marker.count(0) < _BLOCK:
-            raise DamagedShardError(f"{shard} is corrupt: byte {end}, {place}, starts neither a tar header nor the "
-                                    f"end-of-archive marker; {_REDO}")
-        while chunk := fh.read(1 << 16):
-            if chunk.count(0) < len(chunk):
-                raise DamagedShardError(f"{shard} has data after its end-of-archive marker (byte {end}) that no member "
-                                        f"accounts for (concatenated archives?); {_REDO}")
 
 
 class _PairImages(torch.utils.data.IterableDataset):

@@ -14,6 +14,7 @@ from vlprompt.data.formats.registry import (
     SegmentationSource,
     add_format,
     detect_format,
+    find_format,
     format_names,
     get_format,
     register_format,
@@ -26,6 +27,9 @@ from vlprompt.data.formats import imagefolder  # noqa: E402,F401  classification
 from vlprompt.data.formats import fgvc_variants  # noqa: E402,F401  classification, descriptors only
 from vlprompt.data.formats import tunevlseg  # noqa: E402,F401  segmentation: tunevlseg
 from vlprompt.data.formats import voc  # noqa: E402,F401  segmentation: voc
+from vlprompt.data.formats import caption_folder  # noqa: E402,F401  pairs: caption_folder
+from vlprompt.data.formats import webdataset  # noqa: E402,F401  pairs: webdataset (tar shards)
+from vlprompt.data.formats import caption_table  # noqa: E402,F401  pairs: caption_table (.csv/.tsv)
 
 __all__ = [
     "ClassificationSource",
@@ -33,6 +37,7 @@ __all__ = [
     "SegmentationSource",
     "add_format",
     "detect_format",
+    "find_format",
     "format_names",
     "get_format",
     "register_format",

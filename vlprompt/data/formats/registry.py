@@ -24,6 +24,7 @@ __all__ = [
     "SegmentationSource",
     "Task",
     "detect_format",
+    "find_format",
     "format_names",
     "get_format",
     "register_format",
@@ -146,10 +147,19 @@ def get_format(name: str, task: Task | None = None, *, extra: Sequence[str] = ()
     return fmt
 
 
-def detect_format(task: Task, source: Any) -> DataFormat:
-    """The first format of ``task`` (in registration order) whose ``detect`` accepts ``source``."""
+def find_format(task: Task, source: Any) -> DataFormat | None:
+    """The first format of ``task`` (in registration order) whose ``detect`` accepts ``source``,
+    or None."""
     for fmt in _FORMATS.values():
         if fmt.task == task and fmt.detect is not None and fmt.detect(source):
             return fmt
-    raise ValueError(f"{getattr(source, 'root', source)}: no {task} format recognises this data; "
-                     f"name one of {', '.join(format_names(task))}")
+    return None
+
+
+def detect_format(task: Task, source: Any) -> DataFormat:
+    """As :func:`find_format`, but a source no format recognises is a ``ValueError``."""
+    fmt = find_format(task, source)
+    if fmt is None:
+        raise ValueError(f"{getattr(source, 'root', source)}: no {task} format recognises this data; "
+                         f"name one of {', '.join(format_names(task))}")
+    return fmt
