@@ -18,6 +18,7 @@ from vlprompt.data.formats.registry import (
     format_names,
     get_format,
     register_format,
+    unregister_format,
 )
 
 # The formats shipped with vlprompt, one line each; within a task, ``auto`` tries them in this order.
@@ -41,4 +42,5 @@ __all__ = [
     "format_names",
     "get_format",
     "register_format",
+    "unregister_format",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "format_names",
     "get_format",
     "register_format",
+    "unregister_format",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,14 @@ def add_format(fmt: DataFormat) -> DataFormat:
     _FORMATS[fmt.name] = fmt
     _ALIASES.update({alias: fmt.name for alias in fmt.aliases})
     log.debug("registered data format %s (%s)", fmt.name, fmt.task)
+    return fmt
+
+
+def unregister_format(name: str) -> DataFormat:
+    """Remove the format ``name`` (and its aliases) from the registry; returns it."""
+    fmt = _FORMATS.pop(name)
+    for alias in fmt.aliases:
+        _ALIASES.pop(alias, None)
     return fmt
 
 
