@@ -11,7 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname
-from vlprompt.data.fewshot import ClassSubset, default_cache_dir, load_or_sample_few_shot, sample_few_shot, subset_classes
+from vlprompt.data.fewshot import (
+    ClassSubset,
+    default_cache_dir,
+    load_or_sample_few_shot,
+    sample_few_shot,
+    subset_classes,
+)
 from vlprompt.data.formats import ClassificationSource, detect_format, get_format
 from vlprompt.data.images import (
     DEFAULT_PREPROCESS,

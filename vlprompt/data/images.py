@@ -21,10 +21,10 @@ from vlprompt.data.samples import Sample
 
 __all__ = [
     "DEFAULT_PREPROCESS",
+    "STAGE_SPLITS",
     "EvalDistributedSampler",
     "ImageDataset",
     "OnError",
-    "STAGE_SPLITS",
     "SplitLoaders",
     "UnreadableImageError",
     "build_eval_transform",

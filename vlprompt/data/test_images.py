@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from vlprompt.data.classnames import check_distinct_classnames, normalize_classname, read_classnames_file
 from vlprompt.data.datamodule import DEFAULT_PREPROCESS
-from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, collate_skipping, eval_sampler
 from vlprompt.data.files import IMAGE_EXTENSIONS, list_images
+from vlprompt.data.images import ImageDataset, OnError, build_eval_transform, collate_skipping, eval_sampler
 from vlprompt.data.sources import Sample
 
 __all__ = ["UNLABELLED", "TestImagesDataModule"]

@@ -65,5 +65,20 @@ _EXPORTS = {
     "read_tunevlseg": "vlprompt.data.formats.tunevlseg",
     "read_voc": "vlprompt.data.formats.voc",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "SEGMENTATION_SPLITS",
+    "VOC_CLASSNAMES",
+    "VOC_VOID_COLOUR",
+    "VOID_INDEX",
+    "SegmentationData",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "SegmentationFormat",
+    "SegmentationSample",
+    "collate_segmentation",
+    "read_binary_mask",
+    "read_index_mask",
+    "read_tunevlseg",
+    "read_voc",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -10,8 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.data.formats import SegmentationSource, get_format
-from vlprompt.data.images import OnError, SplitLoaders
-from vlprompt.data.images import DEFAULT_PREPROCESS
+from vlprompt.data.images import DEFAULT_PREPROCESS, OnError, SplitLoaders
 from vlprompt.data.segmentation.dataset import INTERPOLATIONS, SegmentationDataset, collate_segmentation
 from vlprompt.data.segmentation.samples import SegmentationSample
 

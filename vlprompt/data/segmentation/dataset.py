@@ -16,8 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlprompt.data.files import UnreadableImageError
-from vlprompt.data.images import OnError, load_rgb, remake_stale
-from vlprompt.data.images import DEFAULT_PREPROCESS
+from vlprompt.data.images import DEFAULT_PREPROCESS, OnError, load_rgb, remake_stale
 from vlprompt.data.segmentation.masks import read_binary_mask, read_index_mask
 from vlprompt.data.segmentation.samples import VOID_INDEX, SegmentationSample
 

@@ -95,8 +95,12 @@ __all__ = [
     "TEXTURES",
     "Domain",
     "ShapeSpec",
+    "ShapeWorldDataModule",
+    "ShapeWorldPairsDataModule",
+    "ShapeWorldSegmentationDataModule",
     "caption",
     "class_spec",
+    "ensure_shapeworld",
     "invert",
     "is_held_out",
     "pretraining_sample",
@@ -107,6 +111,5 @@ __all__ = [
     "write_caption_dataset",
     "write_classification_dataset",
     "write_segmentation_dataset",
-    *_LAZY,
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from vlprompt.data.world.attributes import COLOURS, DOMAINS, POSITIONS, Domain, ShapeSpec
 
+
 def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
     t = phase + 2 * math.pi * np.arange(n) / n
     return np.stack([radius * np.cos(t), radius * np.sin(t)], axis=1)

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 
 from vlprompt.data.world.attributes import (
+    CLASSNAMES,
     COLOUR_NAMES,
     HELD_OUT,
-    CLASSNAMES,
     POSITIONS,
     PRETRAIN_COMBOS,
     PRETRAIN_CORRELATION,
