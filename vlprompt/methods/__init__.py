@@ -14,16 +14,18 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the module defining it
 _EXPORTS = {
     "PromptClassifier": "classifier",
-    "warmup_cosine": "module",
+    "warmup_cosine": "optimization",
     "PromptModule": "module",
     "MultiTaskPromptClassifier": "multitask",
     "PromptSegmenter": "segmentation",
     "GRAMMetaLearner": "gram",
     "GradientRegulation": "gram",
-    "task_scores": "multitask",
+    "task_scores": "tasks",
+    "TaskScorer": "tasks",
+    "ImageFeatureSource": "feature_source",
     "ImageFeatureCache": "features",
     "ClassCounts": "metrics",
-    "UnreadableImages": "metrics",
+    "UnreadableImages": "unreadable",
     "GaussianPromptAggregation": "prompt_averaging",
     "gaussian_epoch_weights": "prompt_averaging",
     "load_initial_prompt": "prompt_init",
@@ -42,11 +44,13 @@ __all__ = [
     "GaussianPromptAggregation",
     "GradientRegulation",
     "ImageFeatureCache",
+    "ImageFeatureSource",
     "MultiTaskPromptClassifier",
     "PromptClassifier",
     "PromptModule",
     "PromptSegmenter",
     "RandomStateCheckpoint",
+    "TaskScorer",
     "TestTimePromptTuning",
     "UnreadableImages",
     "gaussian_epoch_weights",
@@ -58,12 +62,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from vlprompt.methods.classifier import PromptClassifier
-    from vlprompt.methods.module import PromptModule, warmup_cosine
-    from vlprompt.methods.multitask import MultiTaskPromptClassifier, task_scores
+    from vlprompt.methods.module import PromptModule
+    from vlprompt.methods.multitask import MultiTaskPromptClassifier
+    from vlprompt.methods.optimization import warmup_cosine
+    from vlprompt.methods.tasks import TaskScorer, task_scores
+    from vlprompt.methods.feature_source import ImageFeatureSource
     from vlprompt.methods.segmentation import PromptSegmenter
     from vlprompt.methods.gram import GRAMMetaLearner, GradientRegulation
     from vlprompt.methods.features import ImageFeatureCache
-    from vlprompt.methods.metrics import ClassCounts, UnreadableImages
+    from vlprompt.methods.metrics import ClassCounts
+    from vlprompt.methods.unreadable import UnreadableImages
     from vlprompt.methods.prompt_averaging import GaussianPromptAggregation, gaussian_epoch_weights
     from vlprompt.methods.prompt_init import load_initial_prompt
     from vlprompt.methods.random_state import RandomStateCheckpoint

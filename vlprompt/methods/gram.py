@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from vlprompt.backbones import Backbone, check_backbone_identity
+from vlprompt.data.protocol import EpisodeData
 from vlprompt.meta.episodes import EpisodeSampler, cluster_pairs
 from vlprompt.meta.regulator import GradientRegulator, load_regulator, save_regulator
 from vlprompt.methods.scoring import prompt_logits
@@ -95,8 +96,17 @@ class GRAMMetaLearner(pl.LightningModule):
         self.sampler: EpisodeSampler | None = None
 
     # -- tasks -------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
+    def episode_data(self) -> EpisodeData | None:
+        """The trainer's data module (None without one), which must implement
+        :class:`~vlprompt.data.protocol.EpisodeData`."""
         dm = self.trainer.datamodule
+        if dm is not None and not isinstance(dm, EpisodeData):
+            raise TypeError(f"GRAM meta-learns from image-text pairs: {type(dm).__name__} does not implement "
+                            "vlprompt.data.protocol.EpisodeData (ImageTextPairsDataModule does)")
+        return dm
+
+    def setup(self, stage: str) -> None:
+        dm = self.episode_data()
         if self.sampler is not None or dm is None:
             return
         dm.set_preprocess(self.backbone.preprocess_cfg)
@@ -122,10 +132,10 @@ class GRAMMetaLearner(pl.LightningModule):
         return torch.cat(images), torch.cat(texts)
 
     def on_train_epoch_start(self) -> None:
-        self.trainer.datamodule.set_epoch(self.current_epoch)
+        self.episode_data().set_epoch(self.current_epoch)
 
     def on_train_batch_start(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        stale = self.trainer.datamodule.remake_stale_episodes(batch, self.current_epoch)
+        stale = self.episode_data().remake_stale_episodes(batch, self.current_epoch)
         if stale:
             log.debug("redrew %d episodes fetched before epoch %d began", stale, self.current_epoch)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from vlprompt.methods.unreadable import UnreadableImages  # noqa: F401 - its former home
+
 __all__ = ["ClassCounts", "UnreadableImages", "accuracy_from_counts", "per_class_from_counts"]
 
 
@@ -44,31 +46,3 @@ def accuracy_from_counts(correct: torch.Tensor, total: torch.Tensor) -> float:
 def per_class_from_counts(correct: torch.Tensor, total: torch.Tensor) -> list[float | None]:
     """Accuracy of each class; None for a class without images."""
     return [float(c) / float(t) if t else None for c, t in zip(correct.tolist(), total.tolist())]
-
-
-class UnreadableImages:
-    """Unreadable images met per stage, each counted once: by dataset fingerprint and index, so
-    a bad file seen again in the next epoch or by the sanity check is not counted twice."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, set[tuple[str, int]]] = {}
-        self._uncounted: dict[str, int] = {}
-
-    def add(self, stage: str, fingerprint: str, skipped: list[int] | int) -> None:
-        """Record the ``skipped`` entry of a batch: dataset indices (or a bare count from a
-        collate function that gives no indices)."""
-        if isinstance(skipped, int):
-            self._uncounted[stage] = self._uncounted.get(stage, 0) + skipped
-            return
-        self._seen.setdefault(stage, set()).update((fingerprint, int(i)) for i in skipped)
-
-    def count(self, stage: str) -> int:
-        """Distinct unreadable images of ``stage``, over every process."""
-        seen = self._seen.get(stage, set())
-        extra = self._uncounted.get(stage, 0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (seen, extra))
-            seen = set().union(*(s for s, _ in gathered))
-            extra = sum(e for _, e in gathered)
-        return len(seen) + extra

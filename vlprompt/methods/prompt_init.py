@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from vlprompt.prompts import PromptLearner
 from vlprompt.backbones import check_backbone_identity
@@ -13,6 +14,14 @@ from vlprompt.prompts.io import read_prompt_config, read_prompt_tensors
 __all__ = ["load_initial_prompt"]
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class DasslImport(Protocol):
+    """A prompt learner that can read the checkpoint of a reference implementation (Dassl: the
+    CoOp/CoCoOp/MaPLe code)."""
+
+    def load_dassl_checkpoint(self, path: str | Path) -> None: ...
 
 
 def load_initial_prompt(learner: PromptLearner, path: str | Path) -> None:
@@ -47,7 +56,7 @@ def load_initial_prompt(learner: PromptLearner, path: str | Path) -> None:
         learner.load_state_dict({k: v.to(own[k].dtype) for k, v in saved.items()})
     elif not path.exists():
         raise FileNotFoundError(f"initial prompt {path} does not exist")
-    elif hasattr(learner, "load_dassl_checkpoint"):
+    elif isinstance(learner, DasslImport):
         learner.load_dassl_checkpoint(path)
     else:
         raise ValueError(f"{path} is not a saved prompt directory, and {learner.name} cannot import checkpoint files")

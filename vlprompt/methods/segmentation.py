@@ -33,13 +33,16 @@ from torch.optim import Optimizer
 
 from vlprompt.backbones import Backbone
 from vlprompt.data.classnames import normalize_classname
-from vlprompt.methods.module import SPLIT_OF_STAGE, OptimizerFactory, PromptModule
+from vlprompt.data.protocol import PreprocessedData, SegmentationData
+from vlprompt.methods.data_link import SPLIT_OF_STAGE, attached_data
+from vlprompt.methods.features import ImageFeatureCache
+from vlprompt.methods.module import OptimizerFactory, PromptModule
 from vlprompt.prompts import PromptLearnerFactory
-from vlprompt.seg.clipseg import HFCLIPSegHead
+from vlprompt.seg.clipseg import DecoderBackbone, HFCLIPSegHead
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.metrics import SegmentationScores
 
-__all__ = ["DECODER_NAME", "PromptSegmenter", "build_head", "decoder_layout", "load_decoder_weights", "prompt_head",
+__all__ = ["DECODER_NAME", "PromptSegmenter", "build_head", "configured_head", "decoder_layout", "load_decoder_weights", "prompt_head",
            "save_decoder_weights"]
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,7 @@ def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, 
         from vlprompt.zoo import decoder_weights_path
 
         decoder_weights = str(decoder_weights_path(decoder_weights))
-    own = getattr(backbone, "vlsm_decoder", lambda: None)()
+    own = backbone.vlsm_decoder() if isinstance(backbone, DecoderBackbone) else None
     if head == "model" and own is None:
         raise ValueError(f"head='model': {type(backbone).__name__} {getattr(backbone, 'model_name', '')!r} brings no "
                          "segmentation decoder (CLIPSeg weights through HFCLIPBackbone do); use head='decoder'")
@@ -131,6 +134,10 @@ def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, 
     return decoder
 
 
+#: What the prompt learner is built for: each step re-points it at its batch's prompts, and every
+#: run starts from this one.
+FIRST_PROMPTS = ["object"]
+
 #: The file a trained head is saved as, next to its prompt.
 DECODER_NAME = "decoder.safetensors"
 
@@ -144,6 +151,23 @@ def prompt_head(prompt: str | Path | None) -> Path | None:
 
     path = resolve_prompt_dir(prompt) / DECODER_NAME
     return path if path.is_file() else None
+
+
+def configured_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
+                    decoder_weights: str | None, init_prompt: str | None) -> tuple[nn.Module, bool]:
+    """The head a segmenter starts from, and whether it is the trained head saved with
+    ``init_prompt`` (which then replaces ``decoder_weights``)."""
+    saved_head = prompt_head(init_prompt)
+    if saved_head is None:
+        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights), False
+    # The prompt was tuned with this head: starting from the prompt without it (from
+    # decoder_weights, the head before tuning) would pair the prompt with another head.
+    if decoder_weights:
+        log.info("init_prompt %s brings its trained head; it replaces decoder_weights=%s", init_prompt, decoder_weights)
+    try:
+        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head)), True
+    except ValueError as err:
+        raise ValueError(f"init_prompt {init_prompt}: its trained head does not fit the configured one: {err}") from err
 
 
 def _describe(layout: dict[str, Any]) -> str:
@@ -210,25 +234,12 @@ class PromptSegmenter(PromptModule):
             from vlprompt.prompts import ZeroShotPrompt
 
             prompt_learner = partial(ZeroShotPrompt, templates="{}")
-        super().__init__(backbone, prompt_learner, ["object"], optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, cache_image_features=False,
-                         init_prompt=init_prompt)
+        super().__init__(backbone, prompt_learner, FIRST_PROMPTS, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
-        saved_head = prompt_head(init_prompt)
-        if saved_head is None:
-            self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights)
-        else:
-            # The prompt was tuned with this head: starting from the prompt without it (from
-            # decoder_weights, the head before tuning) would pair the prompt with another head.
-            if decoder_weights:
-                log.info("init_prompt %s brings its trained head; it replaces decoder_weights=%s", init_prompt,
-                         decoder_weights)
-            try:
-                self.decoder = build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head))
-            except ValueError as err:
-                raise ValueError(f"init_prompt {init_prompt}: its trained head does not fit the configured one: "
-                                 f"{err}") from err
-        loaded = bool(decoder_weights) or saved_head is not None
+        self.decoder, from_prompt = configured_head(backbone, head, extract_layers, reduce_dim, n_heads,
+                                                    decoder_weights, init_prompt)
+        loaded = bool(decoder_weights) or from_prompt
         if not loaded and not train_decoder and isinstance(self.decoder, CLIPSegDecoder):
             log.warning("the decoder is neither loaded (decoder_weights, init_prompt) nor trained (train_decoder): it "
                         "stays random unless a checkpoint restores a trained one")
@@ -236,8 +247,10 @@ class PromptSegmenter(PromptModule):
         self.decoder.requires_grad_(train_decoder)
         #: whether the head's weights belong to what was learned (trained here, or restored from a
         #: prompt or checkpoint that trained it): then checkpoints keep them and save_prompt saves them.
-        self.decoder_learned = train_decoder or saved_head is not None
+        self.decoder_learned = train_decoder or from_prompt
         self.cache_image_layers = cache_image_layers
+        #: the image tower's layers by image (learners that leave the tower alone, unaugmented data)
+        self.feature_cache = ImageFeatureCache()
         from vlprompt.seg.losses import DiceBCELoss
 
         self.loss = DiceBCELoss(lambda_dice, lambda_bce)
@@ -349,10 +362,10 @@ class PromptSegmenter(PromptModule):
         prompts, no random augmentation; see ``cache_image_layers``), else encoded now."""
         images = batch["image"]
         visual, placement = self.prompt_learner.image_prompts()
-        dm = self._data()
+        dm = self.segmentation_data()
         fingerprint = self._fingerprint(stage)
         if (visual is not None or not self.cache_image_layers or "index" not in batch or not fingerprint
-                or (stage == "train" and getattr(dm, "train_augmentation", True))):
+                or (stage == "train" and (dm is None or dm.train_augmentation))):
             return self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -421,24 +434,21 @@ class PromptSegmenter(PromptModule):
         self._log_unreadable("test")
 
     # -- the data module: image-text-mask data, no class names to follow -------------------------------
-    def _data(self) -> Any:
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+    def segmentation_data(self) -> SegmentationData | None:
+        """The trainer's data module when it implements :class:`~vlprompt.data.protocol.SegmentationData`."""
+        dm = attached_data(self)
+        return dm if isinstance(dm, SegmentationData) else None
+
+    def stage_dataset(self, stage: str) -> Any:
+        dm = self.segmentation_data()
+        return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None
 
     def setup(self, stage: str) -> None:
-        dm = self._data()
-        if dm is not None and hasattr(dm, "set_preprocess"):
+        dm = attached_data(self)
+        if isinstance(dm, PreprocessedData):
             dm.set_preprocess(self.backbone.preprocess_cfg)
         # Each step points the learner at its batch's prompts, so after a run every process holds
         # token buffers of other shapes. DDP copies rank 0's parameters and buffers to the others
         # when it wraps the model (after this hook): start every run from the same placeholder.
-        if self.prompt_learner.classnames != ["object"]:
-            self.prompt_learner.set_classnames(["object"])
-
-    def _train_dataset(self) -> Any:
-        dm = self._data()
-        return dm.dataset("train") if dm is not None and hasattr(dm, "dataset") else None
-
-    def _fingerprint(self, stage: str) -> str:
-        dm = self._data()
-        dataset = dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None and hasattr(dm, "dataset") else None
-        return getattr(dataset, "fingerprint", "")
+        if self.prompt_learner.classnames != FIRST_PROMPTS:
+            self.prompt_learner.set_classnames(FIRST_PROMPTS)

@@ -16,7 +16,11 @@ import torch
 from torch.optim import Optimizer
 
 from vlprompt.backbones import Backbone
-from vlprompt.methods.classifier import PromptClassifier
+from vlprompt.data.protocol import ClassificationData
+from vlprompt.methods.data_link import SPLIT_OF_STAGE, classification_data
+from vlprompt.methods.metrics import ClassCounts
+from vlprompt.methods.module import PromptModule
+from vlprompt.methods.reports import ClassAccuracyReport
 from vlprompt.prompts import CoOpPromptLearner, PromptLearnerFactory
 from vlprompt.tta.diffusion import DiffusionViews, ViewCache, ViewGenerator
 from vlprompt.tta.views import TestTimeViews, confident_views, marginal_entropy, similar_views
@@ -41,7 +45,7 @@ class Episode:
     kept: torch.Tensor
 
 
-class TestTimePromptTuning(PromptClassifier):
+class TestTimePromptTuning(PromptModule):
     """Test-Time Prompt Tuning (Shu et al., NeurIPS 2022, "Test-Time Prompt Tuning for Zero-Shot
     Generalization in Vision-Language Models"), used with ``trainer.test``/``trainer.predict``.
 
@@ -51,7 +55,11 @@ class TestTimePromptTuning(PromptClassifier):
     the entropy of their averaged prediction, then classify the original image.
 
     The trainer must run with ``inference_mode=False`` (Lightning's default would forbid the
-    gradient steps).
+    gradient steps). Built from :class:`~vlprompt.methods.module.PromptModule` (the prompt, its
+    initialisation, unreadable images), the data protocol
+    :class:`~vlprompt.data.protocol.ClassificationData` (class names, test-time views) and the test
+    half of :class:`~vlprompt.methods.reports.ClassAccuracyReport` (``test/acc``,
+    ``test/acc_per_class_mean``, ``test/images``); it is never fit.
 
     Args:
         backbone: the frozen encoder.
@@ -90,8 +98,12 @@ class TestTimePromptTuning(PromptClassifier):
         init_prompt: str | None = None,
         seed: int = 0,
     ) -> None:
+        if not classnames:
+            raise ValueError(f"{type(self).__name__} needs class names: pass classnames=[...] or let the CLI link "
+                             "them from the data module")
         factory = prompt_learner or functools.partial(CoOpPromptLearner, n_ctx=4, ctx_init="a photo of a")
         super().__init__(backbone, factory, classnames, optimizer=optimizer, init_prompt=init_prompt)
+        self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.n_views, self.augmix, self.seed, self.crop_scale = n_views, augmix, seed, tuple(crop_scale)
@@ -100,11 +112,43 @@ class TestTimePromptTuning(PromptClassifier):
         self._episode_start: tuple[dict[str, torch.Tensor], dict[str, Any], Optimizer] | None = None
         #: Images whose loss was not finite: they keep the starting prompt's prediction.
         self.unadapted_images = 0
+        #: Accuracy of each class in the last test; None for a class without test images.
+        self.per_class_accuracy: dict[str, float | None] = {}
+        self.scores = ClassAccuracyReport(self.prompt_learner.num_classes)
+
+    # -- classes come from the data module -----------------------------------------------------
+    @property
+    def test_counts(self) -> ClassCounts:
+        return self.scores.test_counts
+
+    def set_classnames(self, classnames: list[str]) -> None:
+        """Classify among other classes: re-point the prompt and reset the metrics."""
+        self.prompt_learner.set_classnames(classnames)
+        self.hparams["classnames"] = list(self.prompt_learner.classnames)
+        self.scores = ClassAccuracyReport(self.prompt_learner.num_classes)
+        self._metric_attributes = None  # Lightning caches which attribute holds which metric
+
+    def classification_data(self) -> ClassificationData | None:
+        """The trainer's data module when it implements :class:`ClassificationData` (else None, with a warning)."""
+        return classification_data(self)
+
+    def stage_dataset(self, stage: str) -> Any:
+        dm = self.classification_data()
+        return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None
+
+    def _follow_classes(self) -> None:
+        dm = self.classification_data()
+        if dm is not None and list(dm.classnames) != self.prompt_learner.classnames:
+            names = list(dm.classnames)
+            log.info("data has %d classes (%s...); re-pointing the prompt at them", len(names), ", ".join(names[:3]))
+            self.set_classnames(names)
+            self.to(self.device)
 
     # -- views come from the data module ------------------------------------------------------
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         dm = self.classification_data()
+        if dm is not None:
+            dm.set_preprocess(self.backbone.preprocess_cfg)
         if dm is None:
             raise ValueError(
                 "test-time prompt tuning needs a data module implementing vlprompt.data.ClassificationData "
@@ -215,12 +259,17 @@ class TestTimePromptTuning(PromptClassifier):
         }
 
     def on_test_start(self) -> None:
-        super().on_test_start()
+        self._follow_classes()
+        self.test_counts.reset()
         self._episode_start = None  # classes may have changed: snapshot the prompt afresh
 
     def on_predict_start(self) -> None:
-        super().on_predict_start()
+        self._follow_classes()
         self._episode_start = None
+
+    def on_test_epoch_end(self) -> None:
+        self.scores.test_epoch_end(self, self.prompt_learner.classnames, ())
+        self._log_unreadable("test")
 
     # The adapted prompt belongs to the last image only; leave the starting prompt behind.
     def on_test_end(self) -> None:

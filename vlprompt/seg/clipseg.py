@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HFCLIPSegHead"]
+__all__ = ["DecoderBackbone", "HFCLIPSegHead"]
+
+
+@runtime_checkable
+class DecoderBackbone(Protocol):
+    """A backbone that may bring the segmentation decoder its weights came with (CLIPSeg's, through
+    :class:`~vlprompt.backbones.HFCLIPBackbone`): ``vlsm_decoder()`` gives the decoder module and the
+    image-tower layers it reads, or None when these weights have none."""
+
+    def vlsm_decoder(self) -> tuple[nn.Module, list[int]] | None: ...
 
 
 class HFCLIPSegHead(nn.Module):
