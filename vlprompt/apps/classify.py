@@ -11,13 +11,14 @@ training and evaluation (:func:`vlprompt.methods.prompt_logits`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -61,8 +62,6 @@ class Prediction:
     status: str = "ok"
 
 
-
-
 def classify_images(
     prompt: str | Path | PromptLearner,
     images: ImageInput | Sequence[ImageInput],
@@ -89,12 +88,7 @@ def classify_images(
     Unreadable files are skipped, logged, counted and returned with status ``unreadable``; paths
     that do not exist raise :class:`FileNotFoundError` before anything is computed.
     """
-    import torch
-
     from vlprompt.data.classnames import check_distinct_classnames
-    from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb, to_rgb
-    from vlprompt.methods.scoring import prompt_logits
-    from vlprompt.prompts import PromptLearner, load_prompt
 
     if batch_size < 1 or top_k < 1:
         raise ValueError(f"batch_size and top_k must be at least 1 (got {batch_size} and {top_k})")
@@ -102,6 +96,24 @@ def classify_images(
         # Two classes of one name would split the probability between them.
         check_distinct_classnames(list(classnames), "classnames")
     items = expand_image_inputs(images)
+    with _prompt_in_use(prompt, backbone, classnames, device) as (learner, device):
+        out = _predict(learner, items, batch_size, device, top_k)
+    skipped = sum(p.status != "ok" for p in out)
+    if skipped:
+        log.warning("%d of %d images unreadable, skipped", skipped, len(out))
+    return out
+
+
+@contextlib.contextmanager
+def _prompt_in_use(prompt: str | Path | PromptLearner, backbone: Backbone | None, classnames: Sequence[str] | None,
+                   device: str | None) -> Iterator[tuple[PromptLearner, str]]:
+    """The prompt learner to classify with, in eval mode on ``device`` (default: CUDA when
+    available), and that device. A learner given in memory gets its class names and training mode
+    back afterwards; a saved prompt is loaded (on ``backbone``, or the backbone it records)."""
+    import torch
+
+    from vlprompt.prompts import PromptLearner, load_prompt
+
     given = isinstance(prompt, PromptLearner)
     if given:
         if backbone is not None and backbone is not prompt.backbone:
@@ -115,48 +127,58 @@ def classify_images(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         learner.to(device).eval()
-        transform = build_eval_transform(learner.backbone.preprocess_cfg)
-        names = list(learner.classnames)
-        k = min(top_k, len(names))
-        out: list[Prediction] = []
-        batch: list[tuple[int, torch.Tensor]] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            with torch.no_grad():
-                pixels = torch.stack([t for _, t in batch]).to(device)
-                probs = prompt_logits(learner(images=pixels), learner.backbone).softmax(-1).cpu()
-            for (slot, _), p in zip(batch, probs):
-                values, indices = p.topk(k)
-                best = int(indices[0])
-                out[slot] = Prediction(out[slot].path, names[best], best, float(values[0]),
-                                       [(names[int(i)], float(v)) for v, i in zip(values, indices)])
-            batch.clear()
-
-        for item in items:
-            in_memory = not isinstance(item, (str, Path))
-            out.append(Prediction(f"<image {len(out)}>" if in_memory else str(item)))
-            try:
-                image = to_rgb(item) if in_memory else load_rgb(str(item))
-            except UnreadableImageError as err:
-                log.warning("skipping %s", err)
-                out[-1].status = "unreadable"
-                continue
-            batch.append((len(out) - 1, transform(image)))
-            if len(batch) == batch_size:
-                flush()
-        flush()
+        yield learner, device
     finally:
         if given:
             if classnames is not None:
                 learner.set_classnames(own_names)
                 learner.to(device)  # new class-name buffers are created on the CPU
             learner.train(was_training)
-    skipped = sum(p.status != "ok" for p in out)
-    if skipped:
-        log.warning("%d of %d images unreadable, skipped", skipped, len(out))
+
+
+def _predict(learner: PromptLearner, items: list[ImageInput], batch_size: int, device: str, top_k: int) -> list[Prediction]:
+    """One prediction per item, in order: images decoded and scored ``batch_size`` at a time;
+    unreadable ones logged and marked."""
+    from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb, to_rgb
+
+    transform = build_eval_transform(learner.backbone.preprocess_cfg)
+    out: list[Prediction] = []
+    batch: list[tuple[int, Any]] = []
+    for item in items:
+        in_memory = not isinstance(item, (str, Path))
+        out.append(Prediction(f"<image {len(out)}>" if in_memory else str(item)))
+        try:
+            image = to_rgb(item) if in_memory else load_rgb(str(item))
+        except UnreadableImageError as err:
+            log.warning("skipping %s", err)
+            out[-1].status = "unreadable"
+            continue
+        batch.append((len(out) - 1, transform(image)))
+        if len(batch) == batch_size:
+            _score_batch(learner, batch, device, top_k, out)
+    _score_batch(learner, batch, device, top_k, out)
     return out
+
+
+def _score_batch(learner: PromptLearner, batch: list[tuple[int, Any]], device: str, top_k: int,
+                 out: list[Prediction]) -> None:
+    """Score the ``(slot, pixels)`` of ``batch`` and fill their predictions in ``out``; empties ``batch``."""
+    import torch
+
+    from vlprompt.methods.scoring import prompt_logits
+
+    if not batch:
+        return
+    names = list(learner.classnames)
+    with torch.no_grad():
+        pixels = torch.stack([t for _, t in batch]).to(device)
+        probs = prompt_logits(learner(images=pixels), learner.backbone).softmax(-1).cpu()
+    for (slot, _), p in zip(batch, probs):
+        values, indices = p.topk(min(top_k, len(names)))
+        best = int(indices[0])
+        out[slot] = Prediction(out[slot].path, names[best], best, float(values[0]),
+                               [(names[int(i)], float(v)) for v, i in zip(values, indices)])
+    batch.clear()
 
 
 def _write_atomically(path: Path, text: str) -> None:

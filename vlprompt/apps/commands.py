@@ -16,6 +16,7 @@ __all__ = ["demo_parser", "fewshot_parser", "multitask_parser", "transferability
 def fewshot_parser() -> CommandParser:
     """``vlprompt eval-fewshot`` / ``tools/eval_fewshot.py``."""
     parser = CommandParser(
+        overrides=True,
         prog="vlprompt eval-fewshot",
         description="Few-shot transfer evaluation: zero-shot vs tuned prompts over shots x seeds, base-to-novel "
                     "generalisation, and transfer to other datasets (cross-dataset, domain generalisation).")
@@ -38,6 +39,7 @@ def fewshot_parser() -> CommandParser:
 def multitask_parser() -> CommandParser:
     """``vlprompt eval-multitask`` / ``tools/eval_multitask.py``."""
     parser = CommandParser(
+        overrides=True,
         prog="vlprompt eval-multitask",
         description="Multitask prompt tuning and transfer (MVLPT): a source prompt learned on several tasks at "
                     "once, then used on held-out target tasks.")
@@ -52,6 +54,7 @@ def multitask_parser() -> CommandParser:
 def transferability_parser() -> CommandParser:
     """``vlprompt transferability`` / ``tools/transferability.py``."""
     parser = CommandParser(
+        overrides=True,
         prog="vlprompt transferability",
         description="Task transferability: which tasks help each other when a prompt learned on one is used on "
                     "another (the study behind MVLPT's task groups; Shen et al., WACV 2024, Sec. 5).")
@@ -65,6 +68,7 @@ def transferability_parser() -> CommandParser:
 def demo_parser() -> CommandParser:
     """``vlprompt demo``."""
     parser = CommandParser(
+        overrides=True,
         prog="vlprompt demo",
         description="The offline demo on the embedded default: ShapeWorld classes held out from the embedded "
                     "CLIP's pretraining, zero-shot CLIP against few-shot prompt learning; other shipped configs run "

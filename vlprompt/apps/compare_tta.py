@@ -18,21 +18,47 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import ArgumentParser
 
-from vlprompt.apps.runner import Recipe, instantiate, resolve_config_path
+from vlprompt.apps.runner import Recipe, instantiate, read_config, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.methods import TestTimePromptTuning
 
-__all__ = ["TTARecipe", "compare_tta", "format_comparison"]
+__all__ = ["TTAComparisonConfig", "TTARecipe", "compare_tta", "format_comparison", "load_tta_comparison"]
 
 log = logging.getLogger(__name__)
 
-_KEYS = {"backbone", "data", "methods", "trainer", "pictures"}
+
+@dataclass
+class TTAComparisonConfig:
+    """What to compare; see the module docstring for the YAML form (the ``tta:`` section of a
+    ``runner: tta`` config)."""
+
+    #: ``{class_path, init_args}`` of a :class:`~vlprompt.backbones.Backbone`, shared by every method.
+    backbone: dict[str, Any]
+    #: ``{class_path, init_args}`` of the data module whose test split every method predicts.
+    data: dict[str, Any]
+    #: name -> ``{config: test-time method YAML(s), model: overrides, trainer: overrides}``.
+    methods: dict[str, dict[str, Any]]
+    trainer: dict[str, Any] = field(default_factory=dict)
+    #: How many images' views each method draws (``views/*.png``).
+    pictures: int = 2
+    config_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name, spec in self.methods.items():
+            if not isinstance(spec, dict) or "config" not in spec:
+                raise ValueError(f"TTA method {name!r}: give `config:` (e.g. ../tta/tpt.yaml) and optionally `model:` overrides")
+
+
+def load_tta_comparison(path: str | Path, overrides: Sequence[str] = ()) -> TTAComparisonConfig:
+    """Read the ``tta:`` section of a ``runner: tta`` config, with dotted ``overrides``."""
+    return read_config(TTAComparisonConfig, path, "tta", section="tta", overrides=overrides)
 
 
 class TTARecipe(Recipe):
@@ -48,34 +74,37 @@ class TTARecipe(Recipe):
         return built.model(backbone, classnames=list(classnames)), self.trainer_args(built)
 
 
-def compare_tta(config: dict[str, Any], output_dir: str | Path, config_dir: Path | None = None) -> dict[str, dict[str, Any]]:
+def compare_tta(config: TTAComparisonConfig | dict[str, Any], output_dir: str | Path,
+                config_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Run every method of a comparison config on the same data and return their summaries
-    (see the module docstring for the config). The first method's starting prompt gives the
+    (see the module docstring for the config; a dict is read as :class:`TTAComparisonConfig`,
+    its method YAMLs relative to ``config_dir``). The first method's starting prompt gives the
     zero-shot accuracy."""
     from vlprompt.apps.tta import run_predictions
 
-    unknown = set(config) - _KEYS
-    if unknown:
-        raise ValueError(f"unknown keys in the TTA comparison config: {sorted(unknown)} (expected {sorted(_KEYS)})")
+    if isinstance(config, dict):
+        known = {f.name for f in fields(TTAComparisonConfig)} - {"config_dir"}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"unknown keys in the TTA comparison config: {sorted(unknown)} (expected {sorted(known)})")
+        config = TTAComparisonConfig(**config, config_dir=config_dir)
     recipes = {}
-    for name, spec in config["methods"].items():
-        if not isinstance(spec, dict) or "config" not in spec:
-            raise ValueError(f"TTA method {name!r}: give `config:` (e.g. ../tta/tpt.yaml) and optionally `model:` overrides")
-        paths = [resolve_config_path(c, config_dir) for c in (spec["config"] if isinstance(spec["config"], list) else [spec["config"]])]
+    for name, spec in config.methods.items():
+        paths = [resolve_config_path(c, config.config_dir) for c in (spec["config"] if isinstance(spec["config"], list) else [spec["config"]])]
         recipes[name] = TTARecipe(paths, spec.get("model"), spec.get("trainer"))
     for name in ("lightning.pytorch", "lightning.fabric"):  # one summary line per method is ours to print
         logging.getLogger(name).setLevel(logging.WARNING)
-    backbone = instantiate(Backbone, config["backbone"])
+    backbone = instantiate(Backbone, config.backbone)
     output_dir = Path(output_dir)
     summaries = {}
     for name, recipe in recipes.items():
         log.info("test-time tuning with %s", name)
-        datamodule = instantiate(pl.LightningDataModule, config["data"])
+        datamodule = instantiate(pl.LightningDataModule, config.data)
         model, trainer_args = recipe.build(backbone, datamodule.classnames)
         trainer = pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                                **(config.get("trainer") or {}), **trainer_args, "inference_mode": False})
+                                **config.trainer, **trainer_args, "inference_mode": False})
         summaries[name] = run_predictions(model, datamodule, trainer, output_dir / name,
-                                          pictures=config.get("pictures", 2), overwrite=False)
+                                          pictures=config.pictures, overwrite=False)
     return summaries
 
 

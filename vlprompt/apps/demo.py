@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vlprompt.apps.commands import demo_parser
-from vlprompt.apps.runner import RUNNERS, declared_runner, read_yaml, runner_section
+from vlprompt.apps.runner import RUNNERS, config_text, declared_runner, read_yaml
 from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
@@ -52,10 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fewshot_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
-    cfg = load_eval_config(config)
+    cfg = load_eval_config(config, args.overrides)
     if args.data_root:  # the source's images; other domains keep their own folders
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
     apply_overrides(cfg, args, parser)
+    if _printed(cfg, args):
+        return
     started = time.perf_counter()
     results = run_fewshot_eval(cfg, output_dir)
     plot = output_dir / "accuracy_vs_shots.png"
@@ -69,19 +72,20 @@ def _fewshot_demo(config: Path, args: argparse.Namespace, parser: argparse.Argum
 
 
 def _tta_demo(path: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
-    from vlprompt.apps.compare_tta import compare_tta, format_comparison
+    from vlprompt.apps.compare_tta import compare_tta, format_comparison, load_tta_comparison
 
-    config = runner_section(path, "tta", section="tta")
-    config_dir = path.resolve().parent
+    config = load_tta_comparison(path, args.overrides)
     if args.data_root:
-        config["data"].setdefault("init_args", {})["root"] = args.data_root
+        config.data.setdefault("init_args", {})["root"] = args.data_root
+    if _printed(config, args):
+        return
     started = time.perf_counter()
-    summaries = compare_tta(config, output_dir, config_dir)
+    summaries = compare_tta(config, output_dir)
     first = next(iter(summaries.values()))
     log.info(
         "Test-time prompt tuning, ShapeWorld %s test split (%d images, no labels used), embedded tiny CLIP "
         "(%.0f s):\n%s\nPredictions and view pictures: %s",
-        config["data"].get("init_args", {}).get("domain", ""), first["predicted"], time.perf_counter() - started,
+        config.data.get("init_args", {}).get("domain", ""), first["predicted"], time.perf_counter() - started,
         format_comparison(summaries), output_dir,
     )
 
@@ -89,7 +93,7 @@ def _tta_demo(path: Path, args: argparse.Namespace, parser: argparse.ArgumentPar
 def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
     from vlprompt.apps.multitask import format_summary, load_multitask_config, run_multitask_eval
 
-    cfg = load_multitask_config(config)
+    cfg = load_multitask_config(config, args.overrides)
     if args.methods:
         missing = set(args.methods) - set(cfg.methods)
         if missing:
@@ -103,6 +107,8 @@ def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.Arg
         for spec in cfg.methods.values():
             spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
             spec["source_trainer"] = {**(spec.get("source_trainer") or {}), "max_epochs": args.max_epochs}
+    if _printed(cfg, args):
+        return
     started = time.perf_counter()
     results = run_multitask_eval(cfg, output_dir)
     log.info("%s\nTables: %s", format_summary(results, cfg, time.perf_counter() - started), output_dir / "summary.md")
@@ -111,7 +117,7 @@ def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.Arg
 def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
     from vlprompt.apps.segmentation import SegmentationEvalConfig, format_table, run_segmentation_eval
 
-    cfg = SegmentationEvalConfig.read(config)
+    cfg = SegmentationEvalConfig.read(config, args.overrides)
     if args.methods:
         cfg.methods = {m: cfg.methods[m] for m in args.methods if m in cfg.methods}
     if args.max_epochs:
@@ -119,6 +125,8 @@ def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.
             spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
     if args.data_root:
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
+    if _printed(cfg, args):
+        return
     started = time.perf_counter()
     rows = run_segmentation_eval(cfg, output_dir)
     log.info("Referring segmentation, ShapeWorld %s test split, embedded tiny CLIP + its CLIPSeg-style head (%.0f s):"
@@ -127,12 +135,22 @@ def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.
 
 
 def _settings_demo(config: Path, args: argparse.Namespace, parser: argparse.ArgumentParser, output_dir: Path) -> None:
-    from vlprompt.apps.gram import format_gram_table, run_settings
+    from vlprompt.apps.gram import format_gram_table, run_settings, setting_configs
 
+    if args.print_config:
+        sys.stdout.write("\n".join(f"# setting: {name}\n{config_text(cfg)}" for name, cfg in setting_configs(config, args, parser).items()))
+        return
     started = time.perf_counter()
     results = run_settings(config, output_dir, args, parser)
     log.info("Few-shot accuracy (%%, mean ± std over seeds), embedded tiny CLIP, %s (%.0f s):\n%s\nTables: %s",
              config.stem, time.perf_counter() - started, format_gram_table(results), output_dir)
+
+
+def _printed(config: object, args: argparse.Namespace) -> bool:
+    """With ``--print_config``: print the config as it would run, and say so."""
+    if args.print_config:
+        sys.stdout.write(config_text(config))
+    return bool(args.print_config)
 
 
 #: The demo of each runner a config may declare (``runner:``; none: ``fewshot``).

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.apps.commands import fewshot_parser
-from vlprompt.apps.runner import MethodRecipe, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
+from vlprompt.apps.runner import MethodRecipe, config_text, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.backbones import Backbone
 from vlprompt.eval.plots import plot_accuracy_vs_shots
 from vlprompt.eval.tables import (
@@ -139,9 +140,9 @@ class EvaluationConfig:
         return out
 
 
-def load_eval_config(path: str | Path) -> EvaluationConfig:
-    """Read an evaluation YAML (unknown keys are an error)."""
-    return read_config(EvaluationConfig, path)
+def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvaluationConfig:
+    """Read an evaluation YAML (unknown keys are an error), with dotted ``overrides``."""
+    return read_config(EvaluationConfig, path, "fewshot", overrides=overrides)
 
 
 class _Runner:
@@ -318,8 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     """``vlprompt eval-fewshot`` / ``tools/eval_fewshot.py``."""
     parser = fewshot_parser()
     args = parser.parse_args(argv)
-    cfg = load_eval_config(resolve_config_path(args.config))
+    cfg = load_eval_config(resolve_config_path(args.config), args.overrides)
     apply_overrides(cfg, args, parser)
+    if args.print_config:
+        sys.stdout.write(config_text(cfg))
+        return
     results = run_fewshot_eval(cfg, args.output_dir, overwrite=args.overwrite)
     targets = list(cfg.transfer.targets) if cfg.transfer else []
     log.info("results:\n%s\nwritten to %s", format_report(results, targets), args.output_dir)

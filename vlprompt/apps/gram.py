@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.apps.fewshot import EvaluationConfig, apply_overrides, run_fewshot_eval
-from vlprompt.apps.runner import runner_section
+from vlprompt.apps.runner import runner_section, typed_config
 from vlprompt.eval.tables import Result, summarise
 
-__all__ = ["format_gram_table", "load_settings", "run_settings"]
+__all__ = ["format_gram_table", "load_settings", "run_settings", "setting_configs"]
 
 
 def load_settings(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -29,15 +29,25 @@ def load_settings(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str
     return settings, raw
 
 
+def setting_configs(path: str | Path, args: argparse.Namespace | None = None,
+                    parser: argparse.ArgumentParser | None = None) -> dict[str, EvaluationConfig]:
+    """The few-shot evaluation of each setting of ``path``, typed, with the command line's
+    overrides (``args``: dotted ``overrides`` and :func:`~vlprompt.apps.fewshot.apply_overrides`'s)."""
+    settings, raw = load_settings(path)
+    configs = {}
+    for name, data in settings.items():
+        cfg = typed_config(EvaluationConfig, {**raw, "data": data}, path, getattr(args, "overrides", ()))
+        if args is not None:
+            apply_overrides(cfg, args, parser)
+        configs[name] = cfg
+    return configs
+
+
 def run_settings(path: str | Path, output_dir: Path, args: argparse.Namespace | None = None,
                  parser: argparse.ArgumentParser | None = None) -> dict[str, list[Result]]:
     """Run the few-shot evaluation of ``path`` once per setting (results in ``output_dir/<setting>``)."""
-    settings, raw = load_settings(path)
     results = {}
-    for name, data in settings.items():
-        cfg = EvaluationConfig(**{**raw, "data": data}, config_dir=Path(path).resolve().parent)
-        if args is not None:
-            apply_overrides(cfg, args, parser)
+    for name, cfg in setting_configs(path, args, parser).items():
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
         results[name] = run_fewshot_eval(cfg, output_dir / slug)
     return results

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.apps.commands import multitask_parser
-from vlprompt.apps.runner import MethodRecipe, TaskRunner, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
+from vlprompt.apps.runner import MethodRecipe, TaskRunner, config_text, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.data.multitask import MultiTaskDataModule, check_task_names
 from vlprompt.eval.tables import Result, multitask_table, write_csv
 from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
@@ -121,9 +122,9 @@ class MultiTaskConfig:
         return method_recipe(self.methods[method], self.config_dir, trainer_key=trainer_key, module=module)
 
 
-def load_multitask_config(path: str | Path) -> MultiTaskConfig:
+def load_multitask_config(path: str | Path, overrides: Sequence[str] = ()) -> MultiTaskConfig:
     """Read a multitask evaluation YAML (unknown keys are an error)."""
-    return read_config(MultiTaskConfig, path, "multitask")
+    return read_config(MultiTaskConfig, path, "multitask", overrides=overrides)
 
 
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     """``vlprompt eval-multitask``."""
     parser = multitask_parser()
     args = parser.parse_args(argv)
-    cfg = load_multitask_config(resolve_config_path(args.config))
+    cfg = load_multitask_config(resolve_config_path(args.config), args.overrides)
     if args.root:
         for spec in [*cfg.source.tasks.values(), *cfg.targets.tasks.values()]:
             spec.setdefault("init_args", {})["root"] = args.root
@@ -248,5 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
         cfg.methods = {m: cfg.methods[m] for m in args.methods}
+    if args.print_config:
+        sys.stdout.write(config_text(cfg))
+        return
     run_multitask_eval(cfg, args.output_dir, overwrite=args.overwrite)
     log.info("results:\n%s\nwritten to %s", (Path(args.output_dir) / "summary.md").read_text(), args.output_dir)

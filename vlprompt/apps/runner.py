@@ -37,6 +37,7 @@ __all__ = [
     "Recipe",
     "TaskRunner",
     "check_unique_keys",
+    "config_text",
     "declared_runner",
     "config_files",
     "expand_image_inputs",
@@ -49,6 +50,8 @@ __all__ = [
     "resolve_config_path",
     "runner_section",
     "task_score",
+    "typed_config",
+    "with_overrides",
 ]
 
 T = TypeVar("T")
@@ -59,7 +62,37 @@ ImageInput = Union[str, Path, "Image"]
 # -- the command line ----------------------------------------------------------------------------------
 class CommandParser(argparse.ArgumentParser):
     """``argparse`` parser for a ``vlprompt`` subcommand whose errors are one line
-    (``vlprompt classify: error: ...`` and where to find the options), not the whole usage."""
+    (``vlprompt classify: error: ...`` and where to find the options), not the whole usage.
+
+    With ``overrides=True`` it also takes overrides of any key of the command's YAML config, dotted
+    for nested keys (``--trainer.max_epochs 3``, ``--transfer.shots=8``): they are collected, in
+    order, as ``--key=value`` into ``args.overrides`` for :func:`read_config`, which types them
+    from the runner's dataclass (an unknown key is an error there)."""
+
+    def __init__(self, *args: Any, overrides: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.takes_overrides = overrides
+        if overrides:
+            self.add_argument("--print_config", action="store_true",
+                              help="print the config as it would run (overrides applied) and exit")
+            self.epilog = ((self.epilog or "") + "Any key of the config can be overridden with a dotted option, e.g. "
+                           "--trainer.max_epochs 3 or --backbone.init_args.pretrained=openai.").strip()
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        if not self.takes_overrides:
+            return super().parse_args(args, namespace)
+        parsed, rest = self.parse_known_args(args, namespace)
+        parsed.overrides = []
+        while rest:
+            key, eq, value = rest.pop(0).partition("=")
+            if not key.startswith("--") or len(key) < 3:
+                self.error(f"unrecognized arguments: {' '.join([key + eq + value, *rest])}")
+            if not eq:
+                if not rest or rest[0].startswith("--"):
+                    self.error(f"{key}: give a value ({key} VALUE or {key}=VALUE)")
+                value = rest.pop(0)
+            parsed.overrides.append(f"{key}={value}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
@@ -295,21 +328,75 @@ def runner_section(path: str | Path, runner: str, section: str | None = None) ->
     return raw
 
 
-def read_config(cls: type[C], path: str | Path, runner: str = "fewshot", section: str | None = None) -> C:
+def read_config(cls: type[C], path: str | Path, runner: str = "fewshot", section: str | None = None,
+                overrides: Sequence[str] = ()) -> C:
     """Read a runner's YAML (declared ``runner: runner``, or without ``runner:``; its ``section``
-    if given) into the dataclass ``cls``: unknown keys are an error; relative method config paths
-    resolve against the YAML's folder (``config_dir``). A key given twice in a mapping (two tasks
-    of one name ...) is an error, not the last one silently kept."""
+    if given) into the dataclass ``cls``, typed by jsonargparse from the dataclass's fields, with
+    the command line's dotted ``overrides`` (``["--trainer.max_epochs", "3"]``) applied on top.
+    Unknown keys are an error; relative method config paths resolve against the YAML's folder
+    (``config_dir``). A key given twice in a mapping (two tasks of one name ...) is an error, not
+    the last one silently kept."""
     path = Path(path)
-    raw = runner_section(path, runner, section)
     known = {f.name for f in fields(cls)} - {"config_dir"}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key.removeprefix("--").split(".")[0] not in known:
+            raise ValueError(f"{key}: not an option, nor a key of the config ({', '.join(sorted(known))})")
+    raw = with_overrides(runner_section(path, runner, section), overrides)
     unknown = set(raw) - known
     if unknown:
         where = f" in `{section}:`" if section else ""
         hint = "" if section or "runner" in read_yaml(path) else (
             f"; a config for another runner declares it with `runner:` ({', '.join(r for r in RUNNERS if r != runner)})")
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}{where}; expected {sorted(known)}{hint}")
-    return cls(**raw, config_dir=path.resolve().parent)
+    return typed_config(cls, raw, path)
+
+
+def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` with the command line's overrides set (``["--trainer.max_epochs=3",
+    "--backbone.init_args.pretrained=openai"]``, as :class:`CommandParser` collects them): each
+    dotted key is a path of mappings (made where missing), each value is read as YAML (``3``,
+    ``true``, ``[1, 2]``, ``null``)."""
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts = key.removeprefix("--").split(".")
+        target = raw
+        for depth, part in enumerate(parts[:-1]):
+            if target.get(part) is None:
+                target[part] = {}
+            target = target[part]
+            if not isinstance(target, dict):
+                raise ValueError(f"{key}: {'.'.join(parts[:depth + 1])} is a {type(target).__name__}, not a mapping of keys")
+        target[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def typed_config(cls: type[C], raw: dict[str, Any], path: str | Path, overrides: Sequence[str] = ()) -> C:
+    """The dataclass ``cls`` from the mapping ``raw`` (read from the YAML file ``path``; dotted
+    ``overrides`` set by :func:`with_overrides`), each value checked against its field's type by
+    jsonargparse."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog=str(path), exit_on_error=False)
+    parser.add_class_arguments(cls, skip={"config_dir"})
+    typed = parser.parse_object(with_overrides(raw, overrides), defaults=True)
+    return cls(**typed.as_dict(), config_dir=Path(path).resolve().parent)
+
+
+def config_text(config: Any) -> str:
+    """A runner's config (a dataclass) as the YAML it would be read from: what ``--print_config``
+    prints, with the command line's overrides applied."""
+    import dataclasses
+
+    import yaml
+
+    as_dict = {k: v for k, v in dataclasses.asdict(config).items() if k != "config_dir"}
+    return yaml.safe_dump(as_dict, sort_keys=False)
 
 
 # -- running ---------------------------------------------------------------------------------------------

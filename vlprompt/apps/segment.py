@@ -16,6 +16,7 @@ import csv
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from vlprompt.apps.runner import CommandParser, expand_image_inputs
 
@@ -30,25 +31,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "prompt"
 
 
-def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone: str, pretrained: str | None,
-                   decoder: str | None, prompt: str | None, threshold: float = 0.5, device: str | None = None,
-                   overwrite: bool = False) -> list[dict[str, object]]:
-    """Segment every image for every text; returns one row per (image, text): paths written,
-    foreground share, status (``ok`` or ``unreadable``). A ``prompt`` saved with its trained head
-    brings that head; another ``decoder`` with it is refused."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from vlprompt.apps.segmentation import overlay_mask
-    from vlprompt.backbones import load_backbone
-    from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb
-    from vlprompt.methods import PromptSegmenter
-    from vlprompt.methods.segmentation import prompt_head
-    from vlprompt.prompts import load_prompt
-
+def _check_request(texts: list[str], out: Path, threshold: float, overwrite: bool) -> None:
     if not 0 < threshold < 1:
         raise ValueError(f"--threshold must be between 0 and 1, got {threshold}")
     if any(not t.strip() for t in texts):
@@ -56,6 +39,17 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
     existing = [name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite or another --out")
+
+
+def _build_segmenter(backbone: str, pretrained: str | None, decoder: str | None, prompt: str | None, device: str) -> Any:
+    """The segmenter: the backbone, with the saved ``prompt`` if any (refused when learned on another
+    backbone) and its head: the one a prompt was saved with (another ``decoder`` is refused) or
+    ``decoder``."""
+    from vlprompt.backbones import load_backbone
+    from vlprompt.methods import PromptSegmenter
+    from vlprompt.methods.segmentation import prompt_head
+    from vlprompt.prompts import load_prompt
+
     saved_head = prompt_head(prompt)
     if saved_head is not None:
         # The prompt was tuned with this head; with any other one its masks would be wrong.
@@ -63,14 +57,53 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
             raise ValueError(f"--prompt {prompt} holds the head it was trained with ({saved_head}); --decoder "
                              f"{decoder} would replace it: leave --decoder out")
         decoder = str(saved_head)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_backbone = load_backbone(backbone, pretrained)
     factory = None
     if prompt is not None:
         saved = load_prompt(prompt, model_backbone)  # refuses a prompt learned on another backbone
         factory = lambda b, names: saved  # noqa: E731 - the saved learner, pointed at each batch's texts
-    model = PromptSegmenter(model_backbone, factory, decoder_weights=decoder).to(device).eval()
-    transform = build_eval_transform({**model_backbone.preprocess_cfg, "resize_mode": "squash"})
+    return PromptSegmenter(model_backbone, factory, decoder_weights=decoder).to(device).eval()
+
+
+def _segment_one(model: Any, transform: Any, image: Any, path: Path, texts: list[str], out: Path, threshold: float,
+                 device: str) -> list[dict[str, object]]:
+    """Masks and overlays of one image for every text, written under ``out``; their rows."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vlprompt.apps.segmentation import overlay_mask
+
+    pixels = transform(image)[None].repeat(len(texts), 1, 1, 1).to(device)
+    with torch.no_grad():
+        probs = F.interpolate(model(pixels, texts), size=(image.height, image.width), mode="bilinear").sigmoid()
+    picture, rows = np.asarray(image), []
+    for text, prob in zip(texts, probs[:, 0].cpu().numpy()):
+        mask = prob > threshold
+        name = f"{path.stem}__{_slug(text)}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(out / "masks" / name)
+        Image.fromarray(overlay_mask(picture, mask, (230, 40, 40))).save(out / "overlays" / name)
+        rows.append({"image": str(path), "text": text, "status": "ok", "mask": str(out / "masks" / name),
+                     "overlay": str(out / "overlays" / name), "foreground": round(float(mask.mean()), 4)})
+    return rows
+
+
+def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone: str, pretrained: str | None,
+                   decoder: str | None, prompt: str | None, threshold: float = 0.5, device: str | None = None,
+                   overwrite: bool = False) -> list[dict[str, object]]:
+    """Segment every image for every text; returns one row per (image, text): paths written,
+    foreground share, status (``ok`` or ``unreadable``). A ``prompt`` saved with its trained head
+    brings that head; another ``decoder`` with it is refused."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlprompt.data.images import UnreadableImageError, build_eval_transform, load_rgb
+
+    _check_request(texts, out, threshold, overwrite)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _build_segmenter(backbone, pretrained, decoder, prompt, device)
+    transform = build_eval_transform({**model.backbone.preprocess_cfg, "resize_mode": "squash"})
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
@@ -81,17 +114,7 @@ def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone:
             log.warning("skipping %s", err)
             rows += [{"image": str(path), "text": t, "status": "unreadable"} for t in texts]
             continue
-        pixels = transform(image)[None].repeat(len(texts), 1, 1, 1).to(device)
-        with torch.no_grad():
-            probs = F.interpolate(model(pixels, texts), size=(image.height, image.width), mode="bilinear").sigmoid()
-        picture = np.asarray(image)
-        for text, prob in zip(texts, probs[:, 0].cpu().numpy()):
-            mask = prob > threshold
-            name = f"{path.stem}__{_slug(text)}.png"
-            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(out / "masks" / name)
-            Image.fromarray(overlay_mask(picture, mask, (230, 40, 40))).save(out / "overlays" / name)
-            rows.append({"image": str(path), "text": text, "status": "ok", "mask": str(out / "masks" / name),
-                         "overlay": str(out / "overlays" / name), "foreground": round(float(mask.mean()), 4)})
+        rows += _segment_one(model, transform, image, path, texts, out, threshold, device)
     with (out / "segments.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "text", "status", "mask", "overlay", "foreground"])
         writer.writeheader()

@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -57,9 +58,9 @@ class SegmentationEvalConfig:
     config_dir: Path | None = None
 
     @classmethod
-    def read(cls, path: str | Path) -> SegmentationEvalConfig:
+    def read(cls, path: str | Path, overrides: Sequence[str] = ()) -> SegmentationEvalConfig:
         """Read the ``segmentation:`` section of a YAML file (unknown keys are an error)."""
-        return read_config(cls, path, "segmentation", section="segmentation")
+        return read_config(cls, path, "segmentation", section="segmentation", overrides=overrides)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

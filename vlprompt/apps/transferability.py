@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from vlprompt.apps.commands import transferability_parser
-from vlprompt.apps.runner import MethodRecipe, TaskRunner, method_recipe, prepare_output_dir, read_config, resolve_config_path
+from vlprompt.apps.runner import MethodRecipe, TaskRunner, config_text, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.eval.plots import plot_transfer_matrix
 
 __all__ = ["TransferabilityConfig", "TransferabilityStudy", "load_transferability_config", "main", "run_transferability",
@@ -72,9 +74,9 @@ class TransferabilityConfig:
         return method_recipe(self.method, self.config_dir)
 
 
-def load_transferability_config(path: str | Path) -> TransferabilityConfig:
+def load_transferability_config(path: str | Path, overrides: Sequence[str] = ()) -> TransferabilityConfig:
     """Read a transferability YAML (unknown keys are an error)."""
-    return read_config(TransferabilityConfig, path, "transferability")
+    return read_config(TransferabilityConfig, path, "transferability", overrides=overrides)
 
 
 def task_groups(gain: dict[str, dict[str, float]], threshold: float) -> list[list[str]]:
@@ -169,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     """``vlprompt transferability``."""
     parser = transferability_parser()
     args = parser.parse_args(argv)
-    cfg = load_transferability_config(resolve_config_path(args.config))
+    cfg = load_transferability_config(resolve_config_path(args.config), args.overrides)
     cfg.finetune = cfg.finetune or args.finetune
+    if args.print_config:
+        sys.stdout.write(config_text(cfg))
+        return
     run_transferability(cfg, args.output_dir, overwrite=args.overwrite)
     log.info("%s\nmatrix, heat map and groups in %s", (Path(args.output_dir) / "groups.md").read_text(), args.output_dir)
