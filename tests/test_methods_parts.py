@@ -8,7 +8,11 @@ import functools
 import pytest
 import torch
 
-from vlprompt.data import FewShotDataModule, ImageTextPairsDataModule, MultiTaskDataModule
+from vlprompt.data import (
+    FewShotDataModule,
+    ImageTextPairsDataModule,
+    MultiTaskDataModule,
+)
 from vlprompt.data.protocol import (
     ClassificationData,
     EpisodeData,

@@ -29,13 +29,18 @@ import torch.nn.functional as F
 
 from vlprompt.backbones import Backbone
 from vlprompt.data.multitask import Task
-from vlprompt.data.protocol import ClassificationData, MultiTaskData
-from vlprompt.methods.data_link import SPLIT_OF_STAGE, classification_data
+from vlprompt.data.protocol import MultiTaskData
+from vlprompt.methods.data_link import ReadsClassificationData
 from vlprompt.methods.feature_bank import FeatureBank
 from vlprompt.methods.feature_source import ImageFeatureSource
 from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.metrics import ClassCounts
-from vlprompt.methods.module import OptimizerFactory, PromptModule, default_optimizer, warmup_cosine
+from vlprompt.methods.module import (
+    OptimizerFactory,
+    PromptModule,
+    default_optimizer,
+    warmup_cosine,
+)
 from vlprompt.methods.optimization import LRSchedule
 from vlprompt.methods.reports import ClassAccuracyReport, ClassificationReport
 from vlprompt.methods.tasks import TaskScorer, one_task
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 MultiTaskLoss = Literal["union", "task"]
 
 
-class PromptClassifier(PromptModule):
+class PromptClassifier(ReadsClassificationData, PromptModule):
     """Train and evaluate a prompt learner for image classification on a frozen encoder.
 
     Logits come from :func:`~vlprompt.methods.scoring.prompt_logits` (the backbone's logit scale
@@ -184,14 +189,6 @@ class PromptClassifier(PromptModule):
         """Which labels belong to which task (they must tile the learner's classes); resets metrics."""
         self.task_scorer.set_tasks(tasks, self.prompt_learner.classnames)
         self._reset_metrics()
-
-    def classification_data(self) -> ClassificationData | None:
-        """The trainer's data module when it implements :class:`ClassificationData` (else None, with a warning)."""
-        return classification_data(self)
-
-    def stage_dataset(self, stage: str) -> Any:
-        dm = self.classification_data()
-        return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None
 
     def _follow_data(self) -> None:
         """Follow the data module's classes and tasks (novel classes, target tasks after source training)."""

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 
 from vlprompt.data.protocol import ClassificationData, FingerprintedDataset
 
-__all__ = ["SPLIT_OF_STAGE", "attached_data", "classification_data", "fingerprint_of"]
+__all__ = ["SPLIT_OF_STAGE", "ReadsClassificationData", "attached_data", "classification_data", "fingerprint_of"]
 
 #: The data split each stage reads.
 SPLIT_OF_STAGE = {"train": "train", "val": "val", "test": "test", "predict": "test"}
@@ -42,3 +42,17 @@ def fingerprint_of(dataset: Any) -> str:
     """The fingerprint of a dataset (what keys cached features and unreadable-image counts); empty
     for None or a dataset that gives none."""
     return dataset.fingerprint if isinstance(dataset, FingerprintedDataset) else ""
+
+
+class ReadsClassificationData:
+    """Mixin of the LightningModules that read classification data (classifiers, test-time tuning):
+    the data module through :class:`ClassificationData`, and the dataset each stage reads."""
+
+    def classification_data(self) -> ClassificationData | None:
+        """The trainer's data module when it implements :class:`ClassificationData` (else None, with a warning)."""
+        return classification_data(self)
+
+    def stage_dataset(self, stage: str) -> Any:
+        """The dataset ``stage`` reads, None without classification data or before set-up."""
+        dm = self.classification_data()
+        return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None

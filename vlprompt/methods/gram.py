@@ -37,8 +37,19 @@ from vlprompt.backbones import Backbone, check_backbone_identity
 from vlprompt.data.protocol import EpisodeData
 from vlprompt.meta.episodes import EpisodeSampler, cluster_pairs
 from vlprompt.meta.regulator import GradientRegulator, load_regulator, save_regulator
+from vlprompt.methods.checkpoints import (
+    check_record,
+    prompt_record,
+    restore_frozen,
+    strip_frozen,
+)
 from vlprompt.methods.scoring import prompt_logits
-from vlprompt.prompts import PromptLearner, PromptLearnerFactory, read_prompt_config, save_prompt
+from vlprompt.prompts import (
+    PromptLearner,
+    PromptLearnerFactory,
+    read_prompt_config,
+    save_prompt,
+)
 
 __all__ = ["GRAMMetaLearner", "GradientRegulation"]
 
@@ -196,14 +207,12 @@ class GRAMMetaLearner(pl.LightningModule):
         return torch.optim.Adam(groups)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("backbone.")}
-        checkpoint["vlprompt"] = {"backbone": self.backbone.identity, "method": self.prompt_learner.name}
+        strip_frozen(checkpoint, ("backbone",))
+        checkpoint["vlprompt"] = prompt_record(self.backbone, self.prompt_learner, full=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get("vlprompt", {})
-        if "backbone" in info:
-            check_backbone_identity(info["backbone"], self.backbone.identity, what="checkpoint")
-        checkpoint["state_dict"].update({f"backbone.{k}": v for k, v in self.backbone.state_dict().items()})
+        check_record(checkpoint, self.backbone)
+        restore_frozen(checkpoint, self, ("backbone",))
 
     def save_meta_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Save the meta-prompt in vlprompt's prompt format (any learner of the same kind can start

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from vlprompt.methods.unreadable import UnreadableImages  # noqa: F401 - its former home
+from vlprompt.methods.unreadable import (
+    UnreadableImages,  # its former home: still importable from here
+)
 
 __all__ = ["ClassCounts", "UnreadableImages", "accuracy_from_counts", "per_class_from_counts"]
 

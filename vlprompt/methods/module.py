@@ -22,7 +22,12 @@ import torch
 
 from vlprompt.backbones import Backbone
 from vlprompt.data.protocol import SeededDataset
-from vlprompt.methods.checkpoints import check_record, prompt_record, restore_frozen, strip_frozen
+from vlprompt.methods.checkpoints import (
+    check_record,
+    prompt_record,
+    restore_frozen,
+    strip_frozen,
+)
 from vlprompt.methods.data_link import fingerprint_of
 from vlprompt.methods.optimization import (
     LRSchedule,
@@ -35,7 +40,12 @@ from vlprompt.methods.prompt_init import load_initial_prompt
 from vlprompt.methods.random_state import RandomStateCheckpoint
 from vlprompt.methods.scoring import prompt_logits
 from vlprompt.methods.unreadable import UnreadableImages, log_unreadable
-from vlprompt.prompts import PromptLearner, PromptLearnerFactory, PromptOutput, ZeroShotPrompt
+from vlprompt.prompts import (
+    PromptLearner,
+    PromptLearnerFactory,
+    PromptOutput,
+    ZeroShotPrompt,
+)
 from vlprompt.prompts.io import save_prompt
 
 __all__ = ["OptimizerFactory", "PromptModule", "default_optimizer", "warmup_cosine"]

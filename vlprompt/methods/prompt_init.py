@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from vlprompt.prompts import PromptLearner
 from vlprompt.backbones import check_backbone_identity
+from vlprompt.prompts import PromptLearner
 from vlprompt.prompts.io import read_prompt_config, read_prompt_tensors
 
 __all__ = ["load_initial_prompt"]

@@ -16,7 +16,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlprompt.data.multitask import Task
-from vlprompt.methods.metrics import ClassCounts, accuracy_from_counts, per_class_from_counts
+from vlprompt.methods.metrics import (
+    ClassCounts,
+    accuracy_from_counts,
+    per_class_from_counts,
+)
 from vlprompt.methods.tasks import task_scores
 
 __all__ = ["ClassAccuracyReport", "ClassificationReport", "TaskReport"]

@@ -20,7 +20,6 @@ own classification regulariser (KgCoOp, PromptSRC) is not used here.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.optim import Optimizer
 
 from vlprompt.backbones import Backbone
@@ -38,8 +36,17 @@ from vlprompt.methods.data_link import SPLIT_OF_STAGE, attached_data
 from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.module import OptimizerFactory, PromptModule
 from vlprompt.prompts import PromptLearnerFactory
-from vlprompt.seg.clipseg import DecoderBackbone, HFCLIPSegHead
 from vlprompt.seg.decoder import CLIPSegDecoder
+from vlprompt.seg.heads import (
+    DECODER_NAME,
+    build_head,
+    configured_head,
+    decoder_layout,
+    describe_layout,
+    load_decoder_weights,
+    prompt_head,
+    save_decoder_weights,
+)
 from vlprompt.seg.metrics import SegmentationScores
 
 __all__ = ["DECODER_NAME", "PromptSegmenter", "build_head", "configured_head", "decoder_layout", "load_decoder_weights", "prompt_head",
@@ -47,132 +54,14 @@ __all__ = ["DECODER_NAME", "PromptSegmenter", "build_head", "configured_head", "
 
 log = logging.getLogger(__name__)
 
-
-def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
-    # TuneVLSeg's optimiser.
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-
-
-def save_decoder_weights(decoder: nn.Module, path: str | Path) -> Path:
-    """Save a segmentation head's weights (safetensors) with its ``layout()`` in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    meta = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in decoder.layout().items()}
-    save_file(state, str(path), metadata=meta)
-    return path
-
-
-def decoder_layout(path: str | Path) -> dict[str, Any]:
-    """The layout a saved head was built with (``head`` kind, ``extract_layers``, and for
-    vlprompt's decoder ``reduce_dim``, ``n_heads``; what the file records)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"decoder weights {path} not found")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    layout: dict[str, Any] = {"head": meta.get("head", CLIPSegDecoder.kind)}  # files from before heads had kinds
-    if "extract_layers" in meta:
-        layout["extract_layers"] = [int(x) for x in meta["extract_layers"].split(",")]
-    layout.update({k: int(meta[k]) for k in ("reduce_dim", "n_heads") if k in meta})
-    return layout
-
-
-def load_decoder_weights(decoder: nn.Module, path: str | Path) -> None:
-    """Load weights saved by :func:`save_decoder_weights` (no pickle), refusing another layout."""
-    from safetensors.torch import load_file
-
-    layout = decoder_layout(path)
-    if layout["head"] != decoder.kind:
-        raise ValueError(f"{path} holds a {layout['head']} head, not a {decoder.kind} one (other backbone or head)")
-    layers = layout.get("extract_layers")
-    if layers is not None and layers != decoder.extract_layers:
-        raise ValueError(f"{path} was trained reading layers {layers}, this decoder reads {decoder.extract_layers}")
-    state = load_file(str(path))
-    own = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
-    saved = {k: tuple(v.shape) for k, v in state.items()}
-    if own != saved:
-        differ = sorted(k for k in set(own) | set(saved) if own.get(k) != saved.get(k))
-        raise ValueError(f"{path} does not fit this decoder (other backbone or settings): {differ[:6]}")
-    decoder.load_state_dict(state)
-
-
-def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
-               decoder_weights: str | None) -> nn.Module:
-    """The segmentation head ``head`` names for ``backbone`` (see :class:`PromptSegmenter`), with
-    ``decoder_weights`` loaded; a saved vlprompt decoder is rebuilt with the layout it records."""
-    if head not in ("auto", "model", "decoder"):
-        raise ValueError(f"head must be 'auto', 'model' or 'decoder', not {head!r}")
-    if decoder_weights and decoder_weights.startswith("zoo:"):
-        from vlprompt.zoo import decoder_weights_path
-
-        decoder_weights = str(decoder_weights_path(decoder_weights))
-    own = backbone.vlsm_decoder() if isinstance(backbone, DecoderBackbone) else None
-    if head == "model" and own is None:
-        raise ValueError(f"head='model': {type(backbone).__name__} {getattr(backbone, 'model_name', '')!r} brings no "
-                         "segmentation decoder (CLIPSeg weights through HFCLIPBackbone do); use head='decoder'")
-    if own is not None and head != "decoder":
-        module, layers = own
-        if extract_layers is not None and list(extract_layers) != layers:
-            raise ValueError(f"the model's decoder reads layers {layers}; extract_layers={extract_layers} is for "
-                             "head='decoder' (vlprompt's CLIPSeg-style decoder)")
-        # A copy per segmenter: training one must not change the head another starts from.
-        decoder: nn.Module = HFCLIPSegHead(copy.deepcopy(module), layers)
-    else:
-        layout = decoder_layout(decoder_weights) if decoder_weights else {}
-        # A saved decoder is rebuilt as it was saved (layers, width, heads); layers configured
-        # otherwise are refused when it is loaded below.
-        layers = extract_layers if extract_layers is not None else layout.get("extract_layers")
-        decoder = CLIPSegDecoder.for_backbone(backbone, layers, reduce_dim=layout.get("reduce_dim", reduce_dim),
-                                              n_heads=layout.get("n_heads", n_heads))
-    if decoder_weights:
-        load_decoder_weights(decoder, decoder_weights)
-    return decoder
-
-
 #: What the prompt learner is built for: each step re-points it at its batch's prompts, and every
 #: run starts from this one.
 FIRST_PROMPTS = ["object"]
 
-#: The file a trained head is saved as, next to its prompt.
-DECODER_NAME = "decoder.safetensors"
 
-
-def prompt_head(prompt: str | Path | None) -> Path | None:
-    """The trained head saved with a prompt folder (:meth:`PromptSegmenter.save_prompt`), None
-    when there is none (a prompt tuned with the head frozen, or a checkpoint file)."""
-    if not prompt:
-        return None
-    from vlprompt.zoo import resolve_prompt_dir
-
-    path = resolve_prompt_dir(prompt) / DECODER_NAME
-    return path if path.is_file() else None
-
-
-def configured_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
-                    decoder_weights: str | None, init_prompt: str | None) -> tuple[nn.Module, bool]:
-    """The head a segmenter starts from, and whether it is the trained head saved with
-    ``init_prompt`` (which then replaces ``decoder_weights``)."""
-    saved_head = prompt_head(init_prompt)
-    if saved_head is None:
-        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights), False
-    # The prompt was tuned with this head: starting from the prompt without it (from
-    # decoder_weights, the head before tuning) would pair the prompt with another head.
-    if decoder_weights:
-        log.info("init_prompt %s brings its trained head; it replaces decoder_weights=%s", init_prompt, decoder_weights)
-    try:
-        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head)), True
-    except ValueError as err:
-        raise ValueError(f"init_prompt {init_prompt}: its trained head does not fit the configured one: {err}") from err
-
-
-def _describe(layout: dict[str, Any]) -> str:
-    details = ", ".join(f"{k} {v}" for k, v in layout.items() if k != "head")
-    return f"{layout.get('head', '?')} head ({details})" if details else f"{layout.get('head', '?')} head"
+def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
+    # TuneVLSeg's optimiser.
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
 
 class PromptSegmenter(PromptModule):
@@ -310,8 +199,8 @@ class PromptSegmenter(PromptModule):
         own_shapes = {k: tuple(v.shape) for k, v in self.decoder.state_dict().items()}
         saved_shapes = {k: tuple(v.shape) for k, v in saved.items()}
         if any(theirs[k] != own[k] for k in theirs) or own_shapes != saved_shapes:
-            raise ValueError(f"the checkpoint holds a trained {_describe(theirs) if theirs else 'head'} that does not "
-                             f"fit the configured {_describe(own)}; configure the head it was trained with "
+            raise ValueError(f"the checkpoint holds a trained {describe_layout(theirs) if theirs else 'head'} that does not "
+                             f"fit the configured {describe_layout(own)}; configure the head it was trained with "
                              "(head, extract_layers, reduce_dim, n_heads, decoder_weights)")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -16,14 +16,18 @@ import torch
 from torch.optim import Optimizer
 
 from vlprompt.backbones import Backbone
-from vlprompt.data.protocol import ClassificationData
-from vlprompt.methods.data_link import SPLIT_OF_STAGE, classification_data
+from vlprompt.methods.data_link import ReadsClassificationData
 from vlprompt.methods.metrics import ClassCounts
 from vlprompt.methods.module import PromptModule
 from vlprompt.methods.reports import ClassAccuracyReport
 from vlprompt.prompts import CoOpPromptLearner, PromptLearnerFactory
 from vlprompt.tta.diffusion import DiffusionViews, ViewCache, ViewGenerator
-from vlprompt.tta.views import TestTimeViews, confident_views, marginal_entropy, similar_views
+from vlprompt.tta.views import (
+    TestTimeViews,
+    confident_views,
+    marginal_entropy,
+    similar_views,
+)
 
 __all__ = ["DiffTPT", "Episode", "TestTimePromptTuning"]
 
@@ -45,7 +49,7 @@ class Episode:
     kept: torch.Tensor
 
 
-class TestTimePromptTuning(PromptModule):
+class TestTimePromptTuning(ReadsClassificationData, PromptModule):
     """Test-Time Prompt Tuning (Shu et al., NeurIPS 2022, "Test-Time Prompt Tuning for Zero-Shot
     Generalization in Vision-Language Models"), used with ``trainer.test``/``trainer.predict``.
 
@@ -127,14 +131,6 @@ class TestTimePromptTuning(PromptModule):
         self.hparams["classnames"] = list(self.prompt_learner.classnames)
         self.scores = ClassAccuracyReport(self.prompt_learner.num_classes)
         self._metric_attributes = None  # Lightning caches which attribute holds which metric
-
-    def classification_data(self) -> ClassificationData | None:
-        """The trainer's data module when it implements :class:`ClassificationData` (else None, with a warning)."""
-        return classification_data(self)
-
-    def stage_dataset(self, stage: str) -> Any:
-        dm = self.classification_data()
-        return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None
 
     def _follow_classes(self) -> None:
         dm = self.classification_data()
