@@ -63,7 +63,7 @@ def test_backbone_is_frozen_and_stays_in_eval_mode(backbone):
 
 def _layer_outputs(backbone, deep_prompts):
     outputs = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone())) for b in backbone._tower.transformer.resblocks]
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone())) for b in backbone.text_tower.blocks]
     ids = backbone.tokenize(["a photo of a dog."])
     backbone.encode_text_embeddings(backbone.token_embedding(ids), ids, deep_prompts=deep_prompts)
     for h in hooks:

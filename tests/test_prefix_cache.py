@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vlprompt.backbones.open_clip as open_clip_backbone
+import vlprompt.backbones.base as backbone_base
 from conftest import TINY_CLIP, make_backbone
 from vlprompt.backbones import OpenCLIPBackbone
 from vlprompt.prompts import PROMPT_LEARNERS
@@ -42,8 +42,8 @@ def backbones(tmp_path_factory):
 @pytest.fixture()
 def prefix_calls(monkeypatch):
     calls = []
-    real = open_clip_backbone.encode_prefix
-    monkeypatch.setattr(open_clip_backbone, "encode_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = backbone_base.encode_prefix
+    monkeypatch.setattr(backbone_base, "encode_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

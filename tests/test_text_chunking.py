@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-import vlprompt.backbones.open_clip as open_clip_backbone
+import vlprompt.backbones.base as backbone_base
 import vlprompt.backbones.vision as vision
 from conftest import make_backbone
 
@@ -110,7 +110,7 @@ def test_chunked_gradients_equal_unchunked(double_backbones, deep, chunk, checkp
         return features.detach(), [t.grad for t in [embeddings, *deep_prompts]]
 
     reference, reference_grads = features_and_grads(backbones[False], None)
-    chunk_calls, block_calls = _count_checkpoints(monkeypatch, open_clip_backbone), _count_checkpoints(monkeypatch, vision)
+    chunk_calls, block_calls = _count_checkpoints(monkeypatch, backbone_base), _count_checkpoints(monkeypatch, vision)
     features, grads = features_and_grads(backbones[checkpointing], chunk)
 
     chunked = chunk < len(TEXTS)
@@ -128,8 +128,8 @@ def test_each_chunk_is_truncated_to_its_own_length(backbones, monkeypatch):
     backbone = backbones[False]
     embeddings, ids, _ = _inputs(backbone, "none")
     lengths = []
-    original = backbone._run_text_blocks
-    monkeypatch.setattr(backbone, "_run_text_blocks", lambda x, *a: lengths.append(x.shape[1]) or original(x, *a))
+    original = backbone.text_tower.encode
+    monkeypatch.setattr(backbone.text_tower, "encode", lambda x, *a: lengths.append(x.shape[1]) or original(x, *a))
     with torch.no_grad():
         _encode(backbone, 3, embeddings, ids, [])
     needed = [backbone.text_length_needed(ids[i : i + 3]) for i in range(0, len(TEXTS), 3)]
@@ -138,7 +138,7 @@ def test_each_chunk_is_truncated_to_its_own_length(backbones, monkeypatch):
 
 
 def test_no_recomputation_without_autograd(backbones, monkeypatch):
-    calls = _count_checkpoints(monkeypatch, open_clip_backbone)
+    calls = _count_checkpoints(monkeypatch, backbone_base)
     backbone = backbones[True]
     with torch.no_grad():
         _encode(backbone, 3, *_inputs(backbone, "mixed", requires_grad=True))

@@ -167,6 +167,10 @@ def test_timm_backbone_has_no_text_tower(timm_backbone):
 
     with pytest.raises(NotImplementedError, match="vision-only backbone.*VPT with head='linear'"):
         CoOpPromptLearner(timm_backbone, ["cat", "dog"])
+    assert timm_backbone.text_tower is None and not timm_backbone.has_text
+    for text_method in (lambda: timm_backbone.tokenize(["cat"]), lambda: timm_backbone.encode_text(["cat"])):
+        with pytest.raises(NotImplementedError, match="vision-only backbone"):
+            text_method()
     assert timm_backbone.preprocess_cfg["size"] == 32
     assert set(timm_backbone.identity) >= {"vision_width", "vision_layers", "fingerprint"}
 

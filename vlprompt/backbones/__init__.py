@@ -1,8 +1,13 @@
-"""Encoders behind the prompt-learning API. The only package that knows encoder internals."""
+"""Encoders behind the prompt-learning API. The only package that knows encoder internals.
+
+Each family (open_clip, Hugging Face CLIP/CLIPSeg, timm) lives in its own module and registers
+itself there (:func:`register_backbone`); importing the module is what registers it.
+"""
 
 from vlprompt.backbones.base import Backbone, BackboneMismatchError, check_backbone_identity
 from vlprompt.backbones.hf_clip import HFCLIPBackbone
 from vlprompt.backbones.open_clip import OpenCLIPBackbone
+from vlprompt.backbones.registry import backbone_families, backbone_from_identity, load_backbone, register_backbone
 from vlprompt.backbones.timm import TimmBackbone
 from vlprompt.backbones.vision import PromptPlacement
 
@@ -14,16 +19,8 @@ __all__ = [
     "OpenCLIPBackbone",
     "PromptPlacement",
     "TimmBackbone",
+    "backbone_families",
+    "backbone_from_identity",
     "check_backbone_identity",
+    "register_backbone",
 ]
-
-
-def load_backbone(name: str, pretrained: str | None = None) -> Backbone:
-    """The backbone ``name`` names: ``hf:ID_OR_FOLDER`` for a transformers CLIP/CLIPSeg model
-    (:class:`HFCLIPBackbone`), anything else an open_clip model (:class:`OpenCLIPBackbone`: a model
-    name, ``local-dir:FOLDER`` or ``zoo:NAME``) with its ``pretrained`` tag or checkpoint."""
-    if name.startswith("hf:"):
-        if pretrained:
-            raise ValueError(f"{name}: a transformers model brings its own weights; drop pretrained={pretrained!r}")
-        return HFCLIPBackbone(name)
-    return OpenCLIPBackbone(name, pretrained)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from vlprompt.backbones.prefix import encode_prefix, encode_suffix
+from vlprompt.backbones.text import (
+    TRUNCATABLE_POOLS,
+    TextTower,
+    check_deep_prompt_depth,
+    run_deep_text_prompts,
+    splice_prompt,
+)
 from vlprompt.backbones.vision import PromptPlacement
 
 __all__ = [
@@ -27,6 +36,10 @@ __all__ = [
 ]
 
 
+#: Pool types that read the feature of one token (``pool_indices``).
+_TOKEN_POOLS = ("argmax", "eos", "first", "last")
+
+
 class BackboneMismatchError(ValueError):
     """A saved prompt was learned on a different encoder than the one it is loaded into."""
 
@@ -34,18 +47,30 @@ class BackboneMismatchError(ValueError):
 class Backbone(nn.Module, ABC):
     """A frozen vision-language encoder (CLIP family) in eval mode.
 
-    Subclasses set these attributes, read from the wrapped model, never hard-coded:
-    ``text_width`` (token-embedding width), ``vision_width``, ``embed_dim`` (joint space),
+    Subclasses set ``text_tower`` (a :class:`~vlprompt.backbones.text.TextTower` adapter, or None
+    for vision-only encoders) and these attributes, read from the wrapped model, never
+    hard-coded: ``vision_width``, ``embed_dim`` (joint space) and ``vision_layers`` when the image
+    tower can take visual prompts; :meth:`_set_text_tower` reads ``text_width``,
     ``context_length``, ``text_layers``, ``pool_type`` (``argmax``/``eos``/``last``/``first``)
-    and ``is_causal``; ``vision_layers`` when the image tower can take visual prompts.
-    Vision-only backbones set ``has_text = False``.
+    and ``is_causal`` from the text tower.
+
+    The text path above the adapters is written once, here: exact truncation after the last
+    pooled token on causal towers (``truncate_text``), chunks of ``text_chunk_size`` prompts,
+    shared-prefix encoding (``share_prefix``, :mod:`vlprompt.backbones.prefix`) and compiled
+    towers (``compile_towers``).
     """
 
-    #: False for vision-only encoders (timm): methods then need a learned classification head.
-    has_text: bool = True
+    #: The text tower's adapter; None for vision-only encoders (timm).
+    text_tower: TextTower | None = None
     #: Encode at most this many prompts at a time in ``encode_text_embeddings`` (None: all at once).
-    #: A memory setting only, never part of ``identity``; backbones that do not chunk leave it None.
+    #: A memory setting only, never part of ``identity``.
     text_chunk_size: int | None = None
+    #: Encode text only up to the longest pooled position when that is exact (causal towers).
+    truncate_text: bool = True
+    #: Encode a prefix shared by every prompt once when that is exact (causal towers).
+    share_prefix: bool = True
+    #: Recompute activations in the backward pass (whole text chunks when chunking).
+    grad_checkpointing: bool = False
 
     text_width: int
     vision_width: int
@@ -68,29 +93,59 @@ class Backbone(nn.Module, ABC):
         return super().train(False)
 
     # -- text --------------------------------------------------------------------------------
-    def require_text(self) -> None:
-        """Raise a clear error when this backbone has no text tower (prompt learners that need
+    @property
+    def has_text(self) -> bool:
+        """False for vision-only encoders (timm): methods then need a learned classification head."""
+        return self.text_tower is not None
+
+    def _set_text_tower(self, tower: TextTower) -> None:
+        """Use ``tower`` for text and read the text attributes from it."""
+        self.text_tower = tower
+        self.text_width, self.context_length = tower.width, tower.context_length
+        self.text_layers, self.pool_type, self.is_causal = len(tower.blocks), tower.pool_type, tower.causal
+
+    def _check_text_settings(self) -> None:
+        if self.text_chunk_size is not None and self.text_chunk_size < 1:
+            raise ValueError(f"text_chunk_size must be a positive number of prompts or None, got {self.text_chunk_size}")
+
+    def require_text(self) -> TextTower:
+        """The text tower; a clear error when this backbone has none (prompt learners that need
         class text call this first)."""
-        if not self.has_text:
+        if self.text_tower is None:
             raise NotImplementedError(
                 f"{type(self).__name__} {getattr(self, 'model_name', '')!r} is a vision-only backbone: it has "
                 "no text tower. Use a method with a learned head (VPT with head='linear'), or an "
                 "OpenCLIPBackbone for methods that prompt text."
             )
+        return self.text_tower
 
-    @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[N, context_length]`` for ``texts``."""
+        return self.require_text().tokenize(texts)
 
-    @abstractmethod
     def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Input token embeddings ``[N, L, text_width]`` (before positional embeddings)."""
+        return self.require_text().token_embedding(token_ids.to(self.device))
 
-    @abstractmethod
     def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Position of the token whose feature is pooled, for each sequence ``[N]``."""
+        tower = self.require_text()
+        n, length = token_ids.shape
+        if self.pool_type == "argmax":
+            return token_ids.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (token_ids == tower.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "first":
+            return torch.zeros(n, dtype=torch.long, device=token_ids.device)
+        if self.pool_type == "last":
+            return torch.full((n,), length - 1, dtype=torch.long, device=token_ids.device)
+        raise NotImplementedError(f"text pool type {self.pool_type!r} gives no single pooled feature")
 
-    @abstractmethod
+    @property
+    def can_truncate_text(self) -> bool:
+        """Whether pooled text features are exactly unchanged by dropping tokens after EOT."""
+        return self.has_text and self.is_causal and self.pool_type in TRUNCATABLE_POOLS
+
     def encode_text_embeddings(
         self,
         embeddings: torch.Tensor,
@@ -119,6 +174,122 @@ class Backbone(nn.Module, ABC):
             prefix_groups: the prompts are this many consecutive groups of equal size, each with
                 its own shared prefix (CoCoOp: one group per image).
         """
+        self.require_text()
+        token_ids = token_ids.to(embeddings.device)
+        if self._can_share_prefix(embeddings, token_ids, deep_prompts, prompt_start, shared_prefix, prefix_groups):
+            return self._encode_shared_prefix(
+                embeddings, token_ids, list(deep_prompts or []), prompt_start, shared_prefix, prefix_groups
+            )
+        n, size = embeddings.shape[0], self.text_chunk_size
+        if size is None or n <= size:
+            return self._encode_text_chunk(embeddings, token_ids, deep_prompts, prompt_start)
+        deep_prompts = list(deep_prompts or [])
+        # Checkpoint whole chunks: autograd keeps only each chunk's inputs, and the backward pass
+        # recomputes one chunk at a time (its blocks then run plainly, not checkpointed again).
+        recompute = (
+            self.grad_checkpointing
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in [embeddings, *deep_prompts])
+        )
+        features = []
+        for start in range(0, n, size):
+            rows = slice(start, start + size)
+            chunk_prompts = [p[rows] if p.dim() == 3 else p for p in deep_prompts]  # [N, n, D] per prompt
+            args = (embeddings[rows], token_ids[rows], chunk_prompts, prompt_start)
+            if recompute:
+                features.append(checkpoint(self._encode_text_chunk, *args, checkpoint_blocks=False, use_reentrant=False))
+            else:
+                features.append(self._encode_text_chunk(*args))
+        return torch.cat(features)
+
+    def _encode_text_chunk(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+        checkpoint_blocks: bool = True,
+    ) -> torch.Tensor:
+        """The plain path for one chunk: cut to the length the pooled features need, then the
+        tower's block loop."""
+        pooled_at = self.pool_indices(token_ids) if self.pool_type in _TOKEN_POOLS else None
+        # Causal attention: the feature at position p only sees tokens <= p, so everything after
+        # the last pooled position is dead weight. Dropping it is exact (text_length_needed).
+        length = min(self.text_length_needed(token_ids), embeddings.shape[1])
+        return self.text_tower.encode(embeddings[:, :length], token_ids[:, :length], pooled_at, deep_prompts,
+                                      prompt_start, checkpoint_blocks)
+
+    def _can_share_prefix(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+        shared_prefix: int,
+        prefix_groups: int,
+    ) -> bool:
+        """Whether the shared-prefix path applies: a causal tower of blocks the prefix cache can
+        run, deep prompts shared and inside the prefix, every pooled token after it."""
+        if prefix_groups < 1 or embeddings.shape[0] % prefix_groups:
+            raise ValueError(f"{embeddings.shape[0]} prompts cannot form {prefix_groups} groups of equal size")
+        if not (self.share_prefix and shared_prefix >= 2 and self.can_truncate_text):
+            return False
+        if any(p.dim() != 2 or prompt_start + p.shape[0] > shared_prefix for p in deep_prompts or []):
+            return False
+        return self.text_tower.prefix_cache and int(self.pool_indices(token_ids).min()) >= shared_prefix
+
+    def _encode_shared_prefix(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: list[torch.Tensor],
+        prompt_start: int,
+        shared_prefix: int,
+        prefix_groups: int,
+    ) -> torch.Tensor:
+        """Encode each group's prefix once and every suffix against its cached keys/values
+        (:mod:`vlprompt.backbones.prefix`); suffixes run in buckets of equal length (at most
+        ``text_chunk_size`` each), so no padding is computed."""
+        tower = self.text_tower
+        blocks = tower.blocks
+        check_deep_prompt_depth(len(deep_prompts), len(blocks))
+        dtype, causal = tower.dtype, tower.causal_mask()
+        position = tower.positions(tower.context_length).to(dtype)
+        n, p = embeddings.shape[0], shared_prefix
+        group_size = n // prefix_groups
+        prefix = embeddings[::group_size, :p].to(dtype) + position[:p]
+        compiled = getattr(self, "_compiled", {})
+        cache = compiled.get("prefix", encode_prefix)(blocks, prefix, causal, deep_prompts, prompt_start)
+        groups = torch.arange(n, device=embeddings.device) // group_size if prefix_groups > 1 else None
+        pooled_at = self.pool_indices(token_ids)
+
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            end = int(pooled_at[rows].max()) + 1
+            x = embeddings[rows, p:end].to(dtype) + position[p:end]
+            suffix = compiled.get("suffix", encode_suffix)
+            x = suffix(blocks, x, cache, causal, None if groups is None else groups[rows])
+            return tower.project(tower.norm(x[torch.arange(len(rows)), pooled_at[rows] - p]))
+
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        order = torch.argsort(pooled_at, stable=True)
+        buckets = torch.split(order, torch.unique_consecutive(pooled_at[order], return_counts=True)[1].tolist())
+        size = self.text_chunk_size or n
+        chunks = [chunk for bucket in buckets for chunk in torch.split(bucket, size)]
+        features = [checkpoint(run, rows, use_reentrant=False) if recompute else run(rows) for rows in chunks]
+        return torch.cat(features)[torch.argsort(torch.cat(chunks))]
+
+    def _compile_towers(self, image_module: nn.Module | None) -> None:
+        """``torch.compile`` the towers' blocks in place (parameter names unchanged), the whole
+        ``image_module`` (plain ``encode_image``, also non-ViT towers) and the shared-prefix
+        functions (kept in ``self._compiled``)."""
+        text_blocks = self.text_tower.blocks if self.text_tower is not None else []
+        image_blocks = self._vision.blocks if getattr(self, "_vision", None) is not None else []
+        for block in [*text_blocks, *image_blocks]:
+            block.compile(dynamic=True)
+        if image_module is not None:
+            image_module.compile(dynamic=True)
+        self._compiled = {"prefix": torch.compile(encode_prefix, dynamic=True),
+                          "suffix": torch.compile(encode_suffix, dynamic=True)}
 
     @property
     def text_start(self) -> int:
@@ -142,8 +313,10 @@ class Backbone(nn.Module, ABC):
         return (token_ids != pad).sum(-1) - (empty != pad).sum()
 
     def text_length_needed(self, token_ids: torch.Tensor) -> int:
-        """How many leading positions of ``token_ids`` the pooled text features depend on;
-        causal towers override this to allow exact truncation."""
+        """How many leading positions of ``token_ids`` the pooled text features depend on: up to
+        the last pooled position on causal towers (exact truncation), else all of them."""
+        if self.truncate_text and self.can_truncate_text:
+            return int(self.pool_indices(token_ids).max()) + 1
         return token_ids.shape[1]
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
@@ -271,41 +444,3 @@ def check_backbone_identity(saved: dict[str, Any], current: dict[str, Any], what
             f"different weights (fingerprint {current.get('fingerprint')}). Prompts do not transfer "
             f"between checkpoints; pass strict=False to load it anyway."
         )
-
-
-def check_deep_prompt_depth(n_prompts: int, n_layers: int) -> None:
-    """Deep text prompts replace the prompt tokens before layers ``1..n_prompts``: raise a clear
-    error when the tower has too few layers for that."""
-    if n_prompts >= n_layers:
-        raise ValueError(
-            f"{n_prompts} deep prompt layers given but the text tower has only "
-            f"{n_layers} layers (deep prompts apply to layers 1..{n_layers - 1})."
-        )
-
-
-def splice_prompt(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
-    """``x`` (``[N, L, D]``) with its ``n`` tokens from ``start`` replaced by ``prompt``
-    (``[n, D]``, shared, or ``[N, n, D]``)."""
-    prompt = prompt.to(x.dtype)
-    if prompt.dim() == 2:
-        prompt = prompt.expand(x.shape[0], -1, -1)
-    return torch.cat([x[:, :start], prompt, x[:, start + prompt.shape[1]:]], dim=1)
-
-
-def run_deep_text_prompts(
-    blocks: Sequence[nn.Module],
-    x: torch.Tensor,
-    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    deep_prompts: Sequence[torch.Tensor] | None,
-    prompt_start: int,
-) -> torch.Tensor:
-    """Run a text tower's ``blocks`` over ``x`` (``[N, L, D]``) with ``run(block, x)``; before block
-    ``i`` (``1 <= i <= len(deep_prompts)``) the ``n`` tokens from ``prompt_start`` are replaced by
-    ``deep_prompts[i - 1]`` (``[n, D]`` or ``[N, n, D]``): MaPLe/IVLP deep text prompting."""
-    deep_prompts = list(deep_prompts or [])
-    check_deep_prompt_depth(len(deep_prompts), len(blocks))
-    for i, block in enumerate(blocks):
-        if 1 <= i <= len(deep_prompts):
-            x = splice_prompt(x, deep_prompts[i - 1], prompt_start)
-        x = run(block, x)
-    return x

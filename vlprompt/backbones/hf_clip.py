@@ -3,8 +3,9 @@ and CLIPSeg (Lüddecke & Ecker, "Image Segmentation Using Text and Image Prompts
 ``CLIPSegModel`` / ``CLIPSegForImageSegmentation``, e.g. ``CIDAS/clipseg-rd64-refined``).
 
 Every prompt learner prompts these towers as it prompts open_clip's: text from token embeddings
-with optional deep prompts (causal mask, pooled at the end-of-text token as the model pools),
-images with optional visual prompts through the shared ViT block loop. CLIPSeg's decoder is not
+with optional deep prompts (causal mask, pooled at the end-of-text token as the model pools;
+exact truncation, chunking and shared-prefix encoding come from :class:`Backbone`), images with
+optional visual prompts through the shared ViT block loop. CLIPSeg's decoder is not
 part of the backbone: :meth:`HFCLIPBackbone.vlsm_decoder` hands it to the segmentation layer
 (:class:`vlprompt.seg.HFCLIPSegHead`), which feeds it the prompted towers' layers.
 """
@@ -19,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlprompt.backbones.base import Backbone, run_deep_text_prompts
+from vlprompt.backbones.base import Backbone
+from vlprompt.backbones.prefix import blocks_support_prefix_cache
+from vlprompt.backbones.registry import register_backbone
+from vlprompt.backbones.text import TextTower
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, run_block_maybe_checkpointed
 
-__all__ = ["HFCLIPBackbone"]
+__all__ = ["HFCLIPBackbone", "HFCLIPTextTower"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,69 @@ def _preprocess_from_processor(processor: Any) -> dict[str, Any]:
             "interpolation": _RESAMPLE.get(int(processor.resample), "bicubic"), "resize_mode": mode}
 
 
+class HFCLIPTextTower(TextTower):
+    """The text tower of a transformers ``CLIPModel`` / CLIPSeg: token and position embeddings,
+    causal encoder layers, final layer norm, pooled at the end-of-text token, projected.
+    Checkpoints from before transformers' PR #24773 record ``eos_token_id=2`` and pool at the
+    largest token id (CLIP's end-of-text); newer ones pool at the first end-of-text id."""
+
+    causal = True
+
+    def __init__(self, clip: nn.Module, tokenizer: Any, owner: nn.Module) -> None:
+        self.clip, self.tokenizer = clip, tokenizer
+        #: the backbone whose ``grad_checkpointing`` the blocks follow
+        self.owner = owner
+        config = clip.text_model.config
+        self.width = config.hidden_size
+        self.context_length = config.max_position_embeddings
+        self.embed_dim = clip.text_projection.out_features
+        self.pool_type = "argmax" if config.eos_token_id == 2 else "eos"
+        self.eos_id = config.eos_token_id
+        self.prefix_cache = blocks_support_prefix_cache(self.blocks)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if hasattr(self.tokenizer, "pad_token_id"):  # a Hugging Face tokenizer
+            return self.tokenizer(list(texts), padding="max_length", max_length=self.context_length,
+                                  truncation=True, return_tensors="pt")["input_ids"]
+        return self.tokenizer(list(texts))
+
+    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.text_model.embeddings.token_embedding(token_ids)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.clip.text_model.encoder.layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.text_model.final_layer_norm.weight.dtype
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.owner.grad_checkpointing
+
+    def positions(self, length: int) -> torch.Tensor:
+        return self.clip.text_model.embeddings.position_embedding.weight[:length]
+
+    def causal_mask(self) -> torch.Tensor:
+        weight = self.clip.text_model.final_layer_norm.weight
+        size = self.context_length
+        return torch.full((size, size), torch.finfo(weight.dtype).min, dtype=weight.dtype, device=weight.device).triu(1)
+
+    def mask(self, token_ids: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+        causal = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=token_ids.device).triu(1)
+        return causal[None, None]
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return block(x, mask)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.text_model.final_layer_norm(x)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.clip.text_projection(pooled)
+
+
 class HFCLIPBackbone(Backbone):
     """A ``transformers`` CLIP or CLIPSeg model, frozen, behind the prompt-learning API.
 
@@ -76,7 +143,16 @@ class HFCLIPBackbone(Backbone):
             CLIPSeg interpolates its position embeddings to any size (352 px in the paper).
         truncate_text: encode text only up to the longest end-of-text position (exact: the text
             tower is causal).
-        grad_checkpointing: recompute the towers' block activations in the backward pass.
+        grad_checkpointing: recompute the towers' block activations in the backward pass (whole
+            text chunks with ``text_chunk_size``).
+        text_chunk_size: encode at most this many prompts at a time (bounds text memory; same
+            results up to float rounding). Not part of the backbone's identity.
+        share_prefix: encode a prompt prefix shared by every class (start token and unified
+            context) once and each class's suffix against its cached keys/values
+            (:mod:`vlprompt.backbones.prefix`). Exact up to float rounding; turn it off only to
+            measure its effect. Not part of the backbone's identity.
+        compile_towers: compile the towers' blocks, the image tower and the shared-prefix
+            functions with ``torch.compile`` (dynamic shapes). Not part of the backbone's identity.
         local_files_only: never reach the network (hub ids then need the cache).
 
     Use :meth:`from_model` for a model already in memory.
@@ -89,13 +165,18 @@ class HFCLIPBackbone(Backbone):
         image_size: int | None = None,
         truncate_text: bool = True,
         grad_checkpointing: bool = False,
+        text_chunk_size: int | None = None,
+        share_prefix: bool = True,
+        compile_towers: bool = False,
         local_files_only: bool = False,
     ) -> None:
         super().__init__()
         name = model_name.removeprefix("hf:")
         model = self._load_model(name, local_files_only)
         tokenizer, preprocess = self._load_processors(name, model, local_files_only)
-        self._setup(model, tokenizer, preprocess, model_name, image_size, truncate_text, grad_checkpointing)
+        self._setup(model, tokenizer, preprocess, model_name, image_size, truncate_text=truncate_text,
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size,
+                    share_prefix=share_prefix, compile_towers=compile_towers)
 
     @classmethod
     def from_model(
@@ -107,13 +188,18 @@ class HFCLIPBackbone(Backbone):
         image_size: int | None = None,
         truncate_text: bool = True,
         grad_checkpointing: bool = False,
+        text_chunk_size: int | None = None,
+        share_prefix: bool = True,
+        compile_towers: bool = False,
     ) -> HFCLIPBackbone:
         """Wrap a ``CLIPModel``/``CLIPSegModel``/``CLIPSegForImageSegmentation`` already in memory.
         ``tokenizer``: a Hugging Face tokenizer; None uses open_clip's CLIP BPE tokenizer (the same
         vocabulary as OpenAI CLIP's, so only for models with CLIP's 49,408-token vocabulary)."""
         self = cls.__new__(cls)
         Backbone.__init__(self)
-        self._setup(model, tokenizer, None, name, image_size, truncate_text, grad_checkpointing)
+        self._setup(model, tokenizer, None, name, image_size, truncate_text=truncate_text,
+                    grad_checkpointing=grad_checkpointing, text_chunk_size=text_chunk_size,
+                    share_prefix=share_prefix, compile_towers=compile_towers)
         return self
 
     # -- loading ---------------------------------------------------------------------------------
@@ -154,7 +240,8 @@ class HFCLIPBackbone(Backbone):
         return tokenizer, preprocess
 
     def _setup(self, model: nn.Module, tokenizer: Any | None, preprocess: dict[str, Any] | None, name: str,
-               image_size: int | None, truncate_text: bool, grad_checkpointing: bool) -> None:
+               image_size: int | None, *, truncate_text: bool, grad_checkpointing: bool,
+               text_chunk_size: int | None, share_prefix: bool, compile_towers: bool) -> None:
         clip = _clip_of(model)
         local = name.removeprefix("hf:")
         self.model_name = f"hf:{os.path.abspath(local)}" if os.path.isdir(local) else name
@@ -164,25 +251,18 @@ class HFCLIPBackbone(Backbone):
         # Not registered: the segmentation layer takes the decoder over (and moves it with its module).
         self._decoder: tuple[nn.Module, list[int]] | None = (
             (decoder, list(model.config.extract_layers)) if decoder is not None else None)
-        text, vision = clip.text_model, clip.vision_model
-        config = text.config
-        self.text_width = config.hidden_size
-        self.context_length = config.max_position_embeddings
-        self.text_layers = len(text.encoder.layers)
-        self.embed_dim = clip.text_projection.out_features
-        # Checkpoints from before transformers' PR #24773 record eos_token_id=2 and pool at the
-        # largest token id (CLIP's end-of-text); newer ones pool at the first end-of-text id.
-        self.pool_type = "argmax" if config.eos_token_id == 2 else "eos"
-        self._eos_id = config.eos_token_id
-        self.is_causal = True
+        vision, config = clip.vision_model, clip.text_model.config
         if tokenizer is None:
             if config.vocab_size != 49408:
                 raise ValueError(f"{name}: pass its tokenizer (vocabulary of {config.vocab_size} tokens, not CLIP's)")
             from open_clip.tokenizer import SimpleTokenizer
 
-            tokenizer = SimpleTokenizer(context_length=self.context_length)
+            tokenizer = SimpleTokenizer(context_length=config.max_position_embeddings)
         self.tokenizer = tokenizer
-        self.truncate_text = truncate_text
+        self._set_text_tower(HFCLIPTextTower(clip, tokenizer, owner=self))
+        self.embed_dim = self.text_tower.embed_dim
+        self.truncate_text, self.share_prefix, self.text_chunk_size = truncate_text, share_prefix, text_chunk_size
+        self._check_text_settings()
         self.grad_checkpointing = grad_checkpointing  # read by run_block_maybe_checkpointed(self, ...)
 
         embeddings = vision.embeddings
@@ -207,50 +287,10 @@ class HFCLIPBackbone(Backbone):
             cfg["size"] = image_size
         self._preprocess_cfg = cfg
         self.freeze()
-
-    # -- text ------------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        if hasattr(self.tokenizer, "pad_token_id"):  # a Hugging Face tokenizer
-            return self.tokenizer(list(texts), padding="max_length", max_length=self.context_length,
-                                  truncation=True, return_tensors="pt")["input_ids"]
-        return self.tokenizer(list(texts))
-
-    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.text_model.embeddings.token_embedding(token_ids.to(self.device))
-
-    def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if self.pool_type == "argmax":
-            return token_ids.argmax(dim=-1)
-        return (token_ids == self._eos_id).int().argmax(dim=-1)
-
-    def text_length_needed(self, token_ids: torch.Tensor) -> int:
-        if self.truncate_text:
-            return int(self.pool_indices(token_ids).max()) + 1
-        return token_ids.shape[1]
-
-    def encode_text_embeddings(
-        self,
-        embeddings: torch.Tensor,
-        token_ids: torch.Tensor,
-        deep_prompts: Sequence[torch.Tensor] | None = None,
-        prompt_start: int = 1,
-        shared_prefix: int = 0,
-        prefix_groups: int = 1,
-    ) -> torch.Tensor:
-        text = self.model.text_model
-        token_ids = token_ids.to(embeddings.device)
-        pooled_at = self.pool_indices(token_ids)
-        # Causal attention: the pooled feature never sees the tokens after it (exact truncation).
-        length = min(self.text_length_needed(token_ids), embeddings.shape[1])
-        dtype = text.final_layer_norm.weight.dtype
-        x = embeddings[:, :length].to(dtype) + text.embeddings.position_embedding.weight[:length].to(dtype)
-        causal = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=x.device).triu(1)
-        causal = causal[None, None]
-        x = run_deep_text_prompts(
-            text.encoder.layers, x, lambda block, h: run_block_maybe_checkpointed(self, block, h, causal),
-            deep_prompts, prompt_start)
-        x = text.final_layer_norm(x)
-        return self.model.text_projection(x[torch.arange(x.shape[0], device=x.device), pooled_at])
+        self.compile_towers = compile_towers
+        self._compiled: dict[str, Any] = {}  # compiled shared-prefix functions, by name
+        if compile_towers:
+            self._compile_towers(vision)
 
     # -- images ----------------------------------------------------------------------------------
     def encode_image(
@@ -296,3 +336,13 @@ class HFCLIPBackbone(Backbone):
                 text.embeddings.position_embedding.weight, text.final_layer_norm.weight, self.model.logit_scale,
                 vision.post_layernorm.weight, self.model.visual_projection.weight]),
         }
+
+
+def _load(name: str, pretrained: str | None) -> HFCLIPBackbone:
+    """``hf:ID_OR_FOLDER`` for :func:`~vlprompt.backbones.load_backbone`: the weights come with the model."""
+    if pretrained:
+        raise ValueError(f"{name}: a transformers model brings its own weights; drop pretrained={pretrained!r}")
+    return HFCLIPBackbone(name)
+
+
+register_backbone("hf_clip", HFCLIPBackbone, prefix="hf:", load=_load)

@@ -7,8 +7,9 @@ computed once, and each class runs only its own suffix (class name, ".", EOT) ag
 keys/values. Suffixes are grouped by length so no padding is computed. The result equals the
 plain computation up to the order of floating-point sums (about 1e-6).
 
-Only open_clip's standard ``ResidualAttentionBlock`` (``nn.MultiheadAttention`` with one packed
-input projection) is handled here; other blocks take the plain path.
+Two block layouts are handled here: open_clip's standard ``ResidualAttentionBlock``
+(``nn.MultiheadAttention`` with one packed input projection) and Hugging Face CLIP's / CLIPSeg's
+encoder layer (pre-norm, separate query/key/value projections); other blocks take the plain path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlprompt.backbones.base import splice_prompt
+from vlprompt.backbones.text import splice_prompt
 
 __all__ = ["KVCache", "blocks_support_prefix_cache", "encode_prefix", "encode_suffix"]
 
@@ -27,11 +28,19 @@ __all__ = ["KVCache", "blocks_support_prefix_cache", "encode_prefix", "encode_su
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+#: Hugging Face encoder layers of the CLIP layout (``layer_norm1``, ``self_attn`` with
+#: ``q_proj``/``k_proj``/``v_proj``/``out_proj``, ``layer_norm2``, ``mlp``), by class name.
+_HF_CLIP_LAYERS = ("CLIPEncoderLayer", "CLIPSegEncoderLayer")
+
+
 def blocks_support_prefix_cache(blocks: Sequence[nn.Module]) -> bool:
-    """Whether every block is a plain open_clip ``ResidualAttentionBlock`` this module can run."""
+    """Whether every block is one this module can run: a plain open_clip
+    ``ResidualAttentionBlock`` or a Hugging Face CLIP/CLIPSeg encoder layer."""
     from open_clip.transformer import ResidualAttentionBlock
 
     for block in blocks:
+        if type(block).__name__ in _HF_CLIP_LAYERS:
+            continue
         attn = getattr(block, "attn", None)
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             return False
@@ -42,17 +51,31 @@ def blocks_support_prefix_cache(blocks: Sequence[nn.Module]) -> bool:
     return True
 
 
+def _heads(z: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, T, D]`` -> ``[B, heads, T, D / heads]``."""
+    b, t, _ = z.shape
+    return z.reshape(b, t, heads, -1).transpose(1, 2)
+
+
 def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values ``[B, heads, T, head_dim]`` of the block's attention for ``x``."""
+    attn = getattr(block, "self_attn", None)
+    if attn is not None:  # Hugging Face CLIP layout
+        h = block.layer_norm1(x)
+        return tuple(_heads(proj(h), attn.num_heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     attn = block.attn
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    b, t, _ = x.shape
-    return tuple(z.reshape(b, t, attn.num_heads, -1).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+    return tuple(_heads(z, attn.num_heads) for z in qkv.chunk(3, dim=-1))
 
 
 def _finish(block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask: torch.Tensor) -> torch.Tensor:
-    """The rest of ``ResidualAttentionBlock.forward`` given the attention's inputs."""
+    """The rest of the block's forward given the attention's inputs."""
+    attn = getattr(block, "self_attn", None)
+    if attn is not None:  # CLIPEncoderLayer.forward
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=attn.scale)
+        x = x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
+        return x + block.mlp(block.layer_norm2(x))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     x = x + block.ls_1(block.attn.out_proj(out.transpose(1, 2).reshape(x.shape)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from vlprompt.backbones.offline import offline_open_clip_model, tokenizer_layout
-from vlprompt.backbones.open_clip import OpenCLIPBackbone, _hf_text_encoder
+from vlprompt.backbones.open_clip import OpenCLIPBackbone, hf_text_encoder
 
 __all__ = ["ModelSupport", "family_table", "format_family_table", "model_support"]
 
@@ -55,7 +55,7 @@ def _text_tower_kind(backbone: OpenCLIPBackbone) -> str:
     import open_clip
 
     coca = "CoCa " if isinstance(backbone.model, open_clip.CoCa) else ""
-    hf = _hf_text_encoder(backbone.model)
+    hf = hf_text_encoder(backbone.model)
     if hf is not None:
         return f"{coca}transformers {hf.config.model_type}, {backbone.pool_type} pooling"
     order = "causal" if backbone.is_causal else "bidirectional"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
 from vlprompt.backbones.base import Backbone
+from vlprompt.backbones.registry import register_backbone
 from vlprompt.backbones.vision import PromptPlacement, vit_tower
 
 __all__ = ["TimmBackbone"]
@@ -17,8 +18,9 @@ __all__ = ["TimmBackbone"]
 class TimmBackbone(Backbone):
     """A frozen timm ViT image encoder without a text tower.
 
-    Prompt learners that need class text (CoOp, MaPLe, ...) refuse it with a clear error; VPT
-    runs on it with a learned linear head (the setting of the VPT paper).
+    It has no text tower (``text_tower is None``): prompt learners that need class text (CoOp,
+    MaPLe, ...) refuse it with the clear error of :meth:`Backbone.require_text`; VPT runs on it
+    with a learned linear head (the setting of the VPT paper).
 
     Args:
         model_name: a timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``.
@@ -30,7 +32,8 @@ class TimmBackbone(Backbone):
             ``set_grad_checkpointing``, honoured by the prompted block loop): less memory.
     """
 
-    has_text = False
+    #: No text tower: ``has_text`` is False and the text methods raise ``require_text``'s error.
+    text_tower = None
 
     def __init__(
         self,
@@ -86,31 +89,6 @@ class TimmBackbone(Backbone):
             "resize_mode": "shortest",
         }
 
-    # -- no text tower ---------------------------------------------------------------------
-    def _no_text(self) -> NoReturn:
-        self.require_text()
-        raise AssertionError("unreachable: TimmBackbone has no text tower")
-
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        self._no_text()
-
-    def token_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        self._no_text()
-
-    def pool_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
-        self._no_text()
-
-    def encode_text_embeddings(
-        self,
-        embeddings: torch.Tensor,
-        token_ids: torch.Tensor,
-        deep_prompts: Sequence[torch.Tensor] | None = None,
-        prompt_start: int = 1,
-        shared_prefix: int = 0,
-        prefix_groups: int = 1,
-    ) -> torch.Tensor:
-        self._no_text()
-
     # -- images ------------------------------------------------------------------------------
     def encode_image(
         self,
@@ -143,3 +121,7 @@ class TimmBackbone(Backbone):
             "embed_dim": self.embed_dim,
             "fingerprint": self.fingerprint(list(self.model.parameters())[:2]),
         }
+
+
+register_backbone("timm", TimmBackbone, prefix="timm:",
+                  load=lambda name, pretrained: TimmBackbone(name.removeprefix("timm:"), pretrained))

@@ -136,21 +136,12 @@ def read_prompt_config(directory: str | Path) -> dict[str, Any]:
 
 def backbone_from_identity(identity: dict[str, Any]) -> Backbone:
     """Build the backbone a saved prompt records (``config.json`` -> ``backbone``: type, name,
-    pretrained). Embedded ``zoo:`` models and local files work offline; pretrained tags need the
-    open_clip / Hugging Face cache or the network."""
-    from vlprompt.backbones import HFCLIPBackbone, OpenCLIPBackbone, TimmBackbone
+    pretrained) through the backbone registry (:func:`vlprompt.backbones.backbone_from_identity`).
+    Embedded ``zoo:`` models and local files work offline; pretrained tags need the open_clip /
+    Hugging Face cache or the network."""
+    from vlprompt.backbones import registry
 
-    kinds = {"OpenCLIPBackbone": OpenCLIPBackbone, "TimmBackbone": TimmBackbone, "HFCLIPBackbone": HFCLIPBackbone}
-    kind = kinds.get(identity.get("type", "OpenCLIPBackbone"))
-    if kind is None:
-        raise ValueError(f"cannot rebuild a {identity.get('type')!r} backbone from a saved prompt; pass backbone=")
-    if not identity.get("name"):
-        raise ValueError("the saved prompt does not record its backbone's model name; pass backbone=")
-    log.info("rebuilding the prompt's backbone: %s %s (pretrained=%s)", kind.__name__, identity["name"],
-             identity.get("pretrained"))
-    if kind is HFCLIPBackbone:
-        return kind(identity["name"])
-    return kind(identity["name"], identity.get("pretrained"))
+    return registry.backbone_from_identity(identity)
 
 
 def load_prompt(
