@@ -87,3 +87,22 @@ def test_console_script_is_installed():
     exe = shutil.which("vlprompt") or str(Path(sys.executable).parent / "vlprompt")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "fit" in out.stdout and "test" in out.stdout
+
+
+def test_one_cli_runs_a_classifier_named_by_class_path(tmp_path, tiny_model_dir, dassl_folder, capsys):
+    """One LightningCLI serves every module: a config naming the classifier's class_path gets the
+    data's class names linked in as the plain one does; a class_path that is no LightningModule is
+    refused in one line."""
+    method = yaml.safe_load((CONFIGS / "methods" / "coop.yaml").read_text())
+    backbone = yaml.safe_load(Path(_backbone_yaml(tmp_path, tiny_model_dir)).read_text())["model"]
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({**method, "model": {"class_path": "vlprompt.methods.PromptClassifier",
+                                                         "init_args": {**method["model"], **backbone}}}))
+    target = tmp_path / "prompt"
+    main(["fit", "--config", str(named), *_data_args(dassl_folder), "--trainer.fast_dev_run=true",
+          "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", f"--save_prompt={target}"])
+    assert yaml.safe_load((target / "config.json").read_text())["method"] == "coop"
+    named.write_text(yaml.safe_dump({"model": {"class_path": "vlprompt.data.FewShotDataModule"}}))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(named)])
+    assert "is not a LightningModule" in capsys.readouterr().err

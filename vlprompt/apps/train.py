@@ -10,6 +10,8 @@ their own).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -110,24 +112,34 @@ class VLPromptCLI(LightningCLI):
     run folder of its own, also without a logger; ``validate``, ``test`` and ``predict`` log nothing
     unless a logger is asked for (see the module docstring). The progress bar leaves out ``v_num``.
     Parse errors are raised (``vlprompt`` prints them as one line) instead of printing the whole
-    usage."""
+    usage.
+
+    One CLI for every module: :class:`PromptClassifier` when the configs name no model class,
+    otherwise the ``model: class_path`` they name (:class:`~vlprompt.methods.PromptSegmenter`,
+    :class:`~vlprompt.methods.GRAMMetaLearner`, a classifier ...). With ``--ckpt_path`` such a
+    model is defined by the configs and the checkpoint restores its tensors: Lightning's re-parsing
+    of the checkpoint's hyper-parameters would drop the backbone, which (frozen, rebuilt from the
+    config) is not among them."""
 
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
-    #: Whether the model takes the data's class names (classifiers do, segmenters do not).
-    link_classnames: bool = True
-
     def add_arguments_to_parser(self, parser) -> None:
-        if self.link_classnames:
-            parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
+        # Classifiers take the data's class names; segmenters and the meta-learner take none.
+        if "classnames" in inspect.signature(self._model_class).parameters:
+            target = "model.init_args.classnames" if self.subclass_mode_model else "model.classnames"
+            parser.link_arguments("data.classnames", target, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument("--save_prompt", type=str | None, default=None,
                             help="Where to save the learned prompt after fit (default: <log dir>/prompt).")
         parser.add_argument("--overwrite_prompt", type=bool, default=False,
                             help="Replace a prompt already saved at --save_prompt.")
+
+    def _parse_ckpt_path(self) -> None:
+        if not self.subclass_mode_model:
+            super()._parse_ckpt_path()
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -191,23 +203,6 @@ class VLPromptCLI(LightningCLI):
             raise failed
 
 
-class SegmentationCLI(VLPromptCLI):
-    """The same commands over :class:`~vlprompt.methods.PromptSegmenter` (no class names). With
-    ``--ckpt_path`` the configs define the model and the checkpoint restores its tensors:
-    Lightning's re-parsing of the checkpoint's hyper-parameters would drop the backbone, which
-    (frozen, rebuilt from the config) is not among them."""
-
-    link_classnames = False
-
-    def _parse_ckpt_path(self) -> None:
-        return None
-
-
-class MetaLearningCLI(SegmentationCLI):
-    """``vlprompt fit`` over :class:`~vlprompt.methods.GRAMMetaLearner` (configs/gram/): meta-trains on
-    image-text pairs and saves the meta-prompt with its gradient regulator when fitting ends."""
-
-
 def _model_class(argv: list[str]) -> str | None:
     """The ``model: class_path`` a ``--config`` file names, if any (segmentation configs do). A
     file that gives a key twice is refused here, with its name (:func:`read_yaml`)."""
@@ -222,24 +217,28 @@ def _model_class(argv: list[str]) -> str | None:
 
 def run_lightning_cli(argv: list[str]) -> VLPromptCLI:
     """Run ``vlprompt fit|validate|test|predict`` with these arguments: over
-    :class:`PromptClassifier`, or over :class:`~vlprompt.methods.PromptSegmenter` /
-    :class:`~vlprompt.methods.GRAMMetaLearner` when a config names it as ``model: class_path``
-    (``configs/seg/``, ``configs/gram/``)."""
+    :class:`PromptClassifier`, or over the LightningModule a config names as ``model: class_path``
+    (``configs/seg/``: :class:`~vlprompt.methods.PromptSegmenter`, ``configs/gram/``:
+    :class:`~vlprompt.methods.GRAMMetaLearner`)."""
     refuse_duplicate_keys()
     class_path = _model_class(argv)
-    if class_path is None:
-        return VLPromptCLI(PromptClassifier, subclass_mode_data=True, args=argv, save_config_callback=RunConfig,
-                           save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)
-    from vlprompt.methods import GRAMMetaLearner, PromptSegmenter
+    model, subclass_mode = (PromptClassifier, False) if class_path is None else (_lightning_module(class_path), True)
+    return VLPromptCLI(model, subclass_mode_model=subclass_mode, subclass_mode_data=True, args=argv,
+                       save_config_callback=RunConfig, save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)
 
-    kinds = {"PromptSegmenter": (SegmentationCLI, PromptSegmenter), "GRAMMetaLearner": (MetaLearningCLI, GRAMMetaLearner)}
-    kind = kinds.get(class_path.rpartition(".")[2])
-    if kind is None:
-        raise ValueError(f"model class_path {class_path!r}: vlprompt fit runs PromptClassifier (no class_path), "
-                         "vlprompt.methods.PromptSegmenter or vlprompt.methods.GRAMMetaLearner")
-    cli, module = kind
-    return cli(module, subclass_mode_model=True, subclass_mode_data=True, args=argv, save_config_callback=RunConfig,
-               save_config_kwargs={"overwrite": False}, parser_kwargs=_PARSER_KWARGS)
+
+def _lightning_module(class_path: str) -> type[pl.LightningModule]:
+    """The LightningModule class a config's ``model: class_path`` names (a bare name is looked up in
+    :mod:`vlprompt.methods`)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module or "vlprompt.methods"), name)
+    except (ImportError, AttributeError):
+        found = None
+    if not (isinstance(found, type) and issubclass(found, pl.LightningModule)):
+        raise ValueError(f"model class_path {class_path!r} is not a LightningModule (vlprompt fit runs PromptClassifier "
+                         "without a class_path, or e.g. vlprompt.methods.PromptSegmenter, vlprompt.methods.GRAMMetaLearner)")
+    return found
 
 
 def fit(argv: list[str]) -> None:
