@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vlprompt.backbones.base as backbone_base
+from test_prefix_cache import NAMES, features_and_grads, prefix_calls  # noqa: F401 (a fixture)
 from vlprompt.backbones import HFCLIPBackbone
 from vlprompt.prompts import PROMPT_LEARNERS
 
 transformers = pytest.importorskip("transformers")
-
-NAMES = ["cat", "red square", "a rather long class name of many words", "dog", "sea lion", "x"]
 
 #: (learner, options, whether the prompts share a prefix of >= 2 tokens); sized for the tiny model
 CASES = [
@@ -53,22 +51,6 @@ def backbones():
     return fast, plain
 
 
-@pytest.fixture()
-def prefix_calls(monkeypatch):
-    calls = []
-    real = backbone_base.encode_prefix
-    monkeypatch.setattr(backbone_base, "encode_prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
-def _features_and_grads(learner, backbone, images):
-    learner.backbone = backbone
-    learner.zero_grad()
-    text = learner(images=images).text_features
-    (text.pow(2).sum(-1).sqrt() * torch.arange(1, text.shape[-2] + 1)).sum().backward()
-    return text.detach(), {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
-
-
 def test_the_blocks_take_the_prefix_cache(backbones):
     fast, _ = backbones
     assert fast.text_tower.prefix_cache and fast.can_truncate_text and fast.share_prefix
@@ -80,9 +62,9 @@ def test_same_features_and_gradients_as_the_plain_path(method, options, shared, 
     torch.manual_seed(0)
     learner = PROMPT_LEARNERS[method](fast, NAMES, **options).double()
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    ours, our_grads = _features_and_grads(learner, fast, images)
+    ours, our_grads = features_and_grads(learner, fast, images)
     assert bool(prefix_calls) == shared
-    theirs, their_grads = _features_and_grads(learner, plain, images)
+    theirs, their_grads = features_and_grads(learner, plain, images)
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name in our_grads:
@@ -111,9 +93,9 @@ def test_chunks_and_checkpointing(share_prefix, checkpointing, backbones, prefix
     torch.manual_seed(0)
     learner = PROMPT_LEARNERS["maple"](fast, NAMES * 3, depth=3).double()
     images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    ours, our_grads = _features_and_grads(learner, chunked, images)
+    ours, our_grads = features_and_grads(learner, chunked, images)
     assert bool(prefix_calls) == share_prefix
-    theirs, their_grads = _features_and_grads(learner, plain, images)
+    theirs, their_grads = features_and_grads(learner, plain, images)
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     for name in their_grads:
         torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8,

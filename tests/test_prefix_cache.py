@@ -47,7 +47,7 @@ def prefix_calls(monkeypatch):
     return calls
 
 
-def _features_and_grads(learner, backbone, images):
+def features_and_grads(learner, backbone, images):
     learner.backbone = backbone
     learner.zero_grad()
     text = learner(images=images).text_features
@@ -61,9 +61,9 @@ def test_same_features_and_gradients_as_the_plain_path(method, options, shared, 
     torch.manual_seed(0)
     learner = PROMPT_LEARNERS[method](fast, NAMES, **options).double()
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    ours, our_grads = _features_and_grads(learner, fast, images)
+    ours, our_grads = features_and_grads(learner, fast, images)
     assert bool(prefix_calls) == shared
-    theirs, their_grads = _features_and_grads(learner, plain, images)
+    theirs, their_grads = features_and_grads(learner, plain, images)
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name in our_grads:
@@ -89,9 +89,9 @@ def test_chunks_and_checkpointing_on_the_prefix_path(checkpointing, backbones, t
     torch.manual_seed(0)
     learner = PROMPT_LEARNERS["maple"](fast, NAMES * 3).double()
     images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    ours, our_grads = _features_and_grads(learner, chunked, images)
+    ours, our_grads = features_and_grads(learner, chunked, images)
     assert prefix_calls
-    theirs, their_grads = _features_and_grads(learner, plain, images)
+    theirs, their_grads = features_and_grads(learner, plain, images)
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     for name in their_grads:
         torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
