@@ -105,3 +105,26 @@ def test_chunks_and_checkpointing(share_prefix, checkpointing, backbones, prefix
 def test_chunk_size_is_checked():
     with pytest.raises(ValueError, match="text_chunk_size"):
         HFCLIPBackbone.from_model(tiny_clip(), text_chunk_size=0)
+
+
+@pytest.mark.parametrize("method", ["coop", "maple"])
+def test_clipseg_text_tower_takes_the_prefix_path_exactly(method, prefix_calls):
+    torch.manual_seed(0)
+    config = transformers.CLIPSegConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "max_position_embeddings": 32},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    model = transformers.CLIPSegModel(config).eval().double()
+    fast, plain = HFCLIPBackbone.from_model(model), HFCLIPBackbone.from_model(model, share_prefix=False)
+    assert fast.text_tower.prefix_cache
+    options = {"coop": {"n_ctx": 4}, "maple": {"depth": 3}}[method]
+    learner = PROMPT_LEARNERS[method](fast, NAMES, **options).double()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ours, our_grads = features_and_grads(learner, fast, images)
+    assert prefix_calls
+    theirs, their_grads = features_and_grads(learner, plain, images)
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
+    for name in their_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8)
