@@ -8,6 +8,7 @@ from vlprompt.backbones.base import Backbone, BackboneMismatchError, check_backb
 from vlprompt.backbones.hf_clip import HFCLIPBackbone
 from vlprompt.backbones.open_clip import OpenCLIPBackbone
 from vlprompt.backbones.registry import backbone_families, backbone_from_identity, load_backbone, register_backbone
+from vlprompt.backbones.text import TextTower
 from vlprompt.backbones.timm import TimmBackbone
 from vlprompt.backbones.vision import PromptPlacement
 
@@ -18,6 +19,7 @@ __all__ = [
     "HFCLIPBackbone",
     "OpenCLIPBackbone",
     "PromptPlacement",
+    "TextTower",
     "TimmBackbone",
     "backbone_families",
     "backbone_from_identity",
