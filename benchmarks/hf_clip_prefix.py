@@ -9,9 +9,12 @@ random ``transformers`` CLIPModel with ViT-B/16's text tower (512 wide, 12 layer
   class's suffix against the cached keys/values, suffixes grouped by length).
 
 All variants run in this process on the same model, classes and batch; the script prints the median
-step time of each, the ratios against ``truncated`` and the losses (equal up to float noise).
+step time of each, the ratios against ``truncated`` and the losses (equal up to float noise). On
+a CPU shared with other work, pass ``--threads 1``: the prefix path runs many small operations,
+which several threads waiting on each other for a busy core slow down far more than the plain path.
 
     python benchmarks/hf_clip_prefix.py                      # 10, 100, 1000 classes, CPU
+    python benchmarks/hf_clip_prefix.py --threads 1 --classes 10 100   # a small shared CPU
     python benchmarks/hf_clip_prefix.py --device cuda --classes 100 1000 --json hf_prefix.json
 """
 
@@ -68,9 +71,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plain-max-classes", type=int, default=100)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0: its default)")
     add_json_argument(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     model = random_hf_clip(device)
@@ -105,7 +111,8 @@ def main() -> None:
         log.info("%7d %s %17.3f %14.3f %19.1fx %s", classes, plain, t["truncated"], t["prefix"],
                  t["truncated"] / t["prefix"], vs_plain)
     write_json(args.json, "hf_clip_prefix", device, {"model": "transformers CLIP, ViT-B/16 text",
-                                                      "batch_size": args.batch_size, "n_ctx": args.n_ctx}, measured)
+                                                      "batch_size": args.batch_size, "n_ctx": args.n_ctx,
+                                                      "threads": torch.get_num_threads()}, measured)
 
 
 if __name__ == "__main__":
