@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from vlprompt.data.images import ImageDataset
 
 if TYPE_CHECKING:
-    from vlprompt.data.multitask import Task
+    from vlprompt.data.tasks import Task
 
 __all__ = [
     "ClassificationData",
