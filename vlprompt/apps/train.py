@@ -15,14 +15,14 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from vlprompt.apps.runner import config_files, read_yaml, refuse_duplicate_keys
-from vlprompt.methods import PromptClassifier, PromptModule
+from vlprompt.methods import PromptClassifier
 from vlprompt.prompts.io import CONFIG_NAME, WEIGHTS_NAME
 
 __all__ = ["RunConfig", "VLPromptCLI", "check_checkpoint_path", "fit", "fresh_run_dir", "predict", "run_lightning_cli", "test", "validate"]
@@ -104,6 +104,15 @@ def _hide_version_number(trainer: pl.Trainer) -> None:
     bar.get_metrics = get_metrics
 
 
+@runtime_checkable
+class SavesPrompt(Protocol):
+    """A module whose learned prompt ``vlprompt fit`` saves when fitting ends (every
+    :class:`~vlprompt.methods.PromptModule`; :class:`~vlprompt.methods.GRAMMetaLearner` saves its
+    meta-prompt)."""
+
+    def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path: ...
+
+
 class VLPromptCLI(LightningCLI):
     """LightningCLI that links the data's class names into the model, always keeps ``last.ckpt``
     (an interrupted fit resumes with ``--ckpt_path``), and saves the learned prompt
@@ -182,7 +191,7 @@ class VLPromptCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
-        if not isinstance(self.model, PromptModule) and not hasattr(self.model, "save_meta_prompt"):
+        if not isinstance(self.model, SavesPrompt):
             return
         target = self._prompt_target()
         if self.trainer.interrupted:
