@@ -109,10 +109,10 @@ def test_prompt_optimization_is_coops_schedule():
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     sgd = functools.partial(torch.optim.SGD, lr=0.1)
-    configured = prompt_optimization(sgd, [{"params": params, "lr_scale": 2.0}], Trainer(), warmup_epochs=1,
+    configured = prompt_optimization(sgd, [{"params": params, "lr_scale": 2.0}], Trainer, warmup_epochs=1,
                                      warmup_lr=1e-3)
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.2) and "lr_scale" not in optimizer.param_groups[0]
     expected = warmup_cosine(20, 5, 1e-3 / 0.2)
     assert [scheduler.lr_lambdas[0](s) for s in range(20)] == [expected(s) for s in range(20)]
-    assert prompt_optimization(sgd, params, Trainer(), lr_scheduler="constant").__class__ is torch.optim.SGD
+    assert prompt_optimization(sgd, params, lambda: pytest.fail("a constant rate needs no trainer"), lr_scheduler="constant").__class__ is torch.optim.SGD

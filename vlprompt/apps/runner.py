@@ -379,13 +379,16 @@ def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, A
 def typed_config(cls: type[C], raw: dict[str, Any], path: str | Path, overrides: Sequence[str] = ()) -> C:
     """The dataclass ``cls`` from the mapping ``raw`` (read from the YAML file ``path``; dotted
     ``overrides`` set by :func:`with_overrides`), each value checked against its field's type by
-    jsonargparse."""
+    jsonargparse. The dataclass gets the values as written: jsonargparse would fill the
+    ``{class_path, init_args}`` specs inside free-form fields with every default of their class,
+    which the runners build later, with their own arguments."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog=str(path), exit_on_error=False)
     parser.add_class_arguments(cls, skip={"config_dir"})
-    typed = parser.parse_object(with_overrides(raw, overrides), defaults=True)
-    return cls(**typed.as_dict(), config_dir=Path(path).resolve().parent)
+    raw = with_overrides(raw, overrides)
+    parser.parse_object(raw, defaults=True)
+    return cls(**raw, config_dir=Path(path).resolve().parent)
 
 
 def config_text(config: Any) -> str:

@@ -153,7 +153,7 @@ class PromptModule(pl.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError(f"the {self.prompt_learner.name} prompt has no learnable parameters; nothing to fit")
-        return prompt_optimization(self.optimizer_factory, self.prompt_learner.optimizer_groups(params), self.trainer,
+        return prompt_optimization(self.optimizer_factory, self.prompt_learner.optimizer_groups(params), lambda: self.trainer,
                                    lr_scheduler=self.lr_scheduler_name, warmup_epochs=self.warmup_epochs,
                                    warmup_lr=self.warmup_lr)
 

@@ -40,7 +40,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int, warmup_factor: float) -> 
 def prompt_optimization(
     optimizer_factory: OptimizerFactory,
     groups: Iterable[Any],
-    trainer: pl.Trainer,
+    trainer: Callable[[], pl.Trainer],
     *,
     lr_scheduler: LRSchedule = "cosine",
     warmup_epochs: int = 1,
@@ -48,14 +48,17 @@ def prompt_optimization(
 ) -> Optimizer | dict[str, Any]:
     """What ``configure_optimizers`` returns: the optimiser over ``groups`` (a group's ``lr_scale``
     multiplies the optimiser's rate) and, for ``cosine``, Dassl's schedule stepped per batch: every
-    group at ``warmup_lr`` for ``warmup_epochs``, then each on a cosine from its own rate to 0."""
+    group at ``warmup_lr`` for ``warmup_epochs``, then each on a cosine from its own rate to 0.
+    ``trainer`` gives the trainer (the schedule's length), asked only for ``cosine``: a module not
+    attached to a trainer still builds its constant-rate optimiser."""
     optimizer = optimizer_factory(groups)
     for group in optimizer.param_groups:  # a learner's group at a multiple of the optimiser's rate
         group["lr"] *= group.pop("lr_scale", 1.0)
     if lr_scheduler == "constant":
         return optimizer
-    total = max(1, int(trainer.estimated_stepping_batches))
-    steps_per_epoch = max(1, total // max(1, trainer.max_epochs or 1))
+    fitting = trainer()
+    total = max(1, int(fitting.estimated_stepping_batches))
+    steps_per_epoch = max(1, total // max(1, fitting.max_epochs or 1))
     warmup = min(total - 1, warmup_epochs * steps_per_epoch)
     schedules = [warmup_cosine(total, warmup, warmup_lr / group["lr"] if warmup else 1.0)
                  for group in optimizer.param_groups]
