@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlprompt.apps.commands import demo_parser
-from vlprompt.apps.runner import RUNNERS, config_text, declared_runner, read_yaml
+from vlprompt.apps.runner import RUNNERS, config_text, declared_runner, read_yaml, select_methods, set_max_epochs
 from vlprompt.apps.fewshot import apply_overrides, format_report, load_eval_config, run_fewshot_eval
 from vlprompt.resources import bundled_dir
 from vlprompt.zoo import available_models
@@ -94,19 +94,12 @@ def _multitask_demo(config: Path, args: argparse.Namespace, parser: argparse.Arg
     from vlprompt.apps.multitask import format_summary, load_multitask_config, run_multitask_eval
 
     cfg = load_multitask_config(config, args.overrides)
-    if args.methods:
-        missing = set(args.methods) - set(cfg.methods)
-        if missing:
-            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
-        cfg.methods = {m: cfg.methods[m] for m in args.methods}
+    cfg.methods = select_methods(cfg.methods, args.methods, parser)
     if args.shots:
         cfg.targets.shots = args.shots
     if args.seeds:
         cfg.source.seeds = args.seeds
-    if args.max_epochs:
-        for spec in cfg.methods.values():
-            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
-            spec["source_trainer"] = {**(spec.get("source_trainer") or {}), "max_epochs": args.max_epochs}
+    set_max_epochs(cfg.methods, args.max_epochs, "trainer", "source_trainer")
     if _printed(cfg, args):
         return
     started = time.perf_counter()
@@ -118,11 +111,8 @@ def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.
     from vlprompt.apps.segmentation import SegmentationEvalConfig, format_table, run_segmentation_eval
 
     cfg = SegmentationEvalConfig.read(config, args.overrides)
-    if args.methods:
-        cfg.methods = {m: cfg.methods[m] for m in args.methods if m in cfg.methods}
-    if args.max_epochs:
-        for spec in cfg.methods.values():
-            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
+    cfg.methods = select_methods(cfg.methods, args.methods, parser)
+    set_max_epochs(cfg.methods, args.max_epochs)
     if args.data_root:
         cfg.data.setdefault("init_args", {})["root"] = args.data_root
     if _printed(cfg, args):

@@ -42,7 +42,17 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.apps.commands import fewshot_parser
-from vlprompt.apps.runner import MethodRecipe, config_text, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
+from vlprompt.apps.runner import (
+    MethodRecipe,
+    config_text,
+    instantiate,
+    method_recipe,
+    prepare_output_dir,
+    read_config,
+    resolve_config_path,
+    select_methods,
+    set_max_epochs,
+)
 from vlprompt.backbones import Backbone
 from vlprompt.eval.plots import plot_accuracy_vs_shots
 from vlprompt.eval.tables import (
@@ -342,14 +352,8 @@ def apply_overrides(cfg: EvaluationConfig, args: argparse.Namespace, parser: arg
         cfg.shots = args.shots
     if args.seeds:
         cfg.seeds = args.seeds
-    if getattr(args, "methods", None):
-        missing = set(args.methods) - set(cfg.methods)
-        if missing:
-            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
-        cfg.methods = {m: cfg.methods[m] for m in args.methods}
-    if args.max_epochs:
-        for spec in cfg.methods.values():
-            spec["trainer"] = {**(spec.get("trainer") or {}), "max_epochs": args.max_epochs}
+    cfg.methods = select_methods(cfg.methods, getattr(args, "methods", None), parser)
+    set_max_epochs(cfg.methods, args.max_epochs)
     if getattr(args, "no_base_to_novel", False):
         cfg.base_to_novel = None
     if getattr(args, "no_transfer", False):

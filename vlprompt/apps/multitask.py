@@ -54,7 +54,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from vlprompt.apps.commands import multitask_parser
-from vlprompt.apps.runner import MethodRecipe, TaskRunner, config_text, instantiate, method_recipe, prepare_output_dir, read_config, resolve_config_path
+from vlprompt.apps.runner import MethodRecipe, TaskRunner, config_text, instantiate, select_methods, method_recipe, prepare_output_dir, read_config, resolve_config_path
 from vlprompt.data.multitask import MultiTaskDataModule, check_task_names
 from vlprompt.eval.tables import Result, multitask_table, write_csv
 from vlprompt.methods import MultiTaskPromptClassifier, PromptClassifier
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.root:
         for spec in [*cfg.source.tasks.values(), *cfg.targets.tasks.values()]:
             spec.setdefault("init_args", {})["root"] = args.root
-    if args.methods:
-        missing = set(args.methods) - set(cfg.methods)
-        if missing:
-            parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(cfg.methods)})")
-        cfg.methods = {m: cfg.methods[m] for m in args.methods}
+    cfg.methods = select_methods(cfg.methods, args.methods, parser)
     if args.print_config:
         sys.stdout.write(config_text(cfg))
         return

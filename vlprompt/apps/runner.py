@@ -46,6 +46,8 @@ __all__ = [
     "prepare_output_dir",
     "read_config",
     "read_yaml",
+    "select_methods",
+    "set_max_epochs",
     "refuse_duplicate_keys",
     "resolve_config_path",
     "runner_section",
@@ -400,6 +402,24 @@ def config_text(config: Any) -> str:
 
     as_dict = {k: v for k, v in dataclasses.asdict(config).items() if k != "config_dir"}
     return yaml.safe_dump(as_dict, sort_keys=False)
+
+
+def select_methods(methods: dict[str, Any], wanted: Sequence[str] | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The config's ``methods`` restricted to ``wanted`` (``--methods``; all when none), in that
+    order; a name the config lacks is the command line's error."""
+    if not wanted:
+        return methods
+    missing = set(wanted) - set(methods)
+    if missing:
+        parser.error(f"methods {sorted(missing)} are not in the config (it has {sorted(methods)})")
+    return {m: methods[m] for m in wanted}
+
+
+def set_max_epochs(methods: dict[str, dict[str, Any]], epochs: int | None, *sections: str) -> None:
+    """``--max-epochs``: every method's trainer ``sections`` (default ``trainer``) run ``epochs``."""
+    for spec in methods.values() if epochs else ():
+        for section in sections or ("trainer",):
+            spec[section] = {**(spec.get(section) or {}), "max_epochs": epochs}
 
 
 # -- running ---------------------------------------------------------------------------------------------
