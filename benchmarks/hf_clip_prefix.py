@@ -21,12 +21,13 @@ which several threads waiting on each other for a busy core slow down far more t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 
 import torch
-import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+from coop_step import step  # the same CoOp step, over cached image features
 from timing import add_json_argument, peak_memory_mib, reset_peak_memory, timed, write_json
 from vlprompt.backbones import HFCLIPBackbone
 from vlprompt.prompts import CoOpPromptLearner
@@ -51,16 +52,6 @@ def random_hf_clip(device: torch.device) -> torch.nn.Module:
                        "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
         projection_dim=512)
     return transformers.CLIPModel(config).eval().to(device)
-
-
-def step(learner, backbone, image_features, labels, optimizer) -> float:
-    text = learner.text_features()
-    logits = backbone.logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text, dim=-1).t()
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
 
 
 def main() -> None:
@@ -98,7 +89,8 @@ def main() -> None:
             learner = CoOpPromptLearner(backbone, names, n_ctx=args.n_ctx).to(device)
             opt = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9)
             reset_peak_memory(device)
-            times[name], loss = timed(lambda: step(learner, backbone, image_features, labels, opt), args.repeats, device)
+            times[name], loss = timed(lambda: step(learner, backbone, None, labels, image_features, opt, contextlib.nullcontext),
+                                            args.repeats, device)
             measured.append({"classes": classes, "variant": name, "seconds": times[name], "loss": loss,
                              "peak_mib": peak_memory_mib(device)})
             log.info("%5d classes  %-10s %8.3f s/step  loss %.5f", classes, name, times[name], loss)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_prefix_cache import NAMES, features_and_grads, prefix_calls  # noqa: F401 (a fixture)
+from test_prefix_cache import NAMES, assert_same_as_plain, features_and_grads, prefix_calls  # noqa: F401 (a fixture)
 from vlprompt.backbones import HFCLIPBackbone
 from vlprompt.prompts import PROMPT_LEARNERS
 
@@ -31,16 +31,18 @@ CASES = [
 ]
 
 
+#: A tiny configuration with CLIP's vocabulary, 3 text layers, 32 px images (for CLIP and CLIPSeg).
+TINY = {"text_config": {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                        "num_attention_heads": 2, "max_position_embeddings": 32},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8},
+        "projection_dim": 16}
+
+
 def tiny_clip(seed: int = 0) -> torch.nn.Module:
-    """A tiny random transformers ``CLIPModel`` with CLIP's vocabulary, 3 text layers, 32 px images."""
+    """A tiny random transformers ``CLIPModel`` (:data:`TINY`)."""
     torch.manual_seed(seed)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                     "num_attention_heads": 2, "max_position_embeddings": 32},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    return transformers.CLIPModel(config).eval()
+    return transformers.CLIPModel(transformers.CLIPConfig(**TINY)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,8 @@ def test_same_features_and_gradients_as_the_plain_path(method, options, shared, 
     ours, our_grads = features_and_grads(learner, fast, images)
     assert bool(prefix_calls) == shared
     theirs, their_grads = features_and_grads(learner, plain, images)
-    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     assert our_grads.keys() == their_grads.keys() and our_grads
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_as_plain(ours, our_grads, theirs, their_grads)
 
 
 @pytest.mark.parametrize(("position", "template"), [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
@@ -96,10 +95,7 @@ def test_chunks_and_checkpointing(share_prefix, checkpointing, backbones, prefix
     ours, our_grads = features_and_grads(learner, chunked, images)
     assert bool(prefix_calls) == share_prefix
     theirs, their_grads = features_and_grads(learner, plain, images)
-    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
-    for name in their_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_as_plain(ours, our_grads, theirs, their_grads)
 
 
 def test_chunk_size_is_checked():
@@ -110,13 +106,7 @@ def test_chunk_size_is_checked():
 @pytest.mark.parametrize("method", ["coop", "maple"])
 def test_clipseg_text_tower_takes_the_prefix_path_exactly(method, prefix_calls):
     torch.manual_seed(0)
-    config = transformers.CLIPSegConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-                     "num_attention_heads": 2, "max_position_embeddings": 32},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
-    model = transformers.CLIPSegModel(config).eval().double()
+    model = transformers.CLIPSegModel(transformers.CLIPSegConfig(**TINY)).eval().double()
     fast, plain = HFCLIPBackbone.from_model(model), HFCLIPBackbone.from_model(model, share_prefix=False)
     assert fast.text_tower.prefix_cache
     options = {"coop": {"n_ctx": 4}, "maple": {"depth": 3}}[method]
@@ -125,6 +115,4 @@ def test_clipseg_text_tower_takes_the_prefix_path_exactly(method, prefix_calls):
     ours, our_grads = features_and_grads(learner, fast, images)
     assert prefix_calls
     theirs, their_grads = features_and_grads(learner, plain, images)
-    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
-    for name in their_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8)
+    assert_same_as_plain(ours, our_grads, theirs, their_grads)

@@ -70,6 +70,7 @@ def test_single_task_is_one_task_and_multitask_is_the_same_class(backbone):
     assert own == {"report"}  # no method of its own: only what it reports
     assert [t.name for t in single.tasks] == ["task"] and single.task_scorer.task_mask.all()
     logits = torch.randn(5, 3)
+    # One task masks nothing: masked_fill copies every value, no arithmetic, so equality is exact.
     assert torch.equal(single.own_task_logits(logits, torch.zeros(5, dtype=torch.long)), logits)
     # Hyper-parameters read as they did when these were two classes.
     assert "loss" not in single.hparams and "feature_bank" in single.hparams

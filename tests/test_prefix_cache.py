@@ -55,6 +55,14 @@ def features_and_grads(learner, backbone, images):
     return text.detach(), {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
 
 
+def assert_same_as_plain(ours, our_grads, theirs, their_grads):
+    """The features and every gradient of the plain path, to float64's 1e-10."""
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
+    for name in their_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize(("method", "options", "shared"), CASES, ids=[f"{m}-{o}" for m, o, _ in CASES])
 def test_same_features_and_gradients_as_the_plain_path(method, options, shared, backbones, prefix_calls):
     fast, plain = backbones
@@ -64,10 +72,8 @@ def test_same_features_and_gradients_as_the_plain_path(method, options, shared, 
     ours, our_grads = features_and_grads(learner, fast, images)
     assert bool(prefix_calls) == shared
     theirs, their_grads = features_and_grads(learner, plain, images)
-    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
     assert our_grads.keys() == their_grads.keys() and our_grads
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_as_plain(ours, our_grads, theirs, their_grads)
 
 
 @pytest.mark.parametrize(("position", "template"), [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
@@ -92,9 +98,7 @@ def test_chunks_and_checkpointing_on_the_prefix_path(checkpointing, backbones, t
     ours, our_grads = features_and_grads(learner, chunked, images)
     assert prefix_calls
     theirs, their_grads = features_and_grads(learner, plain, images)
-    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-8)
-    for name in their_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_as_plain(ours, our_grads, theirs, their_grads)
 
 
 def test_bidirectional_towers_never_take_the_shortcut(tmp_path, prefix_calls):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.abc
@@ -187,17 +188,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vlprompt"
 
 
-def _help_cache_file(argv: list[str]) -> Path:
-    """Where the help of a LightningCLI command (``argv``: the command and ``--help``) is cached.
-    The key holds everything the text depends on: the arguments and the program name, the terminal
-    width, the interpreter, the installed packages (the modification times of the folders they are
-    installed in, which change when a package is installed, upgraded or removed) and vlprompt's own
-    source files (name, size, modification time), so an edit or an upgrade builds the help anew."""
+@functools.cache
+def _installation_key() -> str:
+    """What the help of every command depends on in this installation: the interpreter, the
+    installed packages (the modification times of the folders they are installed in, which change
+    when a package is installed, upgraded or removed) and vlprompt's own source files (name, size,
+    modification time). Computed once per process: it stats every source file."""
     import site
     import sysconfig
 
-    key = [repr(argv), os.path.basename(sys.argv[0] or "vlprompt"), str(shutil.get_terminal_size().columns),
-           sys.version, sys.prefix, repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE")))]
+    key = [sys.version, sys.prefix]
     paths = sysconfig.get_paths()
     for folder in sorted({paths["purelib"], paths["platlib"], site.getusersitepackages()}):
         with contextlib.suppress(OSError):
@@ -207,6 +207,16 @@ def _help_cache_file(argv: list[str]) -> Path:
         for name in sorted(f for f in files if f.endswith(".py")):
             stat = os.stat(os.path.join(folder, name))
             key.append(f"{os.path.relpath(os.path.join(folder, name), _PACKAGE_DIR)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\n".join(key)
+
+
+def _help_cache_file(argv: list[str]) -> Path:
+    """Where the help of a LightningCLI command (``argv``: the command and ``--help``) is cached.
+    The key holds everything the text depends on: the arguments and the program name, the terminal
+    width, the ``JSONARGPARSE`` settings and the installation (:func:`_installation_key`), so an
+    edit or an upgrade builds the help anew."""
+    key = [repr(argv), os.path.basename(sys.argv[0] or "vlprompt"), str(shutil.get_terminal_size().columns),
+           repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE"))), _installation_key()]
     digest = hashlib.sha256("\n".join(key).encode()).hexdigest()[:24]
     return _cache_dir() / "help" / f"{argv[0]}-{digest}.txt"
 
