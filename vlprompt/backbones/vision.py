@@ -17,10 +17,22 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["PromptPlacement", "ViTTower", "run_block_maybe_checkpointed", "vit_tower"]
 
-#: ``after_cls``: right after the class (and register) tokens, as in VPT and MVLPT;
-#: ``after_patches``: appended after the patch tokens, as in MaPLe and IVLP.
-PromptPlacement = Literal["after_cls", "after_patches"]
-PLACEMENTS: tuple[str, ...] = ("after_cls", "after_patches")
+#: Where the input-layer prompt tokens join the image tower's sequence:
+#:
+#: * ``after_cls``: right after the class (and register) tokens, before the tower's pre-norm
+#:   (``ln_pre``), which then normalises them with the patches: VPT's position (Jia et al., whose
+#:   ViTs have no pre-norm);
+#: * ``after_patches``: appended after the patch tokens, before the pre-norm: the MaPLe
+#:   repository's VPT baseline, IVLP and MaPLe;
+#: * ``after_cls_after_pre_norm``: right after the class tokens, but joined after the pre-norm,
+#:   so the tokens enter the first block as they are: MVLPT's code (``ImageEncoder`` in
+#:   ``trainers/mvlpt.py`` runs ``ln_pre`` and then inserts them). The norm is per token, so the
+#:   patch and class tokens are the same either way; only the prompt tokens differ.
+#:
+#: Deep prompts (before blocks ``1..``) replace the tokens in the residual stream in every
+#: placement, unnormalised, as all these references do.
+PromptPlacement = Literal["after_cls", "after_patches", "after_cls_after_pre_norm"]
+PLACEMENTS: tuple[str, ...] = ("after_cls", "after_patches", "after_cls_after_pre_norm")
 
 SUPPORTED_TOWERS = (
     "open_clip VisionTransformer (every open_clip ViT-*)",
@@ -101,13 +113,19 @@ class ViTTower:
         layers: Sequence[int],
         prompts: Sequence[torch.Tensor] = (),
         placement: PromptPlacement = "after_cls",
+        keep_prompts: bool = False,
     ) -> list[torch.Tensor]:
         """The token sequences ``[B, prefix + patches, width]`` after blocks ``layers`` (0-based),
         visual prompts (as in :meth:`encode`, or none) removed; the blocks after the deepest one
-        asked for are not run (what a segmentation decoder reading intermediate layers needs)."""
+        asked for are not run (what a segmentation decoder reading intermediate layers needs).
+
+        ``keep_prompts``: leave the prompts in, after the patches (``after_patches`` only), as
+        TuneVLSeg's CLIPSeg decoder reads them: each layer as it enters the next block, i.e. with
+        the next depth's deep prompt already in place (TuneVLSeg replaces them in place after the
+        block, in the tensor it also hands the decoder)."""
         if not layers or min(layers) < 0 or max(layers) >= self.layers:
             raise ValueError(f"layers must be block indices 0..{self.layers - 1}, got {list(layers)}")
-        _, taken = self._run(images, prompts, placement, collect=sorted(set(layers)))
+        _, taken = self._run(images, prompts, placement, collect=sorted(set(layers)), keep_prompts=keep_prompts)
         return [taken[i] for i in layers]
 
     def _run(
@@ -116,6 +134,7 @@ class ViTTower:
         prompts: Sequence[torch.Tensor],
         placement: PromptPlacement,
         collect: Sequence[int] = (),
+        keep_prompts: bool = False,
     ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
         """The block loop: the final tokens (prompts removed; None when stopped early at the last
         block in ``collect``) and the tokens after each block in ``collect``."""
@@ -129,20 +148,37 @@ class ViTTower:
                     f"(the image tower's width is {self.width})"
                 )
         x = self.embed(images)
-        start = self.num_prefix_tokens if placement == "after_cls" or self.prompts_after_prefix else x.shape[1]
-        if prompts:
+        start = x.shape[1] if placement == "after_patches" and not self.prompts_after_prefix else self.num_prefix_tokens
+        normed_prompts = placement != "after_cls_after_pre_norm"
+        if prompts and normed_prompts:
             x = _insert_tokens(x, prompts[0].to(x.dtype), start)
         x = self.pre_norm(x)
+        if prompts and not normed_prompts:
+            x = _insert_tokens(x, prompts[0].to(x.dtype), start)
         taken: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             if 1 <= i < len(prompts):
                 x = _insert_tokens(x, prompts[i].to(x.dtype), start, replace=True)
             x = self.run_block(block, x)
             if i in collect:
-                taken[i] = torch.cat([x[:, :start], x[:, start + n :]], dim=1)
+                taken[i] = _layer_tokens(x, prompts, i, start, keep_prompts)
                 if i == collect[-1]:
                     return None, taken
         return torch.cat([x[:, :start], x[:, start + n :]], dim=1), taken
+
+
+def _layer_tokens(x: torch.Tensor, prompts: Sequence[torch.Tensor], block: int, start: int,
+                  keep_prompts: bool) -> torch.Tensor:
+    """The tokens after ``block`` handed to a reader of intermediate layers: prompts removed, or
+    (``keep_prompts``, prompts after the patches) kept with the next block's prompt in place."""
+    n = prompts[0].shape[-2] if prompts else 0
+    if not keep_prompts:
+        return torch.cat([x[:, :start], x[:, start + n :]], dim=1)
+    if prompts and start + n != x.shape[1]:
+        raise ValueError("keep_prompts needs the visual prompts after the patches (placement 'after_patches')")
+    if block + 1 < len(prompts):
+        return _insert_tokens(x, prompts[block + 1].to(x.dtype), start, replace=True)
+    return x
 
 
 def _insert_tokens(x: torch.Tensor, prompt: torch.Tensor, start: int, *, replace: bool = False) -> torch.Tensor:

@@ -102,10 +102,10 @@ class PromptLearner(nn.Module):
 
     # -- encoding ------------------------------------------------------------------------------
     def image_prompts(self) -> tuple[list[torch.Tensor] | None, str]:
-        """The visual prompts this learner puts into the image tower and where (``after_cls`` or
-        ``after_patches``); ``(None, "after_cls")`` for learners that leave images alone. The one
-        place a learner states its visual prompts: :meth:`encode_images` and the intermediate
-        layers a segmentation decoder reads both use it."""
+        """The visual prompts this learner puts into the image tower and where (a
+        :data:`~vlprompt.backbones.PromptPlacement`); ``(None, "after_cls")`` for learners that
+        leave images alone. The one place a learner states its visual prompts:
+        :meth:`encode_images` and the intermediate layers a segmentation decoder reads both use it."""
         return None, "after_cls"
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
