@@ -48,6 +48,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from vlprompt.data.classnames import fill_template
 from vlprompt.data.formats import format_names, get_format
 from vlprompt.data.samples import SplitSamples
 
@@ -149,8 +150,9 @@ class DatasetDescriptor:
         return self.role == "domain_shift_target"
 
     def format_prompt(self, classname: str) -> str:
-        """Fill the CoOp hand-written template with ``classname``."""
-        return self.template.format(classname)
+        """Fill the CoOp hand-written template with ``classname`` (one full stop at the end,
+        :func:`~vlprompt.data.classnames.fill_template`)."""
+        return fill_template(self.template, classname)
 
     def paths(self, root: str | Path) -> dict[str, Path]:
         """Resolve this dataset's locations under the data root ``root``.

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["check_distinct_classnames", "normalize_classname", "read_classnames_file"]
+__all__ = ["check_distinct_classnames", "normalize_classname", "fill_template", "read_classnames_file", "with_full_stop"]
 
 
 def normalize_classname(name: str) -> str:
@@ -17,6 +17,24 @@ def normalize_classname(name: str) -> str:
     whitespace one space, as every reference implementation (CoOp, CoCoOp, MaPLe, KgCoOp,
     PromptSRC, TPT) does before tokenising."""
     return re.sub(r"\s+", " ", str(name).replace("_", " ")).strip()
+
+
+def with_full_stop(text: str) -> str:
+    """``text`` ending in one full stop: ``"."`` is added only where the text does not already end
+    in one (TuneVLSeg's ``insert_stop_at_last``), so a prompt written as a sentence, such as a
+    referring expression ``"the red circle."``, does not become ``"the red circle.."``. Every
+    prompt vlprompt builds from free text ends this way: CoOp-style prompts with the name last, and
+    hand-written templates (``"{}"`` too, which adds no stop of its own)."""
+    return text if text.endswith(".") else text + "."
+
+
+def fill_template(template: str, name: str) -> str:
+    """A hand-written template filled with ``name``, ending in one full stop: a template that ends
+    in ``"{}."`` adds no second stop to a name that ends in one (``"a photo of a {}."`` with
+    ``"the red circle."``), and ``"{}"`` adds the stop a name lacks (:func:`with_full_stop`)."""
+    if name.endswith(".") and template.endswith("{}."):
+        template = template[:-1]
+    return with_full_stop(template.format(name))
 
 
 def check_distinct_classnames(names: Sequence[str], where: str) -> None:

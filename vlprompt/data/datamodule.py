@@ -79,6 +79,9 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
             class the first ``ceil(0.2 * shots)`` of the draw; with one shot, the same image), as
             ELEVATER and MVLPT count "k shots". Off by default: validation images are drawn from
             the validation split, ``min(shots, 4)`` per class (CoOp).
+        drop_last: drop the last incomplete training batch when a full one remains (Dassl's
+            loader). A method can ask for it too: ``PromptModule(drop_last=True)``, as the paper
+            recipes under ``configs/methods/`` do.
     """
 
     def __init__(
@@ -107,8 +110,10 @@ class FewShotDataModule(SplitLoaders, pl.LightningDataModule):
         fewshot_dir: str | None = None,
         test_per_class: int | None = None,
         val_from_train: bool = False,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
+        self.drop_last = drop_last
         self.root = Path(root).expanduser()
         self.shots, self.seed, self.subset = shots, seed, subset
         if test_per_class is not None and test_per_class < 1:

@@ -30,6 +30,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "collate_skipping",
+    "drops_last_batch",
     "eval_sampler",
     "load_rgb",
 ]
@@ -313,6 +314,13 @@ def eval_sampler(dataset: Dataset) -> EvalDistributedSampler | None:
     return None
 
 
+def drops_last_batch(n_items: int, batch_size: int) -> bool:
+    """Whether a training loader asked to drop its last incomplete batch does: as Dassl's
+    ``build_data_loader``, only when at least one full batch remains (a training set smaller than
+    a batch is kept whole rather than leaving an epoch with nothing)."""
+    return n_items >= batch_size
+
+
 #: The splits each Lightning stage reads (``None``: all of them).
 STAGE_SPLITS: dict[str, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                                             "predict": ("test",)}
@@ -329,6 +337,15 @@ class SplitLoaders:
     collate_fn: Callable = staticmethod(collate_skipping)
     #: Set up found no validation samples: fit runs without validation.
     no_val_split: bool = False
+    #: Drop the last incomplete training batch (the data module's own setting) ...
+    drop_last: bool = False
+    #: ... or because the method being fitted asks for it (:meth:`request_drop_last`).
+    method_drop_last: bool = False
+
+    def request_drop_last(self, drop: bool) -> None:
+        """The fitted method's wish (:class:`~vlprompt.data.protocol.TrainBatches`), renewed at
+        every fit so that it does not outlive the method."""
+        self.method_drop_last = drop
 
     def build_dataset(self, split: str, samples: list) -> Dataset:
         raise NotImplementedError
@@ -356,10 +373,12 @@ class SplitLoaders:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
         dataset = self.datasets[split]
+        drop = train and (self.drop_last or self.method_drop_last) and drops_last_batch(len(dataset), self.batch_size)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            drop_last=drop,
             sampler=None if train else eval_sampler(dataset),
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from vlprompt.data.images import STAGE_SPLITS, ImageDataset, collate_skipping, eval_sampler
+from vlprompt.data.images import STAGE_SPLITS, ImageDataset, collate_skipping, drops_last_batch, eval_sampler
 from vlprompt.data.protocol import ClassificationData
 from vlprompt.data.tasks import RESERVED_TASK_NAMES, Task, TaskMetric, check_task_names
 
@@ -151,7 +151,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             ``metric`` (a dataset descriptor's), else ``accuracy``.
         sampling: ``mixed``, ``proportional`` or ``round_robin`` training batches.
         batch_size, eval_batch_size, num_workers: loaders over the union.
-        drop_last: drop an incomplete last training batch.
+        drop_last: drop an incomplete last training batch (when a full one remains, as Dassl's loader;
+            a method can ask for it too, see :class:`~vlprompt.data.protocol.TrainBatches`).
     """
 
     def __init__(
@@ -195,7 +196,13 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.sampling = sampling
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.drop_last = drop_last
+        self.method_drop_last = False
         self.datasets: dict[str, MultiTaskDataset] = {}
+
+    def request_drop_last(self, drop: bool) -> None:
+        """The fitted method's wish to drop the last incomplete training batch
+        (:class:`~vlprompt.data.protocol.TrainBatches`), renewed at every fit."""
+        self.method_drop_last = drop
 
     # -- the ClassificationData protocol -----------------------------------------------------------
     @property
@@ -248,9 +255,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if "train" not in self.datasets:
             self.setup("fit")
         dataset = self.datasets["train"]
+        drop = (self.drop_last or self.method_drop_last) and drops_last_batch(len(dataset), self.batch_size)
         if self.sampling == "mixed":
-            return self._loader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last)
-        sampler = TaskBatchSampler(RandomSampler(dataset), self.batch_size, self.drop_last,
+            return self._loader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop)
+        sampler = TaskBatchSampler(RandomSampler(dataset), self.batch_size, drop,
                                    task_of=dataset.task_of, mode=self.sampling)
         return self._loader(dataset, batch_sampler=sampler)
 

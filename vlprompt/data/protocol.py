@@ -23,6 +23,7 @@ __all__ = [
     "FingerprintedDataset",
     "LabelsOnlyDataset",
     "LoaderWorkers",
+    "TrainBatches",
     "MultiTaskData",
     "PreprocessedData",
     "SeededDataset",
@@ -107,6 +108,14 @@ class LoaderWorkers(Protocol):
     such as filling a feature bank, uses as many)."""
 
     num_workers: int
+
+
+@runtime_checkable
+class TrainBatches(Protocol):
+    """A data module whose training loader can drop its last incomplete batch when the method
+    asks for it (Dassl's loader does, so the paper recipes do: ``PromptModule(drop_last=True)``)."""
+
+    def request_drop_last(self, drop: bool) -> None: ...
 
 
 @runtime_checkable

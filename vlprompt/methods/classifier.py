@@ -75,9 +75,12 @@ class PromptClassifier(ReadsClassificationData, PromptModule):
         loss: ``union`` (cross-entropy over every class) or ``task`` (over the sample's own task's
             classes only); the same with one task.
         optimizer: factory over the learnable parameters (CoOp's SGD by default).
-        lr_scheduler: ``cosine`` (with warm-up) or ``constant``.
+        lr_scheduler: ``dassl`` (the papers' per-epoch cosine, exactly), ``cosine`` (per step, down
+            to 0) or ``constant`` (:mod:`~vlprompt.methods.optimization`).
         warmup_epochs: epochs of constant warm-up learning rate (CoOp uses 1).
         warmup_lr: learning rate during warm-up.
+        drop_last: drop the last incomplete training batch, as Dassl's loader (asked of the data
+            module, :class:`~vlprompt.data.protocol.TrainBatches`; the paper recipes set it).
         cache_image_features: reuse image features across epochs and evaluations when the
             learner leaves the image tower untouched, keyed by the identity of the data (its
             samples and preprocessing). Exact for evaluation; in training, used only when the data
@@ -101,7 +104,7 @@ class PromptClassifier(ReadsClassificationData, PromptModule):
     #: Settings this class name gained when single- and multi-task classification became one
     #: class: left out of the saved hyper-parameters while at their defaults, so that checkpoints
     #: and hparams files read as before.
-    _recorded_when_set: tuple[str, ...] = ("loss",)
+    _recorded_when_set: tuple[str, ...] = ("loss", "drop_last")
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class PromptClassifier(ReadsClassificationData, PromptModule):
         lr_scheduler: LRSchedule = "cosine",
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
+        drop_last: bool = False,
         cache_image_features: bool = True,
         cache_augmented_train: bool = False,
         init_prompt: str | None = None,
@@ -127,9 +131,10 @@ class PromptClassifier(ReadsClassificationData, PromptModule):
         if loss not in ("union", "task"):
             raise ValueError(f"loss must be union or task, not {loss!r}")
         super().__init__(backbone, prompt_learner, classnames, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, init_prompt=init_prompt)
-        defaults = {"loss": "union", "feature_bank": None, "feature_bank_dtype": "float32"}
-        given = {"loss": loss, "feature_bank": feature_bank, "feature_bank_dtype": feature_bank_dtype}
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, drop_last=drop_last, init_prompt=init_prompt)
+        defaults = {"loss": "union", "feature_bank": None, "feature_bank_dtype": "float32", "drop_last": False}
+        given = {"loss": loss, "feature_bank": feature_bank, "feature_bank_dtype": feature_bank_dtype,
+                 "drop_last": drop_last}
         unset = [k for k in self._recorded_when_set if given[k] == defaults[k]]
         self.save_hyperparameters(ignore=[*self._not_hyperparameters, *unset])
         self.loss_mode, self.label_smoothing = loss, label_smoothing
@@ -209,6 +214,7 @@ class PromptClassifier(ReadsClassificationData, PromptModule):
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.classification_data()
         if dm is not None:
             dm.set_preprocess(self.backbone.preprocess_cfg)

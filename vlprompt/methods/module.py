@@ -21,14 +21,14 @@ import lightning.pytorch as pl
 import torch
 
 from vlprompt.backbones import Backbone
-from vlprompt.data.protocol import SeededDataset
+from vlprompt.data.protocol import SeededDataset, TrainBatches
 from vlprompt.methods.checkpoints import (
     check_record,
     prompt_record,
     restore_frozen,
     strip_frozen,
 )
-from vlprompt.methods.data_link import fingerprint_of
+from vlprompt.methods.data_link import attached_data, fingerprint_of
 from vlprompt.methods.optimization import (
     LRSchedule,
     OptimizerFactory,
@@ -61,9 +61,13 @@ class PromptModule(pl.LightningModule):
         prompt_learner: a factory ``(backbone, names) -> PromptLearner``; zero-shot CLIP when None.
         names: what the learner is first built for (class names; a segmenter's first prompt).
         optimizer: factory over the learnable parameters (CoOp's SGD by default).
-        lr_scheduler: ``cosine`` (with warm-up) or ``constant``.
+        lr_scheduler: ``dassl`` (the papers' per-epoch cosine, exactly), ``cosine`` (per step, down
+            to 0) or ``constant``; both cosines follow a constant warm-up
+            (:mod:`~vlprompt.methods.optimization`).
         warmup_epochs, warmup_lr: epochs of constant warm-up learning rate, and that rate (of every
             parameter group).
+        drop_last: ask the data module to drop its last incomplete training batch, as Dassl's loader
+            does (:class:`~vlprompt.data.protocol.TrainBatches`; the paper recipes set it).
         init_prompt: a saved vlprompt prompt directory or a Dassl checkpoint to start from.
     """
 
@@ -80,6 +84,7 @@ class PromptModule(pl.LightningModule):
         lr_scheduler: LRSchedule = "cosine",
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
+        drop_last: bool = False,
         init_prompt: str | None = None,
     ) -> None:
         super().__init__()
@@ -89,6 +94,7 @@ class PromptModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_name = lr_scheduler
         self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
+        self.drop_last = drop_last
         self.unreadable = UnreadableImages()
         if init_prompt:
             load_initial_prompt(self.prompt_learner, init_prompt)
@@ -106,6 +112,17 @@ class PromptModule(pl.LightningModule):
         return prompt_logits(output, self.backbone)
 
     # -- the data each stage reads ----------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Hand the training-loader options over to the data module (renewed at every fit)."""
+        if stage != "fit":
+            return
+        dm = attached_data(self)
+        if isinstance(dm, TrainBatches):
+            dm.request_drop_last(self.drop_last)
+        elif self.drop_last:
+            log.warning("%s cannot drop its last incomplete training batch (drop_last=True is ignored): "
+                        "it does not implement vlprompt.data.protocol.TrainBatches", type(dm).__name__)
+
     def stage_dataset(self, stage: str) -> Any:
         """The dataset ``stage`` reads (``train``/``val``/``test``/``predict``), None when unknown."""
         return None

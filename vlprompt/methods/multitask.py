@@ -27,4 +27,4 @@ class MultiTaskPromptClassifier(PromptClassifier):
     """
 
     report: type[ClassificationReport] = TaskReport
-    _recorded_when_set = ("feature_bank", "feature_bank_dtype")
+    _recorded_when_set = ("feature_bank", "feature_bank_dtype", "drop_last")

@@ -1,5 +1,18 @@
-"""Optimisation of a prompt: CoOp's optimiser recipe and its warm-up + cosine schedule, built over a
-learner's parameter groups (a group may run at a multiple of the optimiser's rate)."""
+"""Optimisation of a prompt: CoOp's optimiser recipe and its warm-up + cosine schedules, built over a
+learner's parameter groups (a group may run at a multiple of the optimiser's rate).
+
+Two cosine schedules, both after a constant warm-up:
+
+* ``dassl``: the papers' schedule, exactly. Every Dassl-based reference (CoOp, CoCoOp, KgCoOp,
+  MaPLe, PromptSRC, both DePTs, MVLPT) wraps ``CosineAnnealingLR(T_max=max_epoch)`` in Dassl's
+  ``ConstantWarmupScheduler`` and steps it once per epoch, at the end of the epoch's last batch.
+  Epoch ``e`` (from 0) then runs at ``warmup_lr`` while ``e < warmup_epochs``, and afterwards at
+  ``lr * (1 + cos(pi * (e - warmup_epochs) / max_epochs)) / 2``: the cosine restarts its count
+  after the warm-up but keeps ``max_epochs`` as its length, so it never reaches 0 (10 epochs with
+  one warm-up epoch end at 9.5% of the rate). :func:`dassl_epoch_factor`.
+* ``cosine``: vlprompt's smooth variant, stepped per optimiser step from the rate down to 0 over
+  the steps after the warm-up. :func:`warmup_cosine`.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +25,12 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["LRSchedule", "OptimizerFactory", "default_optimizer", "prompt_optimization", "warmup_cosine"]
+__all__ = ["LRSchedule", "OptimizerFactory", "dassl_epoch_factor", "default_optimizer", "prompt_optimization",
+           "warmup_cosine"]
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 
-LRSchedule = Literal["cosine", "constant"]
+LRSchedule = Literal["dassl", "cosine", "constant"]
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
@@ -37,6 +51,19 @@ def warmup_cosine(total_steps: int, warmup_steps: int, warmup_factor: float) -> 
     return factor
 
 
+def dassl_epoch_factor(max_epochs: int, warmup_epochs: int, warmup_factor: float) -> Callable[[int], float]:
+    """LR multiplier of epoch ``e`` under Dassl's schedule (see the module docstring):
+    ``warmup_factor`` for the first ``warmup_epochs`` epochs, then ``(1 + cos(pi * (e -
+    warmup_epochs) / max_epochs)) / 2``."""
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_factor
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max_epochs))
+
+    return factor
+
+
 def prompt_optimization(
     optimizer_factory: OptimizerFactory,
     groups: Iterable[Any],
@@ -47,16 +74,24 @@ def prompt_optimization(
     warmup_lr: float = 1e-5,
 ) -> Optimizer | dict[str, Any]:
     """What ``configure_optimizers`` returns: the optimiser over ``groups`` (a group's ``lr_scale``
-    multiplies the optimiser's rate) and, for ``cosine``, Dassl's schedule stepped per batch: every
-    group at ``warmup_lr`` for ``warmup_epochs``, then each on a cosine from its own rate to 0.
-    ``trainer`` gives the trainer (the schedule's length), asked only for ``cosine``: a module not
+    multiplies the optimiser's rate) and its schedule (the module docstring): during the warm-up
+    every group runs at ``warmup_lr``, then each follows the cosine from its own rate.
+    ``trainer`` gives the trainer (the schedule's length), asked only for a cosine: a module not
     attached to a trainer still builds its constant-rate optimiser."""
     optimizer = optimizer_factory(groups)
     for group in optimizer.param_groups:  # a learner's group at a multiple of the optimiser's rate
         group["lr"] *= group.pop("lr_scale", 1.0)
     if lr_scheduler == "constant":
         return optimizer
+    if lr_scheduler not in ("dassl", "cosine"):
+        raise ValueError(f"lr_scheduler must be 'dassl', 'cosine' or 'constant', not {lr_scheduler!r}")
     fitting = trainer()
+    if lr_scheduler == "dassl":
+        epochs = fitting.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError("lr_scheduler 'dassl' is a per-epoch schedule: set trainer.max_epochs")
+        schedules = [dassl_epoch_factor(epochs, max(0, warmup_epochs), warmup_lr / group["lr"]) for group in optimizer.param_groups]
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"}}
     total = max(1, int(fitting.estimated_stepping_batches))
     steps_per_epoch = max(1, total // max(1, fitting.max_epochs or 1))
     warmup = min(total - 1, warmup_epochs * steps_per_epoch)

@@ -35,6 +35,7 @@ from vlprompt.data.protocol import PreprocessedData, SegmentationData
 from vlprompt.methods.data_link import SPLIT_OF_STAGE, attached_data
 from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.module import OptimizerFactory, PromptModule
+from vlprompt.methods.optimization import LRSchedule
 from vlprompt.prompts import PromptLearnerFactory
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.heads import (
@@ -112,9 +113,10 @@ class PromptSegmenter(PromptModule):
         lambda_dice: float = 1.0,
         lambda_bce: float = 0.2,
         optimizer: OptimizerFactory = _adamw,
-        lr_scheduler: Literal["cosine", "constant"] = "cosine",
+        lr_scheduler: LRSchedule = "cosine",
         warmup_epochs: int = 0,
         warmup_lr: float = 1e-5,
+        drop_last: bool = False,
         init_prompt: str | None = None,
     ) -> None:
         if prompt_learner is None:
@@ -124,7 +126,8 @@ class PromptSegmenter(PromptModule):
 
             prompt_learner = partial(ZeroShotPrompt, templates="{}")
         super().__init__(backbone, prompt_learner, FIRST_PROMPTS, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, init_prompt=init_prompt)
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, drop_last=drop_last,
+                         init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.decoder, from_prompt = configured_head(backbone, head, extract_layers, reduce_dim, n_heads,
                                                     decoder_weights, init_prompt)
@@ -333,6 +336,7 @@ class PromptSegmenter(PromptModule):
         return dm.dataset(SPLIT_OF_STAGE[stage]) if dm is not None else None
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = attached_data(self)
         if isinstance(dm, PreprocessedData):
             dm.set_preprocess(self.backbone.preprocess_cfg)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from vlprompt.backbones import Backbone
+from vlprompt.data.classnames import with_full_stop
 from vlprompt.prompts.base import PromptLearner, register_prompt_learner
 
 __all__ = ["CoOpPromptLearner", "load_dassl_state_dict"]
@@ -96,7 +97,7 @@ class CoOpPromptLearner(PromptLearner):
         name_len = self.backbone.text_token_count(name)
         if self.class_token_position == "end":
             fixed = [self._fixed_words] if self._fixed_words else []
-            return " ".join([x] * n + fixed + [name]) + ".", [(0, n)]
+            return with_full_stop(" ".join([x] * n + fixed + [name])), [(0, n)]
         if self.class_token_position == "front":
             return " ".join([name] + [x] * n) + ".", [(name_len, n)]
         return " ".join([x] * half + [name] + [x] * (n - half)) + ".", [(0, half), (half + name_len, n - half)]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt.backbones import Backbone
+from vlprompt.data.classnames import fill_template
 
 __all__ = ["TEMPLATE_SETS", "Ensemble", "FrozenClassFeatures", "encode_class_templates", "resolve_templates"]
 
@@ -66,10 +67,11 @@ def encode_class_templates(
 ) -> torch.Tensor:
     """Frozen class text features ``[C, D]`` from hand-written templates.
 
-    One template gives the raw features (exactly plain CLIP); several are combined as
-    ``ensemble`` says (see :data:`Ensemble`).
+    Each prompt ends in one full stop (:func:`~vlprompt.data.classnames.fill_template`; CLIP's and
+    CoOp's templates already end in one). One template gives the raw features (exactly plain
+    CLIP); several are combined as ``ensemble`` says (see :data:`Ensemble`).
     """
-    per_template = [backbone.encode_text([t.format(c) for c in classnames]).float() for t in templates]
+    per_template = [backbone.encode_text([fill_template(t, c) for c in classnames]).float() for t in templates]
     if len(per_template) == 1:
         return per_template[0]
     if ensemble == "mean":
