@@ -4,10 +4,11 @@ Each family (open_clip, Hugging Face CLIP/CLIPSeg, timm) lives in its own module
 itself there (:func:`register_backbone`); importing the module is what registers it.
 """
 
-from vlprompt.backbones.base import Backbone, BackboneMismatchError, check_backbone_identity
+from vlprompt.backbones.base import Backbone, BackboneMismatchError, TextTokens, check_backbone_identity
 from vlprompt.backbones.hf_clip import HFCLIPBackbone
 from vlprompt.backbones.open_clip import OpenCLIPBackbone
 from vlprompt.backbones.registry import backbone_families, backbone_from_identity, load_backbone, register_backbone
+from vlprompt.backbones.resnet import ImageMaps
 from vlprompt.backbones.text import TextTower
 from vlprompt.backbones.timm import TimmBackbone
 from vlprompt.backbones.vision import PromptPlacement
@@ -17,8 +18,10 @@ __all__ = [
     "Backbone",
     "BackboneMismatchError",
     "HFCLIPBackbone",
+    "ImageMaps",
     "OpenCLIPBackbone",
     "PromptPlacement",
+    "TextTokens",
     "TextTower",
     "TimmBackbone",
     "backbone_families",

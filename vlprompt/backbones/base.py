@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlprompt.backbones.prefix import encode_prefix, encode_suffix
+from vlprompt.backbones.resnet import ImageMaps
 from vlprompt.backbones.text import (
     TRUNCATABLE_POOLS,
     TextTower,
@@ -29,6 +31,7 @@ from vlprompt.backbones.vision import PromptPlacement
 __all__ = [
     "Backbone",
     "BackboneMismatchError",
+    "TextTokens",
     "check_backbone_identity",
     "check_deep_prompt_depth",
     "run_deep_text_prompts",
@@ -38,6 +41,18 @@ __all__ = [
 
 #: Pool types that read the feature of one token (``pool_indices``).
 _TOKEN_POOLS = ("argmax", "eos", "first", "last")
+
+
+class TextTokens(NamedTuple):
+    """Per-token text features of prompts (CRIS's word features), from the same pass as their
+    pooled features."""
+
+    #: after the text tower's final norm, not projected ``[N, L, text_width]``
+    words: torch.Tensor
+    #: True where a position is padding (after the pooled end-of-text token) ``[N, L]``
+    padding: torch.Tensor
+    #: the pooled, projected features ``[N, embed_dim]`` (what ``encode_text_embeddings`` returns)
+    state: torch.Tensor
 
 
 class BackboneMismatchError(ValueError):
@@ -176,6 +191,8 @@ class Backbone(nn.Module, ABC):
         """
         self.require_text()
         token_ids = token_ids.to(embeddings.device)
+        if self._token_capture is not None:
+            return self._encode_text_tokens(embeddings, token_ids, deep_prompts, prompt_start)
         if self._can_share_prefix(embeddings, token_ids, deep_prompts, prompt_start, shared_prefix, prefix_groups):
             return self._encode_shared_prefix(
                 embeddings, token_ids, list(deep_prompts or []), prompt_start, shared_prefix, prefix_groups
@@ -201,6 +218,45 @@ class Backbone(nn.Module, ABC):
             else:
                 features.append(self._encode_text_chunk(*args))
         return torch.cat(features)
+
+    #: While :meth:`capture_text_tokens` is active: the per-token features of every text encoded.
+    _token_capture: list[TextTokens] | None = None
+
+    @contextmanager
+    def capture_text_tokens(self) -> Iterator[list[TextTokens]]:
+        """Within this context every :meth:`encode_text_embeddings` call also records its prompts'
+        per-token features (:class:`TextTokens`, appended to the yielded list) and returns the same
+        pooled features as always. Prompt learners stay unchanged: a segmentation head that
+        attends words (CRIS) asks the learner for its text features inside this context. The
+        plain path is taken (no shared prefix, no chunking); texts are still cut after the
+        longest pooled token on causal towers, which changes no word feature up to it."""
+        if self._token_capture is not None:
+            raise RuntimeError("capture_text_tokens is already active on this backbone")
+        self._token_capture = captured = []
+        try:
+            yield captured
+        finally:
+            self._token_capture = None
+
+    def _encode_text_tokens(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+    ) -> torch.Tensor:
+        """Encode and record per-token features for :meth:`capture_text_tokens`."""
+        pooled_at = self.pool_indices(token_ids)
+        length = min(self.text_length_needed(token_ids), embeddings.shape[1])
+        words, state = self.text_tower.encode_tokens(embeddings[:, :length], token_ids[:, :length], pooled_at,
+                                                     deep_prompts, prompt_start)
+        positions = torch.arange(words.shape[1], device=words.device)
+        if self.pool_type in ("argmax", "eos"):
+            padding = positions[None] > pooled_at[:, None]
+        else:  # pooled at a fixed position: no end-of-text to tell padding by
+            padding = torch.zeros(words.shape[:2], dtype=torch.bool, device=words.device)
+        self._token_capture.append(TextTokens(words, padding, state))
+        return state
 
     def _encode_text_chunk(
         self,
@@ -350,18 +406,44 @@ class Backbone(nn.Module, ABC):
         layers: Sequence[int],
         visual_prompts: Sequence[torch.Tensor] | None = None,
         placement: PromptPlacement = "after_cls",
+        keep_prompts: bool = False,
     ) -> list[torch.Tensor]:
         """Token sequences ``[B, prefix + patches, vision_width]`` of the image tower after blocks
         ``layers`` (0-based), with optional visual prompts (as in :meth:`encode_image`) removed
-        from them; blocks after the deepest one asked for are not run. For segmentation decoders
-        that read intermediate layers (CLIPSeg). ``vision_prefix_tokens`` and ``patch_size`` say
-        how to turn the sequence into a grid."""
+        from them (``keep_prompts``: left in after the patches, as TuneVLSeg's decoder reads them;
+        :meth:`~vlprompt.backbones.vision.ViTTower.encode_layers`); blocks after the deepest one
+        asked for are not run. For segmentation decoders that read intermediate layers (CLIPSeg).
+        ``vision_prefix_tokens`` and ``patch_size`` say how to turn the sequence into a grid."""
         tower = getattr(self, "_vision", None)
         if tower is None:
             raise NotImplementedError(getattr(self, "_vision_error", f"{type(self).__name__} has no ViT image tower"))
         if visual_prompts:
             self.check_visual_prompts(len(visual_prompts))
-        return tower.encode_layers(images, layers, list(visual_prompts or ()), placement)
+        return tower.encode_layers(images, layers, list(visual_prompts or ()), placement, keep_prompts)
+
+    @property
+    def has_image_maps(self) -> bool:
+        """Whether :meth:`encode_image_maps` works: a convolutional CLIP image tower (ResNet)."""
+        return getattr(self, "_resnet", None) is not None
+
+    @property
+    def image_map_widths(self) -> tuple[int, int, int, int]:
+        """Channels of the four stages' maps of :meth:`encode_image_maps` (the dense pool has
+        ``embed_dim``)."""
+        if not self.has_image_maps:
+            self.encode_image_maps(torch.empty(0))  # raises the clear error
+        return self._resnet.stage_widths
+
+    def encode_image_maps(self, images: torch.Tensor) -> ImageMaps:
+        """Multi-scale feature maps of a convolutional image tower (CLIP's ModifiedResNet): the four
+        stages' outputs and the attention pool run at every position
+        (:class:`~vlprompt.backbones.resnet.ImageMaps`), for dense heads such as CRIS. Raises a
+        clear error for other towers."""
+        tower = getattr(self, "_resnet", None)
+        if tower is None:
+            raise NotImplementedError(f"{type(self).__name__} {getattr(self, 'model_name', '')!r} has no convolutional "
+                                      "CLIP image tower (ModifiedResNet, open_clip RN50-style): no multi-scale maps")
+        return tower.encode_maps(images)
 
     @property
     def vision_prefix_tokens(self) -> int:

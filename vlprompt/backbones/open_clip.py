@@ -15,6 +15,7 @@ from torch import nn
 from vlprompt.backbones.base import Backbone
 from vlprompt.backbones.prefix import blocks_support_prefix_cache
 from vlprompt.backbones.registry import register_backbone
+from vlprompt.backbones.resnet import resnet_tower
 from vlprompt.backbones.text import TextTower, check_deep_prompt_depth, splice_prompt
 from vlprompt.backbones.vision import PromptPlacement, ViTTower, vit_tower
 
@@ -190,6 +191,13 @@ class TransformersTextTower(TextTower):
     def identity_weights(self) -> list[torch.Tensor]:
         """A text weight for the backbone's fingerprint."""
         return [list(self.encoder.transformer.parameters())[-1]]
+
+    def encode_tokens(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Not offered: the transformers encoder runs itself and pools inside (CRIS's word
+        features need a CLIP text transformer)."""
+        raise NotImplementedError(f"per-token text features of a transformers text tower "
+                                  f"({type(self.encoder.transformer).__name__}) are not supported; CRIS needs a "
+                                  "CLIP text transformer")
 
 
 def open_clip_text_tower(model: nn.Module, tokenizer: Any) -> TextTower:
@@ -399,6 +407,7 @@ class OpenCLIPBackbone(Backbone):
             self._vision_error = ""
         except NotImplementedError as err:  # e.g. ModifiedResNet: text-side methods still work
             self._vision, self._vision_error = None, str(err)
+        self._resnet = resnet_tower(model.visual)  # CLIP's ResNet: multi-scale maps (CRIS)
         if self._vision is not None:
             self.vision_width, self.vision_layers = self._vision.width, self._vision.layers
         else:

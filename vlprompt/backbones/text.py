@@ -134,6 +134,19 @@ class TextTower(ABC):
         that matters), pooled at ``pooled_at``; deep prompts as in :func:`run_deep_text_prompts`.
         With ``checkpoint_blocks`` each block recomputes its activations in the backward pass when
         the tower's ``grad_checkpointing`` is on."""
+        x = self.hidden_states(embeddings, token_ids, deep_prompts, prompt_start, checkpoint_blocks)
+        return self.project(self.pool(x, pooled_at))
+
+    def hidden_states(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+        checkpoint_blocks: bool = True,
+    ) -> torch.Tensor:
+        """The last block's output ``[N, L, width]`` (before the final norm) for prompts given as
+        embeddings; the block loop of :meth:`encode`."""
         x = self.embed(embeddings)
         mask = self.mask(token_ids, x.shape[1], x.dtype)
 
@@ -142,8 +155,21 @@ class TextTower(ABC):
                 return run_block_maybe_checkpointed(self, self.run_block, block, h, mask)
             return self.run_block(block, h, mask)
 
-        x = run_deep_text_prompts(self.blocks, x, run, deep_prompts, prompt_start)
-        return self.project(self.pool(x, pooled_at))
+        return run_deep_text_prompts(self.blocks, x, run, deep_prompts, prompt_start)
+
+    def encode_tokens(
+        self,
+        embeddings: torch.Tensor,
+        token_ids: torch.Tensor,
+        pooled_at: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None,
+        prompt_start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token features ``[N, L, width]`` (after the final norm, not projected; the word
+        features CRIS's decoder attends) and the pooled projected features ``[N, embed_dim]`` of
+        the same pass (what :meth:`encode` returns)."""
+        x = self.hidden_states(embeddings, token_ids, deep_prompts, prompt_start)
+        return self.norm(x)[:, : embeddings.shape[1]], self.project(self.pool(x, pooled_at))
 
 
 def check_deep_prompt_depth(n_prompts: int, n_layers: int) -> None:
