@@ -1,24 +1,50 @@
 """Segmentation heads over a prompted backbone: which head a segmenter uses (the decoder the model's
-weights came with, or vlprompt's CLIPSeg-style decoder), and saving and loading their weights in
-safetensors with their layout, refusing a head of another layout."""
+weights came with, vlprompt's CLIPSeg-style decoder, or CRIS's head over a ResNet CLIP), and saving
+and loading their weights in safetensors with their layout, refusing a head of another layout.
+
+A head declares what it reads (:class:`SegmentationHead`): ``image_input`` ``"layers"`` (a ViT's
+tokens after ``extract_layers``) or ``"maps"`` (a ResNet's multi-scale maps), and ``text_input``
+``"pooled"`` (one feature per prompt) or ``"tokens"`` (word features, padding and sentence feature,
+:class:`~vlprompt.backbones.TextTokens`)."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from torch import nn
 
 from vlprompt.backbones import Backbone
 from vlprompt.seg.clipseg import DecoderBackbone, HFCLIPSegHead
+from vlprompt.seg.cris import CRISHead
 from vlprompt.seg.decoder import CLIPSegDecoder
 
-__all__ = ["DECODER_NAME", "build_head", "configured_head", "decoder_layout", "describe_layout",
+__all__ = ["DECODER_NAME", "HEADS", "SegmentationHead", "build_head", "configured_head", "decoder_layout", "describe_layout",
            "load_decoder_weights", "prompt_head", "save_decoder_weights"]
 
 log = logging.getLogger(__name__)
+
+#: The values of a segmenter's ``head`` setting.
+HEADS = ("auto", "model", "decoder", "cris")
+
+
+class SegmentationHead(Protocol):
+    """What a segmenter needs of a head: its ``kind`` and ``layout()`` (saved with its weights), the
+    inputs it declares, and ``extract_layers`` (the ViT blocks it reads; None for ``maps`` heads)."""
+
+    kind: str
+    image_input: ClassVar[str]
+    text_input: ClassVar[str]
+    extract_layers: list[int] | None
+
+    def layout(self) -> dict[str, Any]: ...
+
+
+#: Layout entries of a saved CRIS head, by type (safetensors metadata holds strings).
+_CRIS_LISTS, _CRIS_INTS, _CRIS_FLOATS = ("fpn_in", "fpn_out"), ("vis_dim", "word_dim", "num_layers", "num_heads",
+                                                                 "dim_ffn"), ("dropout",)
 
 
 def save_decoder_weights(decoder: nn.Module, path: str | Path) -> Path:
@@ -47,6 +73,10 @@ def decoder_layout(path: str | Path) -> dict[str, Any]:
     if "extract_layers" in meta:
         layout["extract_layers"] = [int(x) for x in meta["extract_layers"].split(",")]
     layout.update({k: int(meta[k]) for k in ("reduce_dim", "n_heads") if k in meta})
+    if layout["head"] == CRISHead.kind:
+        layout.update({k: [int(x) for x in meta[k].split(",")] for k in _CRIS_LISTS if k in meta})
+        layout.update({k: int(meta[k]) for k in _CRIS_INTS if k in meta})
+        layout.update({k: float(meta[k]) for k in _CRIS_FLOATS if k in meta})
     return layout
 
 
@@ -69,17 +99,36 @@ def load_decoder_weights(decoder: nn.Module, path: str | Path) -> None:
     decoder.load_state_dict(state)
 
 
+def build_cris_head(backbone: Backbone, extract_layers: list[int] | None, decoder_weights: str | None,
+                    head_options: dict[str, Any] | None) -> CRISHead:
+    """CRIS's head for ``backbone``: rebuilt with the layout ``decoder_weights`` records, else sized
+    for the backbone with ``head_options`` (``num_layers``, ``num_heads``, ``dim_ffn``, ``dropout``)."""
+    if extract_layers is not None:
+        raise ValueError(f"extract_layers={extract_layers} is for ViT heads; CRIS reads the ResNet's maps")
+    layout = decoder_layout(decoder_weights) if decoder_weights else {}
+    if layout and layout["head"] != CRISHead.kind:
+        raise ValueError(f"{decoder_weights} holds a {describe_layout(layout)}, not a CRIS head")
+    if layout:
+        return CRISHead(**{k: v for k, v in layout.items() if k != "head"})
+    return CRISHead.for_backbone(backbone, **(head_options or {}))
+
+
 def build_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
-               decoder_weights: str | None) -> nn.Module:
+               decoder_weights: str | None, head_options: dict[str, Any] | None = None) -> nn.Module:
     """The segmentation head ``head`` names for ``backbone`` (see :class:`~vlprompt.methods.PromptSegmenter`), with
-    ``decoder_weights`` loaded; a saved vlprompt decoder is rebuilt with the layout it records."""
-    if head not in ("auto", "model", "decoder"):
-        raise ValueError(f"head must be 'auto', 'model' or 'decoder', not {head!r}")
+    ``decoder_weights`` loaded; a saved vlprompt or CRIS head is rebuilt with the layout it records."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}, not {head!r}")
     if decoder_weights and decoder_weights.startswith("zoo:"):
         from vlprompt.zoo import decoder_weights_path
 
         decoder_weights = str(decoder_weights_path(decoder_weights))
     own = backbone.vlsm_decoder() if isinstance(backbone, DecoderBackbone) else None
+    if head == "cris" or (head == "auto" and own is None and backbone.has_image_maps):
+        decoder = build_cris_head(backbone, extract_layers, decoder_weights, head_options)
+        if decoder_weights:
+            load_decoder_weights(decoder, decoder_weights)
+        return decoder
     if head == "model" and own is None:
         raise ValueError(f"head='model': {type(backbone).__name__} {getattr(backbone, 'model_name', '')!r} brings no "
                          "segmentation decoder (CLIPSeg weights through HFCLIPBackbone do); use head='decoder'")
@@ -118,18 +167,19 @@ def prompt_head(prompt: str | Path | None) -> Path | None:
 
 
 def configured_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,
-                    decoder_weights: str | None, init_prompt: str | None) -> tuple[nn.Module, bool]:
+                    decoder_weights: str | None, init_prompt: str | None,
+                    head_options: dict[str, Any] | None = None) -> tuple[nn.Module, bool]:
     """The head a segmenter starts from, and whether it is the trained head saved with
     ``init_prompt`` (which then replaces ``decoder_weights``)."""
     saved_head = prompt_head(init_prompt)
     if saved_head is None:
-        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights), False
+        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, decoder_weights, head_options), False
     # The prompt was tuned with this head: starting from the prompt without it (from
     # decoder_weights, the head before tuning) would pair the prompt with another head.
     if decoder_weights:
         log.info("init_prompt %s brings its trained head; it replaces decoder_weights=%s", init_prompt, decoder_weights)
     try:
-        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head)), True
+        return build_head(backbone, head, extract_layers, reduce_dim, n_heads, str(saved_head), head_options), True
     except ValueError as err:
         raise ValueError(f"init_prompt {init_prompt}: its trained head does not fit the configured one: {err}") from err
 
