@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
-from vlprompt.backbones import Backbone
+from vlprompt.backbones import Backbone, TextTokens
 from vlprompt.data.classnames import normalize_classname
 from vlprompt.data.protocol import PreprocessedData, SegmentationData
 from vlprompt.methods.data_link import SPLIT_OF_STAGE, attached_data
@@ -37,6 +37,8 @@ from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.module import OptimizerFactory, PromptModule
 from vlprompt.methods.optimization import LRSchedule
 from vlprompt.prompts import PromptLearnerFactory
+from vlprompt.seg.cris import CRISHead
+from vlprompt.seg.cris_inputs import MapPacking, image_map_inputs, prompt_text_tokens, refuse_visual_prompts
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.heads import (
     DECODER_NAME,
@@ -47,6 +49,13 @@ from vlprompt.seg.heads import (
     load_decoder_weights,
     prompt_head,
     save_decoder_weights,
+)
+from vlprompt.seg.last_layer import (
+    LAST_LAYER_NAME,
+    LastLayerMix,
+    LastLayerSettings,
+    configured_last_layer,
+    save_last_layer,
 )
 from vlprompt.seg.metrics import SegmentationScores
 
@@ -61,8 +70,18 @@ FIRST_PROMPTS = ["object"]
 
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
-    # TuneVLSeg's optimiser.
+    # vlprompt's default for segmentation. TuneVLSeg's recipe is AdamW at lr 2e-4 with AdamW's own
+    # weight decay of 0.01 (configs/seg/tunevlseg_recipe.yaml).
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+def _prompt_text_as_it_is() -> PromptLearnerFactory:
+    """Zero-shot: each prompt's text as it is (``templates="{}"``)."""
+    from functools import partial
+
+    from vlprompt.prompts import ZeroShotPrompt
+
+    return partial(ZeroShotPrompt, templates="{}")
 
 
 class PromptSegmenter(PromptModule):
@@ -75,10 +94,14 @@ class PromptSegmenter(PromptModule):
         head: ``model``: the decoder that came with the model's weights (CLIPSeg's, through
             :class:`~vlprompt.backbones.HFCLIPBackbone`; :class:`~vlprompt.seg.HFCLIPSegHead`);
             ``decoder``: vlprompt's CLIPSeg-style decoder over any ViT backbone
-            (:class:`~vlprompt.seg.CLIPSegDecoder`); ``auto``: the model's own when it has one.
+            (:class:`~vlprompt.seg.CLIPSegDecoder`); ``cris``: CRIS's head over a CLIP with a ResNet
+            image tower (:class:`~vlprompt.seg.cris.CRISHead`; text prompt learners only);
+            ``auto``: the model's own when it has one, CRIS's for a ResNet CLIP, else ``decoder``.
         extract_layers: image-tower blocks vlprompt's decoder reads (default: a quarter, half and
             three quarters down, CLIPSeg's 3/6/9 of 12); the model's own decoder reads its own.
         reduce_dim, n_heads: width and attention heads of a new vlprompt decoder.
+        head_options: settings of a new CRIS head (``num_layers``, ``num_heads``, ``dim_ffn``,
+            ``dropout``; CRIS's 3, 8, 2048, 0.2 by default).
         decoder_weights: a trained head (safetensors, :func:`save_decoder_weights`), or
             ``zoo:NAME`` for the head shipped with an embedded model. Its recorded width and heads
             are used (``reduce_dim``/``n_heads`` are for a new decoder).
@@ -94,7 +117,22 @@ class PromptSegmenter(PromptModule):
             image tower alone (textual prompts) and the images are not randomly augmented (always
             in evaluation): exact, and the tower runs once per image instead of once per epoch.
         lambda_dice, lambda_bce: loss weights (1 and 0.2 as TuneVLSeg).
-        optimizer: factory over the trainable parameters (AdamW, lr 1e-3, weight decay 1e-4).
+        optimizer: factory over the trainable parameters (vlprompt's default: AdamW, lr 1e-3,
+            weight decay 1e-4; TuneVLSeg's recipe, ``configs/seg/tunevlseg_recipe.yaml``: lr 2e-4,
+            weight decay 0.01).
+        lr_scheduler: as for :class:`~vlprompt.methods.module.PromptModule`, or ``plateau``:
+            TuneVLSeg's ``ReduceLROnPlateau`` on the validation loss (``val/loss``, mode min,
+            ``plateau_factor`` 0.2, ``plateau_patience`` 5 epochs, stepped once per epoch).
+        carry_visual_prompts: hand the decoder the image tower's layers with the visual prompt
+            tokens still in (after the patches), dropped only after its blocks, as TuneVLSeg's
+            CLIPSeg wrappers do; by default (False) they are removed before the decoder, so the
+            VLSM's head reads the token layout it was trained with and the visual prompts act only
+            through the image tower. Needs ``after_patches`` prompts (MaPLe, the shared strategies;
+            VPT with ``placement: after_patches``).
+        new_last_layer: add TuneVLSeg's trained "new last layer"
+            (:class:`~vlprompt.seg.last_layer.NewLastLayer`: ``new_last_layer_kernel_size`` 5,
+            mixing ratio starting at ``residual_ratio`` 0.5, ``new_last_layer_mix`` ``ratio`` or
+            ``sum``), trained with the prompt and saved with it (``last_layer.safetensors``).
         Other arguments as for :class:`~vlprompt.methods.module.PromptModule`.
     """
 
@@ -103,36 +141,39 @@ class PromptSegmenter(PromptModule):
         backbone: Backbone,
         prompt_learner: PromptLearnerFactory | None = None,
         *,
-        head: Literal["auto", "model", "decoder"] = "auto",
+        head: Literal["auto", "model", "decoder", "cris"] = "auto",
         extract_layers: list[int] | None = None,
         reduce_dim: int = 64,
         n_heads: int = 4,
+        head_options: dict[str, Any] | None = None,
         decoder_weights: str | None = None,
         train_decoder: bool = False,
         cache_image_layers: bool = True,
         lambda_dice: float = 1.0,
         lambda_bce: float = 0.2,
         optimizer: OptimizerFactory = _adamw,
-        lr_scheduler: LRSchedule = "cosine",
+        lr_scheduler: LRSchedule | Literal["plateau"] = "cosine",
         warmup_epochs: int = 0,
         warmup_lr: float = 1e-5,
         drop_last: bool = False,
         init_prompt: str | None = None,
+        plateau_factor: float = 0.2,
+        plateau_patience: int = 5,
+        carry_visual_prompts: bool = False,
+        new_last_layer: bool = False,
+        new_last_layer_kernel_size: int = 5,
+        residual_ratio: float = 0.5,
+        new_last_layer_mix: LastLayerMix = "ratio",
     ) -> None:
-        if prompt_learner is None:
-            from functools import partial
-
-            from vlprompt.prompts import ZeroShotPrompt
-
-            prompt_learner = partial(ZeroShotPrompt, templates="{}")
-        super().__init__(backbone, prompt_learner, FIRST_PROMPTS, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, drop_last=drop_last,
-                         init_prompt=init_prompt)
+        super().__init__(backbone, prompt_learner or _prompt_text_as_it_is(), FIRST_PROMPTS, optimizer=optimizer,
+                         lr_scheduler="constant" if lr_scheduler == "plateau" else lr_scheduler,
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, drop_last=drop_last, init_prompt=init_prompt)
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.decoder, from_prompt = configured_head(backbone, head, extract_layers, reduce_dim, n_heads,
-                                                    decoder_weights, init_prompt)
+                                                    decoder_weights, init_prompt, head_options)
+        self.map_packing = self._map_inputs(new_last_layer or carry_visual_prompts)
         loaded = bool(decoder_weights) or from_prompt
-        if not loaded and not train_decoder and isinstance(self.decoder, CLIPSegDecoder):
+        if not loaded and not train_decoder and isinstance(self.decoder, (CLIPSegDecoder, CRISHead)):
             log.warning("the decoder is neither loaded (decoder_weights, init_prompt) nor trained (train_decoder): it "
                         "stays random unless a checkpoint restores a trained one")
         self.train_decoder = train_decoder
@@ -141,6 +182,10 @@ class PromptSegmenter(PromptModule):
         #: prompt or checkpoint that trained it): then checkpoints keep them and save_prompt saves them.
         self.decoder_learned = train_decoder or from_prompt
         self.cache_image_layers = cache_image_layers
+        self.plateau = (plateau_factor, plateau_patience) if lr_scheduler == "plateau" else None
+        self.carry_visual_prompts = carry_visual_prompts
+        self._set_last_layer(init_prompt, LastLayerSettings(new_last_layer_kernel_size, residual_ratio, new_last_layer_mix)
+                             if new_last_layer else None)
         #: the image tower's layers by image (learners that leave the tower alone, unaugmented data)
         self.feature_cache = ImageFeatureCache()
         from vlprompt.seg.losses import DiceBCELoss
@@ -150,12 +195,28 @@ class PromptSegmenter(PromptModule):
         #: Dice and IoU of the last test (per image and dataset-wide).
         self.test_results: dict[str, float] = {}
 
+    def _map_inputs(self, clipseg_options: bool) -> MapPacking:
+        """For a head that reads maps (CRIS, a ResNet image tower), refuse visual prompts and
+        CLIPSeg-only options; how maps are packed in the feature cache."""
+        if self.decoder.image_input == "maps":
+            refuse_visual_prompts(self.prompt_learner.name, self.prompt_learner.uses_image_tower)
+            if clipseg_options:
+                raise ValueError("new_last_layer and carry_visual_prompts are for CLIPSeg-style heads, not CRIS's")
+        return MapPacking()
+
+    def _set_last_layer(self, init_prompt: str | None, settings: LastLayerSettings | None) -> None:
+        #: TuneVLSeg's trained new last layer (None: the head's own logits); one saved with init_prompt is restored
+        self.last_layer = None if self.decoder.image_input == "maps" else configured_last_layer(
+            self.decoder.reduce_dim, self.backbone.patch_size, init_prompt, settings)
+
     def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Save the learned prompt; a learned decoder goes with it (``decoder.safetensors`` in the
         same folder, which ``init_prompt`` and ``vlprompt segment --prompt`` pick up)."""
         directory = super().save_prompt(directory, overwrite=overwrite)
         if self.decoder_learned:
             save_decoder_weights(self.decoder, Path(directory) / DECODER_NAME)
+        if self.last_layer is not None:
+            save_last_layer(self.last_layer, Path(directory) / LAST_LAYER_NAME)
         return directory
 
     def frozen_modules(self) -> tuple[str, ...]:
@@ -208,33 +269,59 @@ class PromptSegmenter(PromptModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = super().trainable_parameters()
+        params += list(self.last_layer.parameters()) if self.last_layer is not None else []
         return params + (list(self.decoder.parameters()) if self.train_decoder else [])
 
     def configure_optimizers(self):
         if not self.trainable_parameters():
             raise ValueError(f"nothing to fit: the {self.prompt_learner.name} prompt has no learnable parameters "
                              "and the decoder is frozen (train_decoder=False)")
-        return super().configure_optimizers()
+        built = super().configure_optimizers()
+        if self.plateau is None:
+            return built
+        # TuneVLSeg's schedule: ReduceLROnPlateau on the validation loss, checked once per epoch.
+        factor, patience = self.plateau
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(built, mode="min", factor=factor, patience=patience)
+        return {"optimizer": built,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch", "frequency": 1}}
 
     # -- forward -------------------------------------------------------------------------------
-    def text_conditions(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
-        """The conditioning feature of each image's prompt ``[B, embed_dim]``, through the learner."""
+    def _point_learner(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Point the learner at the distinct ``prompts``; each prompt's index among them."""
         distinct = list(dict.fromkeys(prompts))
         if any(not normalize_classname(p) for p in distinct):
             raise ValueError(f"empty segmentation prompt in {list(prompts)[:8]}")
         learner = self.prompt_learner
         if learner.classnames != [normalize_classname(p) for p in distinct]:
             learner.set_classnames(distinct)
-            learner.to(images.device)  # new token buffers are made on the CPU
-        index = torch.tensor([distinct.index(p) for p in prompts], device=images.device)
+            learner.to(device)  # new token buffers are made on the CPU
+        return torch.tensor([distinct.index(p) for p in prompts], device=device)
+
+    def text_tokens(self, prompts: Sequence[str], images: torch.Tensor, image_features: torch.Tensor) -> TextTokens:
+        """Each image's prompt's word features, padding and sentence feature through the learner
+        (CRIS); ``image_features``: what an image-conditioned learner (CoCoOp) is given."""
+        with self.backbone.capture_text_tokens() as captured:
+            index = self.text_conditions(prompts, images, image_features, return_index=True)
+        return prompt_text_tokens(captured, index, self.prompt_learner.num_classes,
+                                  self.prompt_learner.image_conditioned)
+
+    def text_conditions(self, prompts: Sequence[str], images: torch.Tensor, image_features: torch.Tensor | None = None,
+                        return_index: bool = False) -> torch.Tensor:
+        """The conditioning feature of each image's prompt ``[B, embed_dim]``, through the learner
+        (an image-conditioned one gets ``image_features``, by default its own encoding of the
+        images); with ``return_index`` each image's prompt's index among the learner's instead."""
+        index = self._point_learner(prompts, images.device)
+        learner = self.prompt_learner
         if learner.image_conditioned:  # CoCoOp: one classifier per image
-            features = learner.text_features(learner.encode_images(images))
+            features = learner.text_features(learner.encode_images(images) if image_features is None else image_features)
+            if return_index:
+                return index
             return features[torch.arange(len(prompts), device=images.device), index]
         features = learner.text_features()
         if features is None:
             raise ValueError(f"the {learner.name} prompt gives no text features (a learned linear head?); "
                              "segmentation conditions on text")
-        return features[index]
+        return index if return_index else features[index]
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str],
                 layers: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -242,11 +329,51 @@ class PromptSegmenter(PromptModule):
         the image tower's layers when already known (cached)."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if self.decoder.image_input == "maps":
+            return self._forward_maps(images, prompts, layers)
         if layers is None:
-            visual, placement = self.prompt_learner.image_prompts()
-            layers = self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
+            layers = self._encode_layers(images)
         cond = self.text_conditions(prompts, images)
-        return self.decoder(layers, cond, self.backbone.vision_prefix_tokens, tuple(images.shape[-2:]))
+        prefix = self.backbone.vision_prefix_tokens
+        carried = layers[0].shape[1] - prefix - self._patch_count(images)  # prompt tokens carried through
+        return self.decoder(layers, cond, prefix, tuple(images.shape[-2:]), trailing_tokens=carried,
+                            last_layer=self.last_layer)
+
+    def _patch_count(self, images: torch.Tensor) -> int:
+        ph, pw = self.backbone.patch_size
+        return (images.shape[-2] // ph) * (images.shape[-1] // pw)
+
+    def _encode_layers(self, images: torch.Tensor, prompts: tuple[Any, str] | None = None) -> list[torch.Tensor]:
+        """The image tower's layers the decoder reads, with the learner's visual prompts
+        (``prompts``: as already asked of the learner; kept in the layers with
+        ``carry_visual_prompts``)."""
+        visual, placement = prompts if prompts is not None else self.prompt_learner.image_prompts()
+        keep = self.carry_visual_prompts and visual is not None
+        if keep and placement != "after_patches":
+            raise ValueError(f"carry_visual_prompts: TuneVLSeg appends its visual prompts after the patches; the "
+                             f"{self.prompt_learner.name} prompt places them {placement!r} (set its placement to "
+                             "'after_patches')")
+        return self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement,
+                                                 keep_prompts=keep)
+
+    def _forward_maps(self, images: torch.Tensor, prompts: Sequence[str],
+                      maps: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """CRIS: the ResNet's maps (:func:`~vlprompt.seg.cris_inputs.image_map_inputs`) and the
+        prompts' word features; CoCoOp is given C5 averaged over positions, as in TuneVLSeg."""
+        visual = self.decoder.visual_maps(maps if maps is not None else image_map_inputs(self.backbone, images))
+        text = self.text_tokens(prompts, images, self.decoder.image_features(visual))
+        return self.decoder(visual, text, tuple(images.shape[-2:]))
+
+    def _cached_maps(self, batch: dict[str, Any], fingerprint: str) -> list[torch.Tensor]:
+        """CRIS's maps from the feature cache (maps of several shapes, one flat tensor per image)."""
+        images = batch["image"]
+        size = tuple(images.shape[-2:])
+        packed = self.feature_cache.features(
+            fingerprint, batch["index"], images,
+            lambda pixels: self.map_packing.pack(image_map_inputs(self.backbone, pixels), size))
+        if size not in self.map_packing.shapes:  # every image came from the cache of an earlier run
+            self.map_packing.pack(image_map_inputs(self.backbone, images[:1]), size)
+        return self.map_packing.unpack(packed, size)
 
     # -- steps -----------------------------------------------------------------------------------
     def _image_layers(self, batch: dict[str, Any], stage: str) -> list[torch.Tensor]:
@@ -258,7 +385,11 @@ class PromptSegmenter(PromptModule):
         fingerprint = self._fingerprint(stage)
         if (visual is not None or not self.cache_image_layers or "index" not in batch or not fingerprint
                 or (stage == "train" and (dm is None or dm.train_augmentation))):
-            return self.backbone.encode_image_layers(images, self.decoder.extract_layers, visual, placement)
+            if self.decoder.image_input == "maps":
+                return image_map_inputs(self.backbone, images)
+            return self._encode_layers(images, (visual, placement))
+        if self.decoder.image_input == "maps":
+            return self._cached_maps(batch, fingerprint)
 
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return torch.stack(self.backbone.encode_image_layers(pixels, self.decoder.extract_layers), dim=1)

@@ -17,6 +17,8 @@ from vlprompt.prompts.ivlp import IVLPPromptLearner
 from vlprompt.prompts.kgcoop import KgCoOpPromptLearner
 from vlprompt.prompts.maple import MaPLePromptLearner
 from vlprompt.prompts.promptsrc import PromptSRCPromptLearner
+from vlprompt.prompts.shared_attention import SharedAttentionPromptLearner
+from vlprompt.prompts.shared_separate import SharedSeparatePromptLearner
 from vlprompt.prompts.templates import resolve_templates
 from vlprompt.prompts.upt import UPTPromptLearner
 from vlprompt.prompts.vpt import VPTPromptLearner
@@ -35,6 +37,8 @@ __all__ = [
     "PromptLearnerFactory",
     "PromptOutput",
     "PromptSRCPromptLearner",
+    "SharedAttentionPromptLearner",
+    "SharedSeparatePromptLearner",
     "UPTPromptLearner",
     "VPTPromptLearner",
     "ZeroShotPrompt",

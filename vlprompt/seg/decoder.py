@@ -12,7 +12,7 @@ removes the prompts before the decoder sees the tokens).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ class CLIPSegDecoder(nn.Module):
         self.trans_conv = nn.ConvTranspose2d(reduce_dim, 1, kernel_size=patch_size, stride=patch_size)
 
     kind = "clipseg-style"
+    #: what the head reads (:class:`~vlprompt.seg.heads.SegmentationHead`): ViT layers, one text feature per prompt
+    image_input: ClassVar[str] = "layers"
+    text_input: ClassVar[str] = "pooled"
 
     def layout(self) -> dict[str, Any]:
         """What a saved copy of this decoder records, to be rebuilt and to refuse another layout."""
@@ -70,10 +73,18 @@ class CLIPSegDecoder(nn.Module):
         layers = list(extract_layers) if extract_layers is not None else default_extract_layers(backbone.vision_layers)
         return cls(backbone.vision_width, backbone.embed_dim, backbone.patch_size, layers, **kwargs)
 
+    @property
+    def reduce_dim(self) -> int:
+        return self.film_mul.out_features
+
     def forward(self, layer_tokens: Sequence[torch.Tensor], cond: torch.Tensor, prefix_tokens: int,
-                image_size: tuple[int, int]) -> torch.Tensor:
-        """``layer_tokens``: the tokens of each read layer, shallowest first (``[B, prefix + h*w,
-        vision_width]``); ``cond``: ``[B, cond_dim]``; ``image_size``: the input's (H, W)."""
+                image_size: tuple[int, int], *, trailing_tokens: int = 0,
+                last_layer: nn.Module | None = None) -> torch.Tensor:
+        """``layer_tokens``: the tokens of each read layer, shallowest first (``[B, prefix + h*w
+        (+ trailing), vision_width]``); ``cond``: ``[B, cond_dim]``; ``image_size``: the input's
+        (H, W); ``trailing_tokens``: tokens after the patches (visual prompts carried through the
+        decoder, TuneVLSeg's way) dropped before the grid; ``last_layer``: a
+        :class:`~vlprompt.seg.last_layer.NewLastLayer` mixed into the logits."""
         if len(layer_tokens) != len(self.reduces):
             raise ValueError(f"the decoder reads {len(self.reduces)} layers, got {len(layer_tokens)}")
         cond = cond.float()
@@ -84,13 +95,15 @@ class CLIPSegDecoder(nn.Module):
             if i == 0:
                 a = self.film_mul(cond)[:, None] * a + self.film_add(cond)[:, None]
             a = block(a)
-        patches = a[:, prefix_tokens:]
+        patches = a[:, prefix_tokens : a.shape[1] - trailing_tokens]
         ph, pw = self.trans_conv.stride
         h, w = image_size[0] // ph, image_size[1] // pw
         if patches.shape[1] != h * w:
             raise ValueError(f"{patches.shape[1]} patch tokens do not tile a {image_size} image in {ph}x{pw} patches")
         grid = patches.transpose(1, 2).reshape(a.shape[0], -1, h, w)
         logits = self.trans_conv(grid)
+        if last_layer is not None:
+            logits = last_layer(grid, logits)
         if logits.shape[-2:] != tuple(image_size):
             logits = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=False)
         return logits
