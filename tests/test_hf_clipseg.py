@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_prompt_contract import TINY_KWARGS
+from vlprompt.data.classnames import with_full_stop
 from vlprompt.backbones import HFCLIPBackbone
 from vlprompt.methods.scoring import prompt_logits
 from vlprompt.methods import PromptSegmenter
@@ -133,7 +134,8 @@ def test_without_prompts_the_segmenter_is_clipseg_exactly(hf_backbone, reference
     model, tokenizer = reference
     seg = PromptSegmenter(hf_backbone).eval()
     assert type(seg.decoder).__name__ == "HFCLIPSegHead" and seg.decoder.extract_layers == [0, 1, 2]
-    ids = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    # TuneVLSeg feeds CLIPSeg its prompts with a full stop where one is missing (insert_stop_at_last).
+    ids = tokenizer([with_full_stop(p) for p in PROMPTS], padding=True, return_tensors="pt")
     with torch.no_grad():
         own = model(pixel_values=images(), **ids).logits
         ours = seg(images(), PROMPTS)
@@ -315,7 +317,7 @@ def test_cli_fits_clipseg_from_the_shipped_config_and_segments_a_folder(clipseg_
     hf = HFCLIPBackbone(f"hf:{clipseg_dir}", local_files_only=True)
     pixels = build_eval_transform({**hf.preprocess_cfg, "resize_mode": "squash"})(Image.open(photos / "a.png"))[None]
     with torch.no_grad():
-        own = model(pixel_values=pixels, **tokenizer(["a red star"], return_tensors="pt")).logits.reshape(1, 1, SIZE, SIZE)
+        own = model(pixel_values=pixels, **tokenizer(["a red star."], return_tensors="pt")).logits.reshape(1, 1, SIZE, SIZE)
     own = torch.nn.functional.interpolate(own, size=(30, 40), mode="bilinear")[0, 0].sigmoid().numpy() > 0.5
     assert (mask == own).mean() > 0.999
     # The tuned prompt segments too (and a prompt from another backbone would be refused).

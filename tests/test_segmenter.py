@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_prompt_contract import TINY_KWARGS
+from vlprompt.data.classnames import with_full_stop
 from vlprompt.data import ShapeWorldSegmentationDataModule
 from vlprompt.methods import PromptSegmenter
 from vlprompt.methods.segmentation import load_decoder_weights, save_decoder_weights
@@ -57,8 +58,9 @@ def test_zero_shot_is_the_plain_model_and_a_trained_decoder_joins_the_gradients(
     torch.manual_seed(0)
     model = PromptSegmenter(backbone, reduce_dim=16, n_heads=2, train_decoder=True)
     layers = backbone.encode_image_layers(images(), model.decoder.extract_layers)
-    plain = model.decoder(layers, backbone.encode_text(PROMPTS), backbone.vision_prefix_tokens, (32, 32))
-    assert torch.allclose(model(images(), PROMPTS), plain, atol=1e-6)  # "{}": the prompt text as it is
+    texts = [with_full_stop(p) for p in PROMPTS]  # "{}": the prompt text as it is, ending in one stop
+    plain = model.decoder(layers, backbone.encode_text(texts), backbone.vision_prefix_tokens, (32, 32))
+    assert torch.allclose(model(images(), PROMPTS), plain, atol=1e-6)
     model(images(), PROMPTS).sum().backward()
     assert all(p.grad is not None for p in model.decoder.parameters())
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.decoder.parameters()}
