@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 
 from vlprompt.data.formats import SegmentationSource, get_format
 from vlprompt.data.images import DEFAULT_PREPROCESS, OnError, SplitLoaders
-from vlprompt.data.segmentation.dataset import INTERPOLATIONS, SegmentationDataset, collate_segmentation
+from vlprompt.data.segmentation.dataset import INTERPOLATIONS, Augmentation, SegmentationDataset, collate_segmentation
 from vlprompt.data.segmentation.samples import SegmentationSample
 
 __all__ = ["SegmentationDataModule", "SegmentationFormat"]
@@ -40,7 +40,10 @@ class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
             :attr:`classnames` (None for TuneVLSeg data, whose prompts are free text).
         prompt_index: TuneVLSeg only: keep the prompts of key ``p<i>`` (all keys when None).
         size, mean, std, interpolation: preprocessing until the model sets its own.
-        augment: random resized crop (``crop_scale``) and flip for training; never for val/test.
+        augment: random augmentation for training (never for val/test), as ``augmentation`` says:
+            ``crop`` (random resized crop, ``crop_scale``, and flips) or ``tunevlseg`` (TuneVLSeg's
+            affine and brightness/contrast transforms; :class:`SegmentationDataset`).
+        area_downscale: shrink by averaging pixel areas (False: with ``interpolation``, as TuneVLSeg).
         hflip: horizontal flips in training; None: on for class-name prompts (``voc``), off for
             free-text ones (``tunevlseg``; TuneVLSeg leaves flips out: its prompts may name a side,
             e.g. "left").
@@ -69,6 +72,8 @@ class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         hflip: bool | None = None,
         on_error: OnError = "skip",
         seed: int | None = None,
+        augmentation: Augmentation = "crop",
+        area_downscale: bool = True,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -82,6 +87,7 @@ class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.augment, self.crop_scale, self.on_error, self.seed = augment, tuple(crop_scale), on_error, seed
         self.hflip = (not data.free_text_prompts) if hflip is None else hflip
+        self.augmentation, self.area_downscale = augmentation, area_downscale
         self.datasets: dict[str, SegmentationDataset] = {}
 
     # -- preprocessing handed over by the model -------------------------------------------------
@@ -121,4 +127,5 @@ class SegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     def build_dataset(self, split: str, samples: list) -> SegmentationDataset:
         log.info("%s: %d samples", split, len(samples))
         return SegmentationDataset(samples, train=split == "train", augment=self.augment, crop_scale=self.crop_scale,
-                                   hflip=self.hflip, on_error=self.on_error, seed=self.seed, **self._preprocess_args())
+                                   hflip=self.hflip, on_error=self.on_error, seed=self.seed, augmentation=self.augmentation,
+                                   area_downscale=self.area_downscale, **self._preprocess_args())

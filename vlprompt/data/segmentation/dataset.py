@@ -9,7 +9,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from vlprompt.data.images import DEFAULT_PREPROCESS, OnError, load_rgb, remake_s
 from vlprompt.data.segmentation.masks import read_binary_mask, read_index_mask
 from vlprompt.data.segmentation.samples import VOID_INDEX, SegmentationSample
 
-__all__ = ["INTERPOLATIONS", "SegmentationDataset", "collate_segmentation"]
+__all__ = ["INTERPOLATIONS", "Augmentation", "SegmentationDataset", "collate_segmentation", "tunevlseg_augmentation"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,23 @@ def _albumentations() -> tuple[Any, Any]:
     import cv2
 
     return albumentations, cv2
+
+
+#: ``crop`` (random resized crop, optional flips) or ``tunevlseg`` (TuneVLSeg's affine and
+#: brightness/contrast); see :class:`SegmentationDataset`.
+Augmentation = Literal["crop", "tunevlseg"]
+
+
+def tunevlseg_augmentation(interpolation: int) -> list[Any]:
+    """TuneVLSeg's random training transforms after its resize (``train_transforms`` of its
+    experiment configs), for albumentations 2: ``Affine`` (p 0.2) and ``RandomBrightnessContrast``
+    (p 0.2); ``interpolation``: cv2's code for the image (masks: nearest)."""
+    A, cv2 = _albumentations()
+    return [
+        A.Affine(scale=(0.98, 1.02), translate_percent=(-0.02, 0.02), rotate=(-5, 5), interpolation=interpolation,
+                 mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REPLICATE, p=0.2),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.2),
+    ]
 
 
 def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -63,9 +80,17 @@ class SegmentationDataset(Dataset):
         size: output size, an int or ``(height, width)``.
         mean, std: normalisation of the 0..1 image.
         train: the training split: random augmentation (when ``augment``) and a random prompt.
-        augment: random resized crop (``crop_scale``) and, with ``hflip``, horizontal flips.
-        interpolation: ``bicubic``/``bilinear``/``nearest`` for enlarging the image (shrinking
-            averages pixel areas); masks always use nearest neighbour.
+        augment: random augmentation of the training split, as ``augmentation`` says.
+        augmentation: ``crop``: random resized crop (``crop_scale``) and, with ``hflip``,
+            horizontal flips; ``tunevlseg``: TuneVLSeg's training transforms (its experiment
+            configs): resize, then with probability 0.2 an affine map (scale 0.98-1.02, shift
+            +-2%, rotation +-5 degrees, ``interpolation``, borders replicated) and with probability
+            0.2 brightness and contrast changes of up to 10% (its PadIfNeeded and
+            CropNonEmptyMaskIfExists at the resized size change nothing and are left out).
+        interpolation: ``bicubic``/``bilinear``/``nearest`` for enlarging the image; masks always
+            use nearest neighbour.
+        area_downscale: shrink images by averaging pixel areas (else with ``interpolation`` too,
+            as TuneVLSeg resizes with cv2's cubic interpolation both ways).
         seed: makes training draws a function of ``(seed, epoch, index)`` (see :meth:`set_epoch`).
             None draws from torch's random state, which Lightning's ``seed_everything`` and its
             per-worker seeding make reproducible.
@@ -85,7 +110,12 @@ class SegmentationDataset(Dataset):
         interpolation: str = "bicubic",
         on_error: OnError = "skip",
         seed: int | None = None,
+        augmentation: Augmentation = "crop",
+        area_downscale: bool = True,
     ) -> None:
+        if augmentation not in ("crop", "tunevlseg"):
+            raise ValueError(f"augmentation must be 'crop' or 'tunevlseg', not {augmentation!r}")
+        self.augmentation, self.area_downscale = augmentation, area_downscale
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
         if interpolation not in INTERPOLATIONS:
@@ -121,14 +151,17 @@ class SegmentationDataset(Dataset):
         A, cv2 = _albumentations()
         h, w = self.size
         interp = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}[self.interpolation]
-        resize_args = {"interpolation": interp, "mask_interpolation": cv2.INTER_NEAREST, "area_for_downscale": "image"}
+        resize_args = {"interpolation": interp, "mask_interpolation": cv2.INTER_NEAREST,
+                       "area_for_downscale": "image" if self.area_downscale else None}
         steps: list[Any]
-        if self.random_augmentation:
+        if self.random_augmentation and self.augmentation == "crop":
             steps = [A.RandomResizedCrop(size=(h, w), scale=self.crop_scale, **resize_args)]
             if self.hflip:
                 steps.append(A.HorizontalFlip(p=0.5))
         else:
             steps = [A.Resize(height=h, width=w, **resize_args)]
+        if self.random_augmentation and self.augmentation == "tunevlseg":
+            steps += tunevlseg_augmentation(interp)
         steps.append(A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0))
         return A.Compose(steps)
 
@@ -148,8 +181,10 @@ class SegmentationDataset(Dataset):
     @property
     def fingerprint(self) -> str:
         """Identity of what this dataset yields: its samples, in order, and its preprocessing."""
-        key = json.dumps([self.size, self.mean, self.std, self.interpolation, self.random_augmentation,
-                          self.crop_scale, self.hflip, self.train], default=repr)
+        key = [self.size, self.mean, self.std, self.interpolation, self.random_augmentation, self.crop_scale,
+               self.hflip, self.train]
+        key += [] if (self.augmentation, self.area_downscale) == ("crop", True) else [self.augmentation, self.area_downscale]
+        key = json.dumps(key, default=repr)
         return hashlib.sha256(f"{self._samples_digest}|{key}".encode()).hexdigest()[:20]
 
     def __len__(self) -> int:
