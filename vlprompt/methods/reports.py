@@ -69,7 +69,9 @@ class ClassificationReport(nn.Module):
 
 
 class ClassAccuracyReport(ClassificationReport):
-    """One task: ``train/acc``, ``val/loss`` and ``val/acc`` (top-1), and after a test ``test/acc``,
+    """One task: ``train/acc``, ``val/loss``, ``val/acc`` (top-1) and ``val/acc_per_class_mean``
+    (what :class:`~vlprompt.methods.best_validation.BestValidationPrompt` watches for a task scored
+    by mean per-class accuracy), and after a test ``test/acc``,
     ``test/acc_per_class_mean`` (over the classes with test images; the module's
     ``per_class_accuracy`` holds each) and ``test/images``. Exact under DDP and for classes without
     test images (:class:`~vlprompt.methods.metrics.ClassCounts`)."""
@@ -79,6 +81,7 @@ class ClassAccuracyReport(ClassificationReport):
         n = max(2, num_classes)  # torchmetrics needs >= 2 classes
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_counts = ClassCounts(num_classes)
 
     def training_step(self, module: pl.LightningModule, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.train_acc(logits.detach().argmax(-1), labels)
@@ -89,9 +92,19 @@ class ClassAccuracyReport(ClassificationReport):
         module.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True)
         self.val_acc(predictions, labels)
         module.log("val/acc", self.val_acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.val_counts.update(predictions, labels)
+
+    def on_validation_start(self) -> None:
+        self.val_counts.reset()
+
+    def after_sanity_check(self) -> None:
+        self.val_counts.reset()
 
     def validation_epoch_end(self, module: pl.LightningModule, tasks: Sequence[Task]) -> None:
         """``val/acc`` is logged as a metric object: Lightning computes and resets it."""
+        scored = [a for a in per_class_from_counts(*self.val_counts.compute()) if a is not None]
+        module.log("val/acc_per_class_mean", sum(scored) / len(scored) if scored else float("nan"), sync_dist=True)
+        self.val_counts.reset()
 
     def test_epoch_end(self, module: pl.LightningModule, classnames: Sequence[str], tasks: Sequence[Task]) -> None:
         correct, total = self.test_counts.compute()
