@@ -224,6 +224,39 @@ def test_new_last_layer_sum_mix_and_bad_mix():
         NewLastLayer(4, (2, 2), mix="mean")
 
 
+def test_deep_cocoop_is_tunevlsegs_cocoop_at_every_depth(clipseg):
+    """COOPCLIPSeg with CoCoOpContextLearner: per depth ``ctx[i] + LayerNorm(W2 relu(W1 f + b1))``
+    (no final bias, LayerNorm without bias) from CLIP's projected image embedding ``f``; depth 0
+    after the start token, deeper ones put in after each text block; then transformers' decoder."""
+    from vlprompt.prompts import DeepCoCoOpPromptLearner
+
+    model, tokenizer, backbone = clipseg
+    torch.manual_seed(0)
+    seg = PromptSegmenter(backbone, functools.partial(DeepCoCoOpPromptLearner, depth=3)).double().eval()
+    learner = seg.prompt_learner
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pixels = images().double()
+    with torch.no_grad():
+        ours = seg(pixels, PROMPTS)
+        vision = model.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+        f = model.clip.visual_projection(vision.pooler_output)
+        bases = [learner.ctx, *learner.deep_ctx]
+        conds = []
+        for b, text in enumerate(PROMPTS):
+            prompts = []
+            for i, (base, net) in enumerate(zip(bases, learner.meta_nets)):
+                h = F.relu(F.linear(f[b], net[0].weight, net[0].bias))
+                shift = F.layer_norm(F.linear(h, net[2].weight), (net[2].out_features,), net[3].weight)
+                prompts.append(base + shift)
+            conds.append(tunevlseg_text(model, tokenizer, [text + "."], prompts)[0])
+        activations = [vision.hidden_states[i + 1] for i in model.extract_layers]
+        theirs = model.decoder(activations, torch.stack(conds)).logits
+    assert net[2].bias is None and net[3].bias is None
+    assert torch.allclose(ours[:, 0].double(), theirs, rtol=1e-6, atol=1e-6), (ours[:, 0] - theirs).abs().max()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("learner", ["SharedSeparatePromptLearner", "SharedAttentionPromptLearner"])
 def test_cli_trains_saves_and_segments_on_the_embedded_default(tmp_path, learner):

@@ -11,6 +11,7 @@ from vlprompt.prompts.base import (
 from vlprompt.prompts.cocoop import CoCoOpPromptLearner
 from vlprompt.prompts.coop import CoOpPromptLearner, load_dassl_state_dict
 from vlprompt.prompts.decoupled import DecoupledDePTPromptLearner
+from vlprompt.prompts.deep_cocoop import DeepCoCoOpPromptLearner
 from vlprompt.prompts.dept import DePTPromptLearner
 from vlprompt.prompts.io import average_prompts, load_prompt, read_prompt_config, read_prompt_tensors, save_prompt
 from vlprompt.prompts.ivlp import IVLPPromptLearner
@@ -29,6 +30,7 @@ __all__ = [
     "CoCoOpPromptLearner",
     "CoOpPromptLearner",
     "DecoupledDePTPromptLearner",
+    "DeepCoCoOpPromptLearner",
     "DePTPromptLearner",
     "IVLPPromptLearner",
     "KgCoOpPromptLearner",
