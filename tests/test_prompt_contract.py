@@ -22,8 +22,8 @@ TINY_KWARGS = {
     "promptsrc": {"text_depth": 3, "vision_depth": 2, "templates": "imagenet7"},
     "kgcoop": {"ctx_init": None, "n_ctx": 3},
     "decoupled_dept": {"learner_args": {"n_ctx": 4}},
-    "shared_attention": {"heads": 2, "feedforward": 64, "dropout": 0.0},
-    "deep_cocoop": {"depth": 2, "hidden": 8},  # dropout: outputs compared in train mode
+    "shared_attention": {"heads": 2, "feedforward": 64, "dropout": 0.0},  # dropout: outputs compared in train mode
+    "deep_cocoop": {"depth": 2, "hidden": 8},
 }
 
 LEARNERS = sorted(PROMPT_LEARNERS)
