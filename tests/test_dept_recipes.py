@@ -6,6 +6,8 @@ written out below with the reference file they come from."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -129,3 +131,28 @@ def test_decomposed_dept_recipe_sets_both_learning_rates(backbone):
     rates = {("lowrank" if all(id(p) in lowrank for p in g["params"]) else "prompt"): g["lr"] for g in optimizer.param_groups}
     assert rates == {"prompt": 0.002, "lowrank": 0.002} and len(optimizer.param_groups) == 2
     assert isinstance(optimizer, torch.optim.SGD) and trainer_args == {}
+
+
+def test_decoupled_dept_recipe_runs_dassl_s_epochs_for_prompt_and_head(backbone):
+    """Koorye/DePT trainers/elp_coop.py builds Dassl's scheduler over its two groups (trainers/optim.py):
+    ConstantWarmupScheduler holds every group at WARMUP_CONS_LR = 1e-5 for WARMUP_EPOCH = 1, then
+    CosineAnnealingLR(T_max=MAX_EPOCH = 10) steps once per epoch from each group's own rate."""
+    from types import SimpleNamespace
+
+    model, trainer_args = _build("decoupled_dept", backbone)
+    epochs = trainer_args["max_epochs"]
+    groups = model.prompt_learner.optimizer_groups(model.trainable_parameters())
+    built = prompt_optimization(model.optimizer_factory, groups, lambda: SimpleNamespace(max_epochs=epochs),
+                                lr_scheduler=model.lr_scheduler_name, warmup_epochs=model.warmup_epochs,
+                                warmup_lr=model.warmup_lr)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert built["lr_scheduler"]["interval"] == "epoch"
+    rates = []
+    for epoch in range(epochs):
+        want = [1e-5] * 2 if epoch < 1 else [base * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+                                             for base in (0.0035, 0.0035 * 6.5)]
+        rates.append([g["lr"] for g in optimizer.param_groups])
+        assert rates[-1] == pytest.approx(want, rel=1e-12), epoch
+        optimizer.step()
+        scheduler.step()
+    assert rates[-1][0] / 0.0035 == pytest.approx(0.0955, abs=1e-4)  # the last epoch still at 9.5% of the rate
