@@ -164,3 +164,25 @@ def test_normal_init_is_unchanged(tmp_path):
     want = torch.randn(3, 4, 32) * 0.02
     torch.manual_seed(3)
     assert torch.equal(VPTPromptLearner(bb, ["cat", "dog"], n_tokens=4).prompts.data, want)
+
+
+def test_hugging_face_towers_take_the_placement(tmp_path):
+    """CLIP/CLIPSeg through transformers: the tokens skip pre_layrnorm there too."""
+    pytest.importorskip("monai")
+    from test_hf_clipseg import tiny_clipseg
+    from vlprompt.backbones import HFCLIPBackbone
+
+    bb = HFCLIPBackbone(str(tiny_clipseg(tmp_path / "clipseg")), local_files_only=True)
+    seen = []
+    hook = bb._vision.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    p = [0.05 * torch.randn(2, 32)]
+    try:
+        for placement in ("after_cls", "after_cls_after_pre_norm"):
+            bb.encode_image(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), p, placement)
+    finally:
+        hook.remove()
+    before, after = seen
+    torch.testing.assert_close(after[:, 1:3], p[0].expand(2, -1, -1), rtol=0, atol=0)
+    torch.testing.assert_close(before[:, 1:3], bb.model.vision_model.pre_layrnorm(p[0]).expand(2, -1, -1))
+    keep = [0, *range(3, before.shape[1])]
+    torch.testing.assert_close(before[:, keep], after[:, keep], rtol=0, atol=0)
