@@ -194,8 +194,9 @@ def test_save_and_load_round_trip(clipseg, name, tmp_path):
     seg.save_prompt(tmp_path / "prompt")
     assert (tmp_path / "prompt" / "last_layer.safetensors").is_file()
     torch.manual_seed(5)
-    loaded = PromptSegmenter(backbone, STRATEGIES[name][0], carry_visual_prompts=True,
-                             init_prompt=str(tmp_path / "prompt")).double().eval()
+    # neither the new last layer nor carrying is configured: both come with the prompt
+    loaded = PromptSegmenter(backbone, STRATEGIES[name][0], init_prompt=str(tmp_path / "prompt")).double().eval()
+    assert loaded.carry_visual_prompts and loaded.last_layer is not None
     with torch.no_grad():
         assert torch.equal(loaded(images().double(), PROMPTS), seg(images().double(), PROMPTS))
 
@@ -275,3 +276,43 @@ def test_cli_trains_saves_and_segments_on_the_embedded_default(tmp_path, learner
           "--out", str(tmp_path / "out"), "--device", "cpu"])
     rows = list(csv.DictReader(open(tmp_path / "out" / "segments.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_cli_runs_the_tunevlseg_recipe_and_segments_with_what_it_saved(tmp_path):
+    """configs/seg/tunevlseg_recipe.yaml (plateau schedule, TuneVLSeg's augmentation, carried visual
+    prompts, here with the new last layer) on a tiny CLIPSeg; `vlprompt segment --prompt` then
+    gives the masks of the trained segmenter."""
+    import numpy as np
+    from PIL import Image
+
+    from test_seg_data import make_tunevlseg
+    from vlprompt.cli import main
+    from vlprompt.resources import bundled_dir
+
+    folder = tiny_clipseg(tmp_path / "clipseg")
+    data = make_tunevlseg(tmp_path / "data", size=(40, 40))
+    config = str(bundled_dir("configs") / "seg" / "tunevlseg_recipe.yaml")
+    main(["fit", "--config", config, "--model.init_args.backbone.init_args.model_name", f"hf:{folder}",
+          "--model.init_args.new_last_layer", "true", "--data.init_args.root", str(data),
+          "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2", "--trainer.max_epochs", "2",
+          "--trainer.min_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--save_prompt", str(tmp_path / "prompt")])
+    saved = {p.name for p in (tmp_path / "prompt").iterdir()}
+    assert {"config.json", "last_layer.safetensors", "segmentation.json"} <= saved
+    photo = tmp_path / "photos" / "a.png"
+    photo.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(photo)
+    main(["segment", "--images", str(photo), "--text", "a red star", "--backbone", f"hf:{folder}",
+          "--prompt", str(tmp_path / "prompt"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    row = next(csv.DictReader(open(tmp_path / "out" / "segments.csv")))
+    mask = np.asarray(Image.open(row["mask"])) > 0
+    backbone = HFCLIPBackbone(f"hf:{folder}", local_files_only=True)
+    seg = PromptSegmenter(backbone, functools.partial(SharedSeparatePromptLearner),
+                          init_prompt=str(tmp_path / "prompt")).eval()
+    from vlprompt.data.images import build_eval_transform
+
+    pixels = build_eval_transform({**backbone.preprocess_cfg, "resize_mode": "squash"})(Image.open(photo))[None]
+    with torch.no_grad():
+        expected = seg(pixels, ["a red star"])[0, 0].sigmoid().numpy() > 0.5
+    assert (mask == expected).mean() > 0.999

@@ -62,7 +62,8 @@ def _build_segmenter(backbone: str, pretrained: str | None, decoder: str | None,
     if prompt is not None:
         saved = load_prompt(prompt, model_backbone)  # refuses a prompt learned on another backbone
         factory = lambda b, names: saved  # noqa: E731 - the saved learner, pointed at each batch's texts
-    return PromptSegmenter(model_backbone, factory, decoder_weights=decoder).to(device).eval()
+    # init_prompt: the settings and trained parts saved with the prompt (new last layer, carried visual prompts)
+    return PromptSegmenter(model_backbone, factory, decoder_weights=decoder, init_prompt=prompt).to(device).eval()
 
 
 def _segment_one(model: Any, transform: Any, image: Any, path: Path, texts: list[str], out: Path, threshold: float,
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default=None, help="the backbone's pretrained tag or checkpoint file")
     parser.add_argument("--decoder", default=None,
                         help="the segmentation head: a safetensors file or zoo:NAME (default: the head saved with "
-                             "--prompt, which no other may replace; else CLIPSeg's own for hf: backbones, else "
-                             "zoo:shapeworld-clip-tiny)")
+                             "--prompt, which no other may replace; else CLIPSeg's own for hf: backbones, the head shipped "
+                             "with a zoo: backbone (CLIPSeg-style or CRIS), else zoo:shapeworld-clip-tiny's)")
     parser.add_argument("--prompt", default=None, help="a saved prompt tuned for segmentation (default: zero-shot)")
     parser.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
     decoder = args.decoder
     if decoder is None and prompt_head(args.prompt) is None and not args.backbone.startswith("hf:"):
-        decoder = "zoo:shapeworld-clip-tiny"  # a prompt's own head is picked up by segment_images
+        # an embedded model's own head (CLIPSeg-style or CRIS); a prompt's own head is picked up by segment_images
+        decoder = args.backbone if args.backbone.startswith("zoo:") else "zoo:shapeworld-clip-tiny"
     segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=decoder,
                    prompt=args.prompt, threshold=args.threshold, device=args.device, overwrite=args.overwrite)

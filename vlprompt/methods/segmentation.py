@@ -20,6 +20,7 @@ own classification regulariser (KgCoOp, PromptSRC) is not used here.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,6 +74,24 @@ def _adamw(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     # vlprompt's default for segmentation. TuneVLSeg's recipe is AdamW at lr 2e-4 with AdamW's own
     # weight decay of 0.01 (configs/seg/tunevlseg_recipe.yaml).
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+#: Segmenter settings a prompt was tuned with and must be used with (next to the prompt).
+SETTINGS_NAME = "segmentation.json"
+
+
+def _saved_carry(init_prompt: str | None, configured: bool) -> bool:
+    """Whether the visual prompts pass through the decoder: as the prompt ``init_prompt`` was
+    tuned (its ``segmentation.json``), else as configured."""
+    if not init_prompt or Path(init_prompt).is_file():
+        return configured
+    from vlprompt.zoo import resolve_prompt_dir
+
+    path = resolve_prompt_dir(init_prompt) / SETTINGS_NAME
+    saved = bool(json.loads(path.read_text()).get("carry_visual_prompts")) if path.is_file() else configured
+    if saved != configured:
+        log.info("init_prompt %s was tuned with carry_visual_prompts=%s: used", init_prompt, saved)
+    return saved
 
 
 def _prompt_text_as_it_is() -> PromptLearnerFactory:
@@ -183,7 +202,7 @@ class PromptSegmenter(PromptModule):
         self.decoder_learned = train_decoder or from_prompt
         self.cache_image_layers = cache_image_layers
         self.plateau = (plateau_factor, plateau_patience) if lr_scheduler == "plateau" else None
-        self.carry_visual_prompts = carry_visual_prompts
+        self.carry_visual_prompts = _saved_carry(init_prompt, carry_visual_prompts)
         self._set_last_layer(init_prompt, LastLayerSettings(new_last_layer_kernel_size, residual_ratio, new_last_layer_mix)
                              if new_last_layer else None)
         #: the image tower's layers by image (learners that leave the tower alone, unaugmented data)
@@ -217,6 +236,8 @@ class PromptSegmenter(PromptModule):
             save_decoder_weights(self.decoder, Path(directory) / DECODER_NAME)
         if self.last_layer is not None:
             save_last_layer(self.last_layer, Path(directory) / LAST_LAYER_NAME)
+        if self.carry_visual_prompts:
+            (Path(directory) / SETTINGS_NAME).write_text(json.dumps({"carry_visual_prompts": True}))
         return directory
 
     def frozen_modules(self) -> tuple[str, ...]:
