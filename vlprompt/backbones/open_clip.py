@@ -324,7 +324,7 @@ class OpenCLIPBackbone(Backbone):
         tokenizer: str | None = None,
     ) -> None:
         super().__init__()
-        from vlprompt.zoo import resolve_model_name
+        from vlprompt.zoo import resolve_model_name, shared_tower_weights
 
         if text_chunk_size is not None and text_chunk_size < 1:
             raise ValueError(f"text_chunk_size must be a positive number of prompts or None, got {text_chunk_size}")
@@ -347,9 +347,13 @@ class OpenCLIPBackbone(Backbone):
                     f"{resolved!r} (known tags: {known or 'none'})."
                 )
         try:
+            shared = shared_tower_weights(model_name)  # an embedded model that borrows another's text tower
             model = open_clip.create_model(
-                resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False
+                resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False,
+                load_weights=shared is None,
             )
+            if shared is not None:
+                model.load_state_dict(shared)
         except RuntimeError as err:
             if pretrained and not os.path.isfile(pretrained):
                 # open_clip says "not a known tag" also when a known tag's download failed

@@ -274,6 +274,11 @@ class CRISHead(nn.Module):
             part.train(mode and any(p.requires_grad for p in part.parameters()))
         return self
 
+    def requires_grad_(self, requires_grad: bool = True) -> CRISHead:
+        """Freezing or unfreezing also sets the parts' modes (a frozen part stays in evaluation mode)."""
+        super().requires_grad_(requires_grad)
+        return self.train(self.training)
+
     def visual_maps(self, maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """C3, C4 and C5 from the frozen image tower's maps ``[stage 2, stage 3, stage 4, dense
         attention pool]`` (:func:`~vlprompt.seg.cris_inputs.image_map_inputs`): C5 is the dense

@@ -5,21 +5,33 @@ Each CLIP model is a folder in this package with ``open_clip_config.json`` and
 recording how ``tools/build_embedded_model.py`` made it. Diffusion models (for DiffTPT) are
 diffusers pipeline folders (``model_index.json``, ``unet/``, ``scheduler/``) made by
 ``tools/build_diffusion_model.py``. Refer to either as ``zoo:NAME``.
+
+A CLIP model may borrow a tower of another embedded model instead of shipping a copy:
+``shapeworld-cris-tiny`` (a ResNet image tower, ``tools/build_embedded_cris.py``) uses the text
+tower of ``shapeworld-clip-tiny``. Its folder names the lender in ``shared_towers.json`` and its
+``open_clip_model.safetensors`` holds only its own weights; :func:`shared_tower_weights` puts the
+two together (``OpenCLIPBackbone("zoo:shapeworld-cris-tiny")`` does it; open_clip alone cannot
+load that folder).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "CRIS_BUILD_FILE",
+    "CRIS_HEAD_FILE",
     "DECODER_BUILD_FILE",
     "DECODER_FILE",
+    "SHARED_TOWERS_FILE",
     "ZOO_DIR",
     "available_models",
     "decoder_weights_path",
     "diffusion_model_dir",
     "model_dir",
     "resolve_model_name",
+    "shared_tower_weights",
 ]
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -27,6 +39,12 @@ _PREFIX = "zoo:"
 #: A CLIP model's segmentation head (``tools/build_embedded_vlsm.py``), next to its weights.
 DECODER_FILE = "clipseg_decoder.safetensors"
 DECODER_BUILD_FILE = "CLIPSEG_BUILD.json"
+#: CRIS's head trained for a ResNet CLIP (``tools/build_embedded_cris.py``), next to its weights.
+CRIS_HEAD_FILE = "cris_head.safetensors"
+CRIS_BUILD_FILE = "CRIS_BUILD.json"
+#: Names the embedded models whose towers a model borrows (``{"text": "shapeworld-clip-tiny"}``).
+SHARED_TOWERS_FILE = "shared_towers.json"
+_WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def available_models() -> list[str]:
@@ -67,12 +85,37 @@ def diffusion_model_dir(name: str) -> Path:
 
 
 def decoder_weights_path(name: str) -> Path:
-    """The segmentation head trained for the embedded CLIP model ``name`` (``zoo:`` prefix optional)."""
-    path = model_dir(name) / DECODER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{name} has no segmentation head ({path}); build it with "
-                                "`python tools/build_embedded_vlsm.py`")
-    return path
+    """The segmentation head trained for the embedded CLIP model ``name`` (``zoo:`` prefix optional):
+    its CLIPSeg-style decoder or its CRIS head."""
+    folder = model_dir(name)
+    for file in (DECODER_FILE, CRIS_HEAD_FILE):
+        if (folder / file).is_file():
+            return folder / file
+    raise FileNotFoundError(f"{name} has no segmentation head ({folder / DECODER_FILE}); build it with "
+                            "`python tools/build_embedded_vlsm.py` (or tools/build_embedded_cris.py)")
+
+
+def shared_tower_weights(model_name: str) -> dict[str, Any] | None:
+    """The whole state dict of an embedded model that borrows towers of others (its own weights
+    and, for ``"text"``, every non-visual weight of the lender except ``logit_scale``); None for
+    any other model name."""
+    if not model_name.startswith(_PREFIX):
+        return None
+    folder = model_dir(model_name)
+    spec = folder / SHARED_TOWERS_FILE
+    if not spec.is_file():
+        return None
+    import json
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / _WEIGHTS_FILE))
+    for tower, lender in json.loads(spec.read_text()).items():
+        if tower != "text":
+            raise ValueError(f"{spec}: only a text tower can be borrowed, not {tower!r}")
+        theirs = load_file(str(model_dir(lender) / _WEIGHTS_FILE))
+        state.update({k: v for k, v in theirs.items() if not k.startswith("visual.") and k != "logit_scale"})
+    return state
 
 
 def resolve_prompt_dir(path: str | Path) -> Path:
