@@ -32,7 +32,8 @@ class UPTPromptLearner(CoOpPromptLearner):
         n_ctx, ctx_init: the unified prompt's tokens per layer and their initialisation (random,
             as in the paper, or words via the token embeddings).
         depth: layers of both towers that get prompts (1 = the inputs only, as in the paper).
-        placement: where visual tokens go (after the class token, as in MVLPT).
+        placement: where visual tokens go (a :data:`~vlprompt.backbones.PromptPlacement`; MVLPT's code
+            puts them after the class token and after the pre-norm, ``after_cls_after_pre_norm``).
         heads: attention heads of the refining layer (must divide the text width).
         init_std: std of the normal initialisation of random prompt tokens.
     """
