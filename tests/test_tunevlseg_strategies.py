@@ -316,3 +316,31 @@ def test_cli_runs_the_tunevlseg_recipe_and_segments_with_what_it_saved(tmp_path)
     with torch.no_grad():
         expected = seg(pixels, ["a red star"])[0, 0].sigmoid().numpy() > 0.5
     assert (mask == expected).mean() > 0.999
+
+
+def test_plateau_schedule_is_tunevlsegs(clipseg):
+    _, _, backbone = clipseg
+    seg = PromptSegmenter(backbone, STRATEGIES["shared_separate"][0], lr_scheduler="plateau",
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=2e-4))
+    built = seg.configure_optimizers()
+    scheduler = built["lr_scheduler"]
+    plateau = scheduler["scheduler"]
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (plateau.mode, plateau.factor, plateau.patience) == ("min", 0.2, 5)
+    assert (scheduler["monitor"], scheduler["interval"], scheduler["frequency"]) == ("val/loss", "epoch", 1)
+    assert built["optimizer"].param_groups[0]["weight_decay"] == 0.01  # AdamW's default, as TuneVLSeg gets it
+
+
+def test_the_recipe_config_holds_tunevlsegs_values():
+    import yaml
+
+    from vlprompt.resources import bundled_dir
+
+    cfg = yaml.safe_load((bundled_dir("configs") / "seg" / "tunevlseg_recipe.yaml").read_text())
+    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    assert model["optimizer"] == {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2.0e-4, "weight_decay": 0.01}}
+    assert (model["lr_scheduler"], model["plateau_factor"], model["plateau_patience"]) == ("plateau", 0.2, 5)
+    assert (model["lambda_dice"], model["lambda_bce"], model["train_decoder"]) == (1.0, 0.2, False)
+    assert (trainer["max_epochs"], trainer["min_epochs"]) == (20, 10)
+    assert (data["size"], data["interpolation"], data["area_downscale"], data["augmentation"], data["hflip"]) == (
+        352, "bicubic", False, "tunevlseg", False)
