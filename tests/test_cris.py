@@ -267,3 +267,26 @@ def test_word_features_are_captured_from_the_learners_own_pass(rn_backbone):
     assert tokens.padding.tolist() == [[False] * length, [False] * 4 + [True] * (length - 4)]
     valid = ~tokens.padding
     torch.testing.assert_close(tokens.words[valid], words[:, :length][valid], rtol=1e-5, atol=1e-6)
+
+
+def test_cris_checkpoints_convert_to_an_open_clip_folder_and_a_head(rn_backbone, tmp_path):
+    """CRIS's checkpoint layout (distributed ``module.`` prefix, ``backbone.`` = OpenAI CLIP with
+    CRIS's ``connect`` inside the attention pool, ``neck``/``decoder``/``proj``) round-trips."""
+    from vlprompt.seg.cris_checkpoint import write_cris_checkpoint
+
+    model = segmenter(rn_backbone).eval()
+    head = model.decoder
+    state = {f"backbone.{k}": v for k, v in rn_backbone.model.state_dict().items()}
+    state.update({f"backbone.visual.attnpool.{k}": v for k, v in head.state_dict().items() if k.startswith("connect.")})
+    state.update({k: v for k, v in head.state_dict().items() if not k.startswith("connect.")})
+    torch.save({"epoch": 50, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "best_model.pth")
+    out = write_cris_checkpoint(tmp_path / "best_model.pth", tmp_path / "cris", num_heads=2, dropout=0.2,
+                                head_width=16)
+    backbone = OpenCLIPBackbone(f"local-dir:{out}")
+    again = PromptSegmenter(backbone, functools.partial(CoOpPromptLearner, n_ctx=4, ctx_init="a photo of a"),
+                            head="cris", decoder_weights=str(out / "cris_head.safetensors")).eval()
+    assert again.decoder.layout() == head.layout()
+    torch.testing.assert_close(again(images(), PROMPTS), model(images(), PROMPTS))
+    with pytest.raises(ValueError, match="not a CRIS checkpoint"):
+        torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+        write_cris_checkpoint(tmp_path / "other.pth", tmp_path / "x")
