@@ -233,3 +233,15 @@ def test_one_task_scored_per_class_is_picked_by_its_per_class_mean(backbone, das
     per_class = correct[total > 0] / total[total > 0]
     assert logged["val/acc_per_class_mean"] == pytest.approx(per_class.mean().item(), abs=1e-6)
     assert logged["val/acc"] == pytest.approx((correct.sum() / total.sum()).item(), abs=1e-6)
+
+
+def test_the_best_prompt_survives_a_checkpoint_of_the_callback():
+    module, best = _Scripted([0.2, 0.5, 0.1, 0.3]), BestValidationPrompt()
+    pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[best], num_sanity_val_steps=0).fit(module)
+    resumed, other = BestValidationPrompt(), _Scripted([])
+    resumed.load_state_dict(best.state_dict())
+    with torch.no_grad():
+        other.prompt.fill_(99.0)
+    resumed.on_train_end(None, other)
+    assert other.prompt.item() == 1.0 and resumed.best_epoch == 1 and resumed.scores == pytest.approx([0.2, 0.5, 0.1, 0.3])
