@@ -106,7 +106,7 @@ def test_best_validation_prompts_are_the_ones_tested_saved_and_averaged(worlds, 
         assert torch.equal(seed, fit["final"])
     torch.testing.assert_close(read_prompt_tensors(prompts / "source")["ctx"], (seeds[0] + seeds[1]) / 2)
     assert {r.setting for r in results} == {"zero-shot", "source", "single", "mvlpt-init", "multitask"}
-    assert "best_val prompts averaged" in (tmp_path / "out" / "summary.md").read_text()
+    assert "best-validation prompts averaged" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_the_defaults_keep_the_last_epoch_and_validate_nothing(worlds, tmp_path):

@@ -309,13 +309,16 @@ def run_multitask_eval(cfg: MultiTaskConfig, output_dir: str | Path, *, overwrit
     return results
 
 
+_EPOCH = {"last": "last-epoch", "best_val": "best-validation"}
+
+
 def format_summary(results: Sequence[Result], cfg: MultiTaskConfig, seconds: float) -> str:
     targets = list(cfg.targets.tasks)
     source_shots = "each target's" if cfg.source.shots == "target" else cfg.source.shots
     lines = ["# Multitask prompt tuning (MVLPT)", "",
              f"Source tasks: {', '.join(cfg.source.tasks)} ({source_shots} shots, seeds {cfg.source.seeds}, "
-             f"{cfg.source.final_model} prompts averaged); target tasks: {', '.join(targets)} (seeds "
-             f"{cfg.targets.seeds}, {cfg.targets.final_model} prompts); {seconds:.0f} s.", ""]
+             f"{_EPOCH[cfg.source.final_model]} prompts averaged); target tasks: {', '.join(targets)} (seeds "
+             f"{cfg.targets.seeds}, {_EPOCH[cfg.targets.final_model]} prompts); {seconds:.0f} s.", ""]
     for shots in sorted({r.shots for r in results if r.shots > 0}):
         lines += [f"## {shots} shots per target class (accuracy %)", "",
                   multitask_table(results, list(cfg.methods), targets, shots), ""]
