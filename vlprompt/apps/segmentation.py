@@ -11,6 +11,10 @@ Driven by a YAML file in the project's config dialect (``configs/seg/shapeworld_
       zeroshot: true
       methods:
         coop: {config: ../methods/coop.yaml, model: {...}, trainer: {max_epochs: 5}}
+        cris-coop:                                     # a method on another VLSM (VLSM_KEYS)
+          backbone: {class_path: vlprompt.backbones.OpenCLIPBackbone, init_args: {model_name: zoo:shapeworld-cris-tiny}}
+          decoder_weights: zoo:shapeworld-cris-tiny
+          config: ../methods/coop.yaml
       overlays: 4
       trainer: {accelerator: cpu}
 
@@ -20,6 +24,7 @@ Writes ``results.csv``, ``summary.md`` and ``overlays.png`` into the output fold
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -110,6 +115,38 @@ def save_overlays(models: dict[str, PromptSegmenter], dm: Any, count: int, path:
     return path
 
 
+#: Keys a method entry may add to run on another VLSM than the config's (CRIS beside CLIPSeg): its
+#: ``backbone`` and its head's ``decoder_weights``; ``zeroshot: true`` for that VLSM as it is (no
+#: ``config:``, nothing fitted).
+VLSM_KEYS = ("backbone", "decoder_weights", "zeroshot")
+
+
+def _fitted_models(cfg: SegmentationEvalConfig, runner: TaskRunner, dm: Any) -> dict[str, PromptSegmenter]:
+    """Zero-shot (``cfg.zeroshot``) and each method, fitted on the config's VLSM or the one it names."""
+    from tqdm.auto import tqdm
+
+    runners = {"": runner}  # by backbone spec: each backbone is built once
+
+    def runner_of(spec: dict[str, Any]) -> TaskRunner:
+        key = json.dumps(spec.get("backbone"), sort_keys=True) if "backbone" in spec else ""
+        if key not in runners:
+            runners[key] = TaskRunner(spec["backbone"], cfg.trainer)
+        return runners[key]
+
+    models: dict[str, PromptSegmenter] = {}
+    if cfg.zeroshot:
+        models["zero-shot"] = PromptSegmenter(runner.backbone, decoder_weights=cfg.decoder_weights)
+    for name, spec in tqdm(cfg.methods.items(), desc="methods", unit="method"):
+        own, weights = runner_of(spec), spec.get("decoder_weights", cfg.decoder_weights)
+        if spec.get("zeroshot"):
+            models[name] = PromptSegmenter(own.backbone, decoder_weights=weights)
+            continue
+        recipe = method_recipe({k: v for k, v in spec.items() if k not in VLSM_KEYS}, cfg.config_dir,
+                               module=PromptSegmenter)
+        models[name] = own.fit(recipe, dm, cfg.seed, decoder_weights=weights)
+    return models
+
+
 def run_segmentation_eval(cfg: SegmentationEvalConfig, output_dir: str | Path, *, overwrite: bool = False
                           ) -> dict[str, dict[str, float]]:
     """Zero-shot and every configured method on the data's test split; writes the table, the raw
@@ -117,15 +154,8 @@ def run_segmentation_eval(cfg: SegmentationEvalConfig, output_dir: str | Path, *
     output_dir = prepare_output_dir(output_dir, "results.csv", overwrite)
     started = time.perf_counter()
     runner = TaskRunner(cfg.backbone, cfg.trainer)
-    recipes = {m: method_recipe(spec, cfg.config_dir, module=PromptSegmenter) for m, spec in cfg.methods.items()}
     dm = instantiate(pl.LightningDataModule, cfg.data)
-    models: dict[str, PromptSegmenter] = {}
-    if cfg.zeroshot:
-        models["zero-shot"] = PromptSegmenter(runner.backbone, decoder_weights=cfg.decoder_weights)
-    from tqdm.auto import tqdm
-
-    for name, recipe in tqdm(recipes.items(), desc="methods", unit="method"):
-        models[name] = runner.fit(recipe, dm, cfg.seed, decoder_weights=cfg.decoder_weights)
+    models = _fitted_models(cfg, runner, dm)
     rows = {}
     for name, model in models.items():
         runner.trainer().test(model, datamodule=dm, verbose=False)
