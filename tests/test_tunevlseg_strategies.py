@@ -344,3 +344,11 @@ def test_the_recipe_config_holds_tunevlsegs_values():
     assert (trainer["max_epochs"], trainer["min_epochs"]) == (20, 10)
     assert (data["size"], data["interpolation"], data["area_downscale"], data["augmentation"], data["hflip"]) == (
         352, "bicubic", False, "tunevlseg", False)
+
+
+def test_bad_settings_are_refused_in_one_line(clipseg):
+    _, _, backbone = clipseg
+    with pytest.raises(ValueError, match=r"heads=3 must divide the joint width 80 \(text 48 \+ vision 32\)"):
+        SharedAttentionPromptLearner(backbone, ["x"], heads=3)
+    with pytest.raises(ValueError, match=r"depth must be between 1 and 3 \(the shallower tower's layers\), got 4"):
+        SharedSeparatePromptLearner(backbone, ["x"], depth=4)

@@ -57,6 +57,7 @@ class SharedAttentionPromptLearner(SharedPromptLearner):
         unified_projection: bool = False,
         init_std: float = 0.02,
     ) -> None:
+        backbone.check_visual_prompts()  # a tower without visual prompts is refused first, in its words
         width = backbone.text_width + backbone.vision_width
         if width % heads:
             raise ValueError(f"heads={heads} must divide the joint width {width} (text {backbone.text_width} + "
