@@ -24,7 +24,6 @@ Writes ``results.csv``, ``summary.md`` and ``overlays.png`` into the output fold
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -128,7 +127,7 @@ def _fitted_models(cfg: SegmentationEvalConfig, runner: TaskRunner, dm: Any) -> 
     runners = {"": runner}  # by backbone spec: each backbone is built once
 
     def runner_of(spec: dict[str, Any]) -> TaskRunner:
-        key = json.dumps(spec.get("backbone"), sort_keys=True) if "backbone" in spec else ""
+        key = repr(spec["backbone"]) if "backbone" in spec else ""
         if key not in runners:
             runners[key] = TaskRunner(spec["backbone"], cfg.trainer)
         return runners[key]
