@@ -4,8 +4,10 @@ Models", ACCV 2024), generic over prompt learners.
 
 Every prompt learner of vlprompt works: textual ones (CoOp, CoCoOp, KgCoOp) shape the text feature
 that conditions the decoder, visual ones (VPT, shallow or deep) shape the image tower's tokens the
-decoder reads, multimodal ones (IVLP, MaPLe, UPT, PromptSRC) both. The head reads the backbone's
-intermediate layers: CLIPSeg's own decoder when the weights are CLIPSeg's
+decoder reads, multimodal ones (IVLP, MaPLe, UPT, PromptSRC, TuneVLSeg's shared-separate and
+shared-attention) both. Visual prompts are removed before the decoder unless
+``carry_visual_prompts`` (TuneVLSeg's way); TuneVLSeg's trained "new last layer" is an option.
+The head reads the backbone's intermediate layers: CLIPSeg's own decoder when the weights are CLIPSeg's
 (:class:`~vlprompt.backbones.HFCLIPBackbone`, :class:`~vlprompt.seg.HFCLIPSegHead`), else
 vlprompt's CLIPSeg-style :class:`~vlprompt.seg.CLIPSegDecoder` over any ViT backbone. It is frozen
 (``train_decoder=False``, the VLSM's own head) or trained with the prompt, and when trained its
