@@ -352,3 +352,33 @@ def test_bad_settings_are_refused_in_one_line(clipseg):
         SharedAttentionPromptLearner(backbone, ["x"], heads=3)
     with pytest.raises(ValueError, match=r"depth must be between 1 and 3 \(the shallower tower's layers\), got 4"):
         SharedSeparatePromptLearner(backbone, ["x"], depth=4)
+
+
+def test_vlprompts_decoder_drops_carried_prompts_after_its_blocks_and_mixes_the_last_layer(backbone):
+    """vlprompt's CLIPSeg-style decoder (the embedded default's head) with prompt tokens after the
+    patches: they pass through its blocks and are dropped before the grid, as TuneVLSeg does."""
+    from vlprompt.seg.decoder import CLIPSegDecoder
+    from vlprompt.seg.last_layer import NewLastLayer
+
+    torch.manual_seed(0)
+    decoder = CLIPSegDecoder.for_backbone(backbone, reduce_dim=8, n_heads=2).eval()
+    last = NewLastLayer(8, backbone.patch_size)
+    with torch.no_grad():
+        last.residual_ratio.fill_(0.3)
+    (ph, pw), size, n = backbone.patch_size, (32, 32), 3
+    h, w = size[0] // ph, size[1] // pw
+    tokens = [torch.randn(2, 1 + h * w + n, backbone.vision_width) for _ in decoder.extract_layers]
+    cond = torch.randn(2, backbone.embed_dim)
+    with torch.no_grad():
+        ours = decoder(tokens, cond, 1, size, trailing_tokens=n, last_layer=last)
+        a = None
+        for i, (t, reduce, block) in enumerate(zip(tokens[::-1], decoder.reduces, decoder.blocks)):
+            a = reduce(t) if a is None else a + reduce(t)
+            if i == 0:
+                a = decoder.film_mul(cond)[:, None] * a + decoder.film_add(cond)[:, None]
+            a = block(a)
+        grid = a[:, 1:-n].transpose(1, 2).reshape(2, 8, h, w)
+        up = F.interpolate(grid, scale_factor=(float(ph) if ph == pw else (ph, pw)), mode="bilinear")
+        conv = F.conv2d(F.pad(up, (2, 2, 2, 2), mode="replicate"), last.conv[1].weight, last.conv[1].bias)
+        expected = 0.7 * decoder.trans_conv(grid) + 0.3 * conv
+    assert torch.allclose(ours, expected, atol=1e-6)
