@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -252,6 +253,22 @@ def _hf_layers(transformer: nn.Module) -> nn.ModuleList:
 _HF_POOLS = {"MeanPooler": "mean", "MaxPooler": "max", "ClsPooler": "first", "ClsLastHiddenStatePooler": "first"}
 
 
+@contextlib.contextmanager
+def _quiet_missing_weights(active: bool) -> Iterator[None]:
+    """Drop open_clip's warning that a model was initialised randomly (it logs through the root
+    logger) while ``active``: the weights are loaded after it is built."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _fetch_failure(model: str, tag: str, err: Exception) -> str:
     """What to do when an open_clip pretrained tag's weights could not be fetched (no internet, or
     not in the cache): where they come from, where the cache is, how to carry it."""
@@ -348,10 +365,11 @@ class OpenCLIPBackbone(Backbone):
                 )
         try:
             shared = shared_tower_weights(model_name)  # an embedded model that borrows another's text tower
-            model = open_clip.create_model(
-                resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False,
-                load_weights=shared is None,
-            )
+            with _quiet_missing_weights(shared is not None):  # loaded right below
+                model = open_clip.create_model(
+                    resolved, pretrained=pretrained, precision=precision, pretrained_image=False, pretrained_hf=False,
+                    load_weights=shared is None,
+                )
             if shared is not None:
                 model.load_state_dict(shared)
         except RuntimeError as err:

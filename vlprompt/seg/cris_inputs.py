@@ -47,13 +47,14 @@ def refuse_visual_prompts(learner_name: str, uses_image_tower: bool) -> None:
 
 def prompt_text_tokens(captured: Sequence[TextTokens], index: torch.Tensor, n_prompts: int,
                        per_image: bool) -> TextTokens:
-    """Each image's prompt's word features from what the learner encoded inside
+    """Each image's prompt's word features from the one text pass the learner made inside
     :meth:`~vlprompt.backbones.Backbone.capture_text_tokens`: ``index`` is each image's prompt
     among the learner's ``n_prompts``; ``per_image``: the learner encoded ``B x n_prompts``
     prompts (CoCoOp: one set per image), else ``n_prompts``."""
-    if not captured:
-        raise ValueError("the prompt learner encoded no text; CRIS needs the prompts' word features")
-    tokens = captured[-1]
+    if len(captured) != 1:
+        raise ValueError(f"the prompt learner encoded its text in {len(captured)} passes (a template ensemble?); CRIS "
+                         "needs one text per prompt, from one pass")
+    tokens = captured[0]
     n = len(index)
     expected = n_prompts * (n if per_image else 1)
     if tokens.state.shape[0] != expected:
