@@ -8,6 +8,7 @@ a CRIS head and a CLIPSeg-style head refusing each other; visual prompts refused
 from __future__ import annotations
 
 import functools
+import json
 
 import open_clip
 import pytest
@@ -154,15 +155,17 @@ def ref_projector(proj, x, word):
     return F.conv2d(x.reshape(1, b * c, h, w), weight, padding=proj.kernel_size // 2, groups=b, bias=bias).transpose(0, 1)
 
 
-def ref_cris(clip, head, x, ids, size):
-    """COOPCRIS.forward with the context already in the token embeddings (what CoOp's ctx_init gives)."""
+def ref_cris(clip, head, x, ids, size, additive=None, ratio=None):
+    """COOPCRIS.forward with the context already in the token embeddings (what CoOp's ctx_init
+    gives); with ``additive`` (its ``additive_decoder_layer``) mixed in by ``ratio``."""
     v3, v4, v5 = ref_image(clip, head.connect, x)
     words, state = ref_text(clip, ids)
     pad_mask = ids == 0
     fq = ref_neck(head.neck, v3, v4, v5, state)
     b, c, h, w = fq.shape
     fq = ref_decoder(head.decoder, fq, words, pad_mask).reshape(b, c, h, w)
-    return F.interpolate(ref_projector(head.proj, fq, state), size, mode="bicubic", align_corners=True)
+    logits = F.interpolate(ref_projector(head.proj, fq, state), size, mode="bicubic", align_corners=True)
+    return logits if additive is None else (1 - ratio) * logits + ratio * additive(fq)
 
 
 # -- tests --------------------------------------------------------------------------------------------
@@ -290,3 +293,97 @@ def test_cris_checkpoints_convert_to_an_open_clip_folder_and_a_head(rn_backbone,
     with pytest.raises(ValueError, match="not a CRIS checkpoint"):
         torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, tmp_path / "other.pth")
         write_cris_checkpoint(tmp_path / "other.pth", tmp_path / "x")
+
+
+def test_the_embedded_cris_loads_with_its_borrowed_text_tower_and_head():
+    from vlprompt.zoo import decoder_weights_path, shared_tower_weights
+
+    backbone = OpenCLIPBackbone("zoo:shapeworld-cris-tiny")
+    lender = OpenCLIPBackbone("zoo:shapeworld-clip-tiny")
+    assert backbone.has_image_maps and not lender.has_image_maps
+    torch.testing.assert_close(backbone.encode_text(["a red star"]), lender.encode_text(["a red star"]), rtol=0, atol=0)
+    assert len(shared_tower_weights("zoo:shapeworld-cris-tiny")) == len(backbone.model.state_dict())
+    model = PromptSegmenter(backbone, decoder_weights="zoo:shapeworld-cris-tiny")  # head="auto": CRIS's
+    assert isinstance(model.decoder, CRISHead) and decoder_weights_path("shapeworld-cris-tiny").name == "cris_head.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learner", ["CoOpPromptLearner", "CoCoOpPromptLearner"])
+def test_cli_trains_saves_and_segments_on_the_embedded_cris(tmp_path, learner):
+    import csv
+
+    from vlprompt.cli import main
+    from vlprompt.resources import bundled_dir
+
+    config = str(bundled_dir("configs") / "seg" / "shapeworld_cris_coop.yaml")
+    args = ["--data.init_args.root", str(tmp_path / "seg"), "--trainer.logger", "false",
+            "--model.init_args.prompt_learner", f"vlprompt.prompts.{learner}", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    main(["fit", "--config", config, *args, "--trainer.default_root_dir", str(tmp_path / "run"),
+          "--save_prompt", str(tmp_path / "prompt")])
+    saved = json.loads((tmp_path / "prompt" / "config.json").read_text())
+    assert saved["backbone"]["name"] == "zoo:shapeworld-cris-tiny"
+    images_ = sorted((tmp_path / "seg" / "images").glob("test_*.png"))[:2]
+    main(["segment", "--images", *map(str, images_), "--text", "red star", "--prompt", str(tmp_path / "prompt"),
+          "--backbone", "zoo:shapeworld-cris-tiny", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "segments.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    # the CRIS prompt on the CLIPSeg default: another backbone, refused
+    with pytest.raises(SystemExit):
+        main(["segment", "--images", str(images_[0]), "--text", "red star", "--prompt", str(tmp_path / "prompt"),
+              "--out", str(tmp_path / "out2"), "--device", "cpu"])
+
+
+@pytest.mark.slow
+def test_the_demo_table_runs_cris_beside_clipseg(tmp_path):
+    import yaml
+
+    from vlprompt.apps.segmentation import SegmentationEvalConfig, run_segmentation_eval
+    from vlprompt.resources import bundled_dir
+
+    raw = yaml.safe_load((bundled_dir("configs") / "seg" / "shapeworld_demo.yaml").read_text())
+    seg = raw["segmentation"]
+    seg["data"]["init_args"]["root"] = str(tmp_path / "seg")
+    seg["methods"] = {k: seg["methods"][k] for k in ("cris_zero_shot", "cris_coop")}
+    seg["methods"]["cris_coop"]["config"] = str(bundled_dir("configs") / "methods" / "coop.yaml")
+    seg["methods"]["cris_coop"]["trainer"] = {"max_epochs": 2}
+    seg.update(zeroshot=False, overlays=0)
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rows = run_segmentation_eval(SegmentationEvalConfig.read(path), tmp_path / "out")
+    assert list(rows) == ["cris_zero_shot", "cris_coop"]
+    assert rows["cris_coop"]["dice_dataset"] > rows["cris_zero_shot"]["dice_dataset"] + 0.1
+
+
+def test_a_template_ensemble_is_refused(rn_backbone):
+    from vlprompt.prompts import ZeroShotPrompt
+
+    model = PromptSegmenter(rn_backbone, functools.partial(ZeroShotPrompt, templates=["a {}.", "the {}."]),
+                            head="cris", head_options=HEAD)
+    with pytest.raises(ValueError, match="2 passes"):
+        model(images(), PROMPTS)
+
+
+def test_the_new_last_layer_is_tunevlsegs_on_cris(rn_backbone, tmp_path):
+    model = segmenter(rn_backbone, new_last_layer=True, residual_ratio=0.3)
+    with torch.no_grad():
+        model.last_layer.residual_ratio.fill_(0.3)
+    model.train()
+    model(images(), PROMPTS).sum().backward()
+    trained = [*model.prompt_learner.parameters(), *model.last_layer.parameters()]
+    assert all(p.grad is not None for p in trained)
+    assert all(p.grad is None for p in [*model.decoder.parameters(), *rn_backbone.parameters()])
+    model.double().eval()
+    layer = model.last_layer
+    additive = torch.nn.Sequential(layer.reduce, torch.nn.Upsample(size=(64, 64), mode="bilinear"), layer.conv)
+    assert layer.reduce.in_channels == model.decoder.proj.in_dim * 2 and layer.conv.padding_mode == "replicate"
+    ids = rn_backbone.tokenize(["a photo of a red circle.", "a photo of a blue square.", "a photo of a red circle."])
+    ref = ref_cris(rn_backbone.model, model.decoder, images().double(), ids, (64, 64), additive, layer.residual_ratio)
+    torch.testing.assert_close(model(images().double(), PROMPTS), ref, rtol=0, atol=1e-10)
+    model.float()
+    folder = model.save_prompt(tmp_path / "with-last-layer")
+    again = PromptSegmenter(rn_backbone, functools.partial(CoOpPromptLearner, n_ctx=4), head="cris", head_options=HEAD,
+                            init_prompt=str(folder))
+    torch.testing.assert_close(again.last_layer.residual_ratio, model.last_layer.residual_ratio)
+    with pytest.raises(ValueError, match="ratio only"):
+        segmenter(rn_backbone, new_last_layer=True, new_last_layer_mix="sum")

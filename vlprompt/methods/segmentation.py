@@ -40,8 +40,15 @@ from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.module import OptimizerFactory, PromptModule
 from vlprompt.methods.optimization import LRSchedule
 from vlprompt.prompts import PromptLearnerFactory
-from vlprompt.seg.cris import CRISHead
-from vlprompt.seg.cris_inputs import MapPacking, image_map_inputs, prompt_text_tokens, refuse_visual_prompts
+from vlprompt.seg.cris import CRISHead, CRISLastLayer
+from vlprompt.seg.cris_inputs import (
+    MapPacking,
+    cris_last_layer,
+    image_map_inputs,
+    prompt_text_tokens,
+    refuse_visual_prompts,
+    save_cris_last_layer,
+)
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.heads import (
     DECODER_NAME,
@@ -192,7 +199,7 @@ class PromptSegmenter(PromptModule):
         self.save_hyperparameters(ignore=list(self._not_hyperparameters))
         self.decoder, from_prompt = configured_head(backbone, head, extract_layers, reduce_dim, n_heads,
                                                     decoder_weights, init_prompt, head_options)
-        self.map_packing = self._map_inputs(new_last_layer or carry_visual_prompts)
+        self.map_packing = self._map_inputs(carry_visual_prompts)
         loaded = bool(decoder_weights) or from_prompt
         if not loaded and not train_decoder and isinstance(self.decoder, (CLIPSegDecoder, CRISHead)):
             log.warning("the decoder is neither loaded (decoder_weights, init_prompt) nor trained (train_decoder): it "
@@ -216,19 +223,21 @@ class PromptSegmenter(PromptModule):
         #: Dice and IoU of the last test (per image and dataset-wide).
         self.test_results: dict[str, float] = {}
 
-    def _map_inputs(self, clipseg_options: bool) -> MapPacking:
-        """For a head that reads maps (CRIS, a ResNet image tower), refuse visual prompts and
-        CLIPSeg-only options; how maps are packed in the feature cache."""
+    def _map_inputs(self, carry_visual_prompts: bool) -> MapPacking:
+        """For a head that reads maps (CRIS, a ResNet image tower), refuse visual prompts; how maps
+        are packed in the feature cache."""
         if self.decoder.image_input == "maps":
             refuse_visual_prompts(self.prompt_learner.name, self.prompt_learner.uses_image_tower)
-            if clipseg_options:
-                raise ValueError("new_last_layer and carry_visual_prompts are for CLIPSeg-style heads, not CRIS's")
+            if carry_visual_prompts:
+                raise ValueError("carry_visual_prompts is for CLIPSeg-style heads: CRIS takes no visual prompts")
         return MapPacking()
 
     def _set_last_layer(self, init_prompt: str | None, settings: LastLayerSettings | None) -> None:
         #: TuneVLSeg's trained new last layer (None: the head's own logits); one saved with init_prompt is restored
-        self.last_layer = None if self.decoder.image_input == "maps" else configured_last_layer(
-            self.decoder.reduce_dim, self.backbone.patch_size, init_prompt, settings)
+        if self.decoder.image_input == "maps":  # CRIS's own (TuneVLSeg's COOPCRIS)
+            self.last_layer = cris_last_layer(self.decoder.settings["vis_dim"], init_prompt, settings)
+            return
+        self.last_layer = configured_last_layer(self.decoder.reduce_dim, self.backbone.patch_size, init_prompt, settings)
 
     def save_prompt(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Save the learned prompt; a learned decoder goes with it (``decoder.safetensors`` in the
@@ -237,7 +246,8 @@ class PromptSegmenter(PromptModule):
         if self.decoder_learned:
             save_decoder_weights(self.decoder, Path(directory) / DECODER_NAME)
         if self.last_layer is not None:
-            save_last_layer(self.last_layer, Path(directory) / LAST_LAYER_NAME)
+            save = save_cris_last_layer if isinstance(self.last_layer, CRISLastLayer) else save_last_layer
+            save(self.last_layer, Path(directory) / LAST_LAYER_NAME)
         if self.carry_visual_prompts:
             (Path(directory) / SETTINGS_NAME).write_text(json.dumps({"carry_visual_prompts": True}))
         return directory
@@ -386,7 +396,7 @@ class PromptSegmenter(PromptModule):
         prompts' word features; CoCoOp is given C5 averaged over positions, as in TuneVLSeg."""
         visual = self.decoder.visual_maps(maps if maps is not None else image_map_inputs(self.backbone, images))
         text = self.text_tokens(prompts, images, self.decoder.image_features(visual))
-        return self.decoder(visual, text, tuple(images.shape[-2:]))
+        return self.decoder(visual, text, tuple(images.shape[-2:]), last_layer=self.last_layer)
 
     def _cached_maps(self, batch: dict[str, Any], fingerprint: str) -> list[torch.Tensor]:
         """CRIS's maps from the feature cache (maps of several shapes, one flat tensor per image)."""

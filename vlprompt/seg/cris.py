@@ -37,8 +37,8 @@ from torch import nn
 
 from vlprompt.backbones import Backbone, TextTokens
 
-__all__ = ["CRISDecoder", "CRISDecoderLayer", "CRISHead", "CRISNeck", "CRISProjector", "sine_positions_1d",
-           "sine_positions_2d"]
+__all__ = ["CRISDecoder", "CRISDecoderLayer", "CRISHead", "CRISLastLayer", "CRISNeck", "CRISProjector",
+           "sine_positions_1d", "sine_positions_2d"]
 
 
 def conv_bn_relu(in_dim: int, out_dim: int, kernel_size: int = 1, padding: int = 0) -> nn.Sequential:
@@ -208,6 +208,30 @@ class CRISProjector(nn.Module):
         return out.transpose(0, 1)
 
 
+class CRISLastLayer(nn.Module):
+    """TuneVLSeg's "new last layer" on CRIS (``COOPCRIS``'s ``additive_decoder_layer``): the decoded
+    map ``[B, vis_dim, h, w]`` through a 1x1 convolution (no bias) to ``width`` channels, bilinear
+    upsampling to the image, a ``kernel_size`` convolution (replicate padding) to one channel, mixed
+    into CRIS's logits by a learnable ratio ``r`` (starting at ``residual_ratio``, unconstrained):
+    ``(1 - r) * logits + r * extra``. Trained with the prompt while the head stays frozen."""
+
+    kind = "cris-last-layer"
+
+    def __init__(self, vis_dim: int, kernel_size: int = 5, residual_ratio: float = 0.5, width: int = 64) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(vis_dim, width, 1, bias=False)
+        self.conv = nn.Conv2d(width, 1, kernel_size, padding="same", padding_mode="replicate")
+        self.residual_ratio = nn.Parameter(torch.tensor(float(residual_ratio)))
+
+    def layout(self) -> dict[str, Any]:
+        return {"head": self.kind, "vis_dim": self.reduce.in_channels, "width": self.reduce.out_channels,
+                "kernel_size": self.conv.kernel_size[0]}
+
+    def forward(self, decoded: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        extra = F.interpolate(self.reduce(decoded), size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        return (1 - self.residual_ratio) * logits + self.residual_ratio * self.conv(extra)
+
+
 class CRISHead(nn.Module):
     """CRIS's head (see the module docstring): mask logits ``[B, 1, H, W]`` from the image tower's
     maps and the prompt's word features and sentence feature.
@@ -292,9 +316,10 @@ class CRISHead(nn.Module):
         return visual[2].mean((2, 3))
 
     def forward(self, visual: tuple[torch.Tensor, torch.Tensor, torch.Tensor], text: TextTokens,
-                image_size: tuple[int, int]) -> torch.Tensor:
+                image_size: tuple[int, int], last_layer: CRISLastLayer | None = None) -> torch.Tensor:
         """``visual``: :meth:`visual_maps`; ``text``: each image's prompt's word features, padding
-        and sentence feature; ``image_size``: the input's (H, W)."""
+        and sentence feature; ``image_size``: the input's (H, W); ``last_layer``: TuneVLSeg's new
+        last layer mixed into the logits."""
         dtype = self.connect[0].weight.dtype
         state, words = text.state.to(dtype), text.words.to(dtype)
         if words.shape[-1] != self.settings["vis_dim"]:
@@ -303,5 +328,5 @@ class CRISHead(nn.Module):
         fq = self.neck(visual, state)
         b, c, h, w = fq.shape
         fq = self.decoder(fq, words, text.padding).reshape(b, c, h, w)
-        logits = self.proj(fq, state)
-        return F.interpolate(logits, size=tuple(image_size), mode="bicubic", align_corners=True)
+        logits = F.interpolate(self.proj(fq, state), size=tuple(image_size), mode="bicubic", align_corners=True)
+        return logits if last_layer is None else last_layer(fq, logits)

@@ -4,13 +4,20 @@ prompt's word features, taken from the same text pass as the prompt learner's fe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from vlprompt.backbones import Backbone, TextTokens
+from vlprompt.seg.cris import CRISLastLayer
+from vlprompt.seg.last_layer import LAST_LAYER_NAME, LastLayerSettings
 
-__all__ = ["MapPacking", "image_map_inputs", "prompt_text_tokens", "refuse_visual_prompts"]
+__all__ = ["MapPacking", "cris_last_layer", "image_map_inputs", "prompt_text_tokens", "refuse_visual_prompts",
+           "save_cris_last_layer"]
+
+log = logging.getLogger(__name__)
 
 
 def image_map_inputs(backbone: Backbone, images: torch.Tensor) -> list[torch.Tensor]:
@@ -62,3 +69,45 @@ def prompt_text_tokens(captured: Sequence[TextTokens], index: torch.Tensor, n_pr
                          f"(a template ensemble?); CRIS needs one text per prompt{' and image' if per_image else ''}")
     rows = torch.arange(n, device=index.device) * n_prompts + index if per_image else index
     return TextTokens(tokens.words[rows], tokens.padding[rows], tokens.state[rows])
+
+
+def save_cris_last_layer(layer: CRISLastLayer, path: str | Path) -> Path:
+    """Save CRIS's new last layer (safetensors) with its layout in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}, str(path),
+              metadata={k: str(v) for k, v in layer.layout().items()})
+    return path
+
+
+def _load_cris_last_layer(path: Path, vis_dim: int) -> CRISLastLayer:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("head") != CRISLastLayer.kind:
+        raise ValueError(f"{path} holds a new last layer for a {meta.get('head', 'CLIPSeg-style')} head, not CRIS's")
+    if int(meta["vis_dim"]) != vis_dim:
+        raise ValueError(f"{path} was trained on a CRIS decoder {meta['vis_dim']} wide; this one is {vis_dim}")
+    layer = CRISLastLayer(vis_dim, int(meta["kernel_size"]), width=int(meta["width"]))
+    layer.load_state_dict(load_file(str(path)))
+    return layer
+
+
+def cris_last_layer(vis_dim: int, init_prompt: str | None, settings: LastLayerSettings | None) -> CRISLastLayer | None:
+    """CRIS's new last layer a segmenter starts from: the one saved with ``init_prompt``, else a
+    new one from ``settings`` (TuneVLSeg mixes CRIS's by a ratio only), else none."""
+    if init_prompt and not Path(init_prompt).is_file():  # a file is a Dassl checkpoint: no head
+        from vlprompt.zoo import resolve_prompt_dir
+
+        saved = resolve_prompt_dir(init_prompt) / LAST_LAYER_NAME
+        if saved.is_file():
+            log.info("init_prompt %s brings its trained new last layer", init_prompt)
+            return _load_cris_last_layer(saved, vis_dim)
+    if settings is None:
+        return None
+    if settings.mix != "ratio":
+        raise ValueError(f"new_last_layer_mix={settings.mix!r}: TuneVLSeg mixes CRIS's new last layer by its ratio only")
+    return CRISLastLayer(vis_dim, settings.kernel_size, settings.residual_ratio)
