@@ -26,7 +26,7 @@ versions, times, Dice/IoU on the clean, shifted and negative test splits).
 Deterministic (seeded data and init, deterministic algorithms, fixed thread count): on the same
 machine and software it reproduces the weights bit for bit, which ``--check`` verifies.
 
-    nice python tools/build_embedded_cris.py          # a few minutes on 2 CPU cores
+    nice python tools/build_embedded_cris.py          # about 10 minutes on a busy 2-core machine
     python tools/build_embedded_cris.py --check
 """
 
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--align-steps", type=int, default=300)
     parser.add_argument("--align-batch", type=int, default=128)
     parser.add_argument("--align-lr", type=float, default=2e-3)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (CRIS: 3)")
