@@ -1,11 +1,12 @@
 """Segmentation with vision-language models: metrics (Dice, IoU per image and dataset-wide), losses,
-and heads over a prompted backbone."""
+and heads over a prompted backbone (CLIPSeg's, vlprompt's CLIPSeg-style decoder, CRIS's)."""
 
 from vlprompt.seg.clipseg import HFCLIPSegHead
+from vlprompt.seg.cris import CRISHead, CRISLastLayer
 from vlprompt.seg.decoder import CLIPSegDecoder, default_extract_layers
 from vlprompt.seg.metrics import SegmentationScores, binary_scores
 
-__all__ = ["CLIPSegDecoder", "DiceBCELoss", "HFCLIPSegHead", "SegmentationScores", "binary_scores", "default_extract_layers"]
+__all__ = ["CLIPSegDecoder", "CRISHead", "CRISLastLayer", "DiceBCELoss", "HFCLIPSegHead", "SegmentationScores", "binary_scores", "default_extract_layers"]
 
 
 def __getattr__(name: str):
