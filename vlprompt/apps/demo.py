@@ -119,7 +119,8 @@ def _segmentation_demo(config: Path, args: argparse.Namespace, parser: argparse.
         return
     started = time.perf_counter()
     rows = run_segmentation_eval(cfg, output_dir)
-    log.info("Referring segmentation, ShapeWorld %s test split, embedded tiny CLIP + its CLIPSeg-style head (%.0f s):"
+    log.info("Referring segmentation, ShapeWorld %s test split, the embedded VLSMs (tiny CLIP + CLIPSeg-style head; "
+             "cris_*: tiny ResNet CLIP + CRIS's head) (%.0f s):"
              "\n%s\nOverlays: %s", cfg.data.get("init_args", {}).get("domain", ""), time.perf_counter() - started,
              format_table(rows), output_dir / "overlays.png")
 
