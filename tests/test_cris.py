@@ -328,10 +328,34 @@ def test_cli_trains_saves_and_segments_on_the_embedded_cris(tmp_path, learner):
           "--backbone", "zoo:shapeworld-cris-tiny", "--out", str(tmp_path / "out"), "--device", "cpu"])
     rows = list(csv.DictReader(open(tmp_path / "out" / "segments.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    # the CRIS prompt on the CLIPSeg default: another backbone, refused
+    # the CRIS prompt on the embedded CLIP: another backbone, refused
     with pytest.raises(SystemExit):
         main(["segment", "--images", str(images_[0]), "--text", "red star", "--prompt", str(tmp_path / "prompt"),
-              "--out", str(tmp_path / "out2"), "--device", "cpu"])
+              "--backbone", "zoo:shapeworld-clip-tiny", "--out", str(tmp_path / "out2"), "--device", "cpu"])
+
+
+def test_segment_takes_the_backbone_and_head_a_saved_prompt_records(tmp_path):
+    """`vlprompt segment --prompt P` without --backbone segments with the VLSM the prompt was learned
+    on (here the embedded CRIS and its shipped head), as with --backbone named."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from vlprompt.cli import main
+
+    backbone = OpenCLIPBackbone("zoo:shapeworld-cris-tiny")
+    model = PromptSegmenter(backbone, functools.partial(CoOpPromptLearner, n_ctx=2),
+                            decoder_weights="zoo:shapeworld-cris-tiny")
+    prompt = model.save_prompt(tmp_path / "prompt")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    masks = []
+    for name, backbone_args in (("recorded", []), ("named", ["--backbone", "zoo:shapeworld-cris-tiny"])):
+        main(["segment", "--images", str(tmp_path / "a.png"), "--text", "red star", "--prompt", str(prompt),
+              *backbone_args, "--out", str(tmp_path / name), "--device", "cpu"])
+        row = next(csv.DictReader(open(tmp_path / name / "segments.csv")))
+        masks.append(np.asarray(Image.open(row["mask"])))
+    assert np.array_equal(*masks)  # one model, one computation
 
 
 @pytest.mark.slow

@@ -41,14 +41,29 @@ def _check_request(texts: list[str], out: Path, threshold: float, overwrite: boo
         raise FileExistsError(f"{out} already holds {existing}; pass --overwrite or another --out")
 
 
-def _build_segmenter(backbone: str, pretrained: str | None, decoder: str | None, prompt: str | None, device: str) -> Any:
-    """The segmenter: the backbone, with the saved ``prompt`` if any (refused when learned on another
-    backbone) and its head: the one a prompt was saved with (another ``decoder`` is refused) or
-    ``decoder``."""
+#: The backbone (and head) without --backbone or a saved prompt: the embedded CLIP.
+DEFAULT_BACKBONE = "zoo:shapeworld-clip-tiny"
+
+
+def _recorded_backbone_name(prompt: str) -> str:
+    """The name of the backbone a saved prompt was learned on (``hf:`` for Hugging Face models)."""
+    from vlprompt.prompts.io import read_prompt_config
+
+    identity = read_prompt_config(prompt)["backbone"]
+    name = str(identity.get("name", ""))
+    return f"hf:{name}" if identity.get("type", "").startswith("HF") and not name.startswith("hf:") else name
+
+
+def _build_segmenter(backbone: str | None, pretrained: str | None, decoder: str | None, prompt: str | None,
+                     device: str) -> Any:
+    """The segmenter: the backbone (None: the one the saved ``prompt`` records), with the saved
+    ``prompt`` if any (refused when learned on another backbone) and its head: the one a prompt was
+    saved with (another ``decoder`` is refused) or ``decoder``."""
     from vlprompt.backbones import load_backbone
     from vlprompt.methods import PromptSegmenter
     from vlprompt.methods.segmentation import prompt_head
     from vlprompt.prompts import load_prompt
+    from vlprompt.prompts.io import backbone_from_identity, read_prompt_config
 
     saved_head = prompt_head(prompt)
     if saved_head is not None:
@@ -57,7 +72,10 @@ def _build_segmenter(backbone: str, pretrained: str | None, decoder: str | None,
             raise ValueError(f"--prompt {prompt} holds the head it was trained with ({saved_head}); --decoder "
                              f"{decoder} would replace it: leave --decoder out")
         decoder = str(saved_head)
-    model_backbone = load_backbone(backbone, pretrained)
+    if backbone is None and prompt is not None:
+        model_backbone = backbone_from_identity(read_prompt_config(prompt)["backbone"])
+    else:
+        model_backbone = load_backbone(backbone or DEFAULT_BACKBONE, pretrained)
     factory = None
     if prompt is not None:
         saved = load_prompt(prompt, model_backbone)  # refuses a prompt learned on another backbone
@@ -90,12 +108,13 @@ def _segment_one(model: Any, transform: Any, image: Any, path: Path, texts: list
     return rows
 
 
-def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone: str, pretrained: str | None,
+def segment_images(images: list[Path], texts: list[str], out: Path, *, backbone: str | None, pretrained: str | None,
                    decoder: str | None, prompt: str | None, threshold: float = 0.5, device: str | None = None,
                    overwrite: bool = False) -> list[dict[str, object]]:
     """Segment every image for every text; returns one row per (image, text): paths written,
-    foreground share, status (``ok`` or ``unreadable``). A ``prompt`` saved with its trained head
-    brings that head; another ``decoder`` with it is refused."""
+    foreground share, status (``ok`` or ``unreadable``). ``backbone`` None: the one a saved
+    ``prompt`` records, else the embedded CLIP. A ``prompt`` saved with its trained head brings
+    that head; another ``decoder`` with it is refused."""
     import torch
     from tqdm.auto import tqdm
 
@@ -132,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", required=True, nargs="+", help="a folder (searched recursively) or image files")
     parser.add_argument("--text", required=True, nargs="+", help="what to segment, one or more prompts")
     parser.add_argument("--out", default="outputs/segment", help="where masks/, overlays/ and segments.csv go")
-    parser.add_argument("--backbone", default="zoo:shapeworld-clip-tiny",
-                        help="open_clip model name, local-dir:FOLDER or zoo:NAME; hf:ID_OR_FOLDER for CLIPSeg (transformers)")
+    parser.add_argument("--backbone", default=None,
+                        help="open_clip model name, local-dir:FOLDER or zoo:NAME; hf:ID_OR_FOLDER for CLIPSeg (transformers) "
+                             f"(default: the one --prompt was learned on, else {DEFAULT_BACKBONE})")
     parser.add_argument("--pretrained", default=None, help="the backbone's pretrained tag or checkpoint file")
     parser.add_argument("--decoder", default=None,
                         help="the segmentation head: a safetensors file or zoo:NAME (default: the head saved with "
@@ -152,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     from vlprompt.methods.segmentation import prompt_head
 
     decoder = args.decoder
-    if decoder is None and prompt_head(args.prompt) is None and not args.backbone.startswith("hf:"):
+    name = args.backbone or (_recorded_backbone_name(args.prompt) if args.prompt else DEFAULT_BACKBONE)
+    if decoder is None and prompt_head(args.prompt) is None and not name.startswith("hf:"):
         # an embedded model's own head (CLIPSeg-style or CRIS); a prompt's own head is picked up by segment_images
-        decoder = args.backbone if args.backbone.startswith("zoo:") else "zoo:shapeworld-clip-tiny"
+        decoder = name if name.startswith("zoo:") else DEFAULT_BACKBONE
     segment_images(images, args.text, out, backbone=args.backbone, pretrained=args.pretrained, decoder=decoder,
                    prompt=args.prompt, threshold=args.threshold, device=args.device, overwrite=args.overwrite)
