@@ -118,8 +118,13 @@ class TextTower(ABC):
         """The normed feature at ``pooled_at`` (at the appended token when there is one)."""
         if self.appended_token is not None:
             return self.norm(x[:, -1])
-        x = self.norm(x)
-        return x[torch.arange(x.shape[0], device=x.device), pooled_at]
+        return self.pick_pooled(self.norm(x), pooled_at)
+
+    def pick_pooled(self, normed: torch.Tensor, pooled_at: torch.Tensor) -> torch.Tensor:
+        """The pooled feature among already normed ones (the norm works per token)."""
+        if self.appended_token is not None:
+            return normed[:, -1]
+        return normed[torch.arange(normed.shape[0], device=normed.device), pooled_at]
 
     def encode(
         self,
@@ -168,8 +173,8 @@ class TextTower(ABC):
         """Per-token features ``[N, L, width]`` (after the final norm, not projected; the word
         features CRIS's decoder attends) and the pooled projected features ``[N, embed_dim]`` of
         the same pass (what :meth:`encode` returns)."""
-        x = self.hidden_states(embeddings, token_ids, deep_prompts, prompt_start)
-        return self.norm(x)[:, : embeddings.shape[1]], self.project(self.pool(x, pooled_at))
+        normed = self.norm(self.hidden_states(embeddings, token_ids, deep_prompts, prompt_start))
+        return normed[:, : embeddings.shape[1]], self.project(self.pick_pooled(normed, pooled_at))
 
 
 def check_deep_prompt_depth(n_prompts: int, n_layers: int) -> None:

@@ -40,14 +40,13 @@ from vlprompt.methods.features import ImageFeatureCache
 from vlprompt.methods.module import OptimizerFactory, PromptModule
 from vlprompt.methods.optimization import LRSchedule
 from vlprompt.prompts import PromptLearnerFactory
-from vlprompt.seg.cris import CRISHead, CRISLastLayer
+from vlprompt.seg.cris import CRISHead
 from vlprompt.seg.cris_inputs import (
     MapPacking,
     cris_last_layer,
     image_map_inputs,
     prompt_text_tokens,
     refuse_visual_prompts,
-    save_cris_last_layer,
 )
 from vlprompt.seg.decoder import CLIPSegDecoder
 from vlprompt.seg.heads import (
@@ -65,7 +64,6 @@ from vlprompt.seg.last_layer import (
     LastLayerMix,
     LastLayerSettings,
     configured_last_layer,
-    save_last_layer,
 )
 from vlprompt.seg.metrics import SegmentationScores
 
@@ -92,12 +90,10 @@ SETTINGS_NAME = "segmentation.json"
 def _saved_carry(init_prompt: str | None, configured: bool) -> bool:
     """Whether the visual prompts pass through the decoder: as the prompt ``init_prompt`` was
     tuned (its ``segmentation.json``), else as configured."""
-    if not init_prompt or Path(init_prompt).is_file():
-        return configured
-    from vlprompt.zoo import resolve_prompt_dir
+    from vlprompt.zoo import prompt_file
 
-    path = resolve_prompt_dir(init_prompt) / SETTINGS_NAME
-    saved = bool(json.loads(path.read_text()).get("carry_visual_prompts")) if path.is_file() else configured
+    path = prompt_file(init_prompt, SETTINGS_NAME)
+    saved = bool(json.loads(path.read_text()).get("carry_visual_prompts")) if path is not None else configured
     if saved != configured:
         log.info("init_prompt %s was tuned with carry_visual_prompts=%s: used", init_prompt, saved)
     return saved
@@ -245,9 +241,8 @@ class PromptSegmenter(PromptModule):
         directory = super().save_prompt(directory, overwrite=overwrite)
         if self.decoder_learned:
             save_decoder_weights(self.decoder, Path(directory) / DECODER_NAME)
-        if self.last_layer is not None:
-            save = save_cris_last_layer if isinstance(self.last_layer, CRISLastLayer) else save_last_layer
-            save(self.last_layer, Path(directory) / LAST_LAYER_NAME)
+        if self.last_layer is not None:  # either kind records its layout
+            save_decoder_weights(self.last_layer, Path(directory) / LAST_LAYER_NAME)
         if self.carry_visual_prompts:
             (Path(directory) / SETTINGS_NAME).write_text(json.dumps({"carry_visual_prompts": True}))
         return directory

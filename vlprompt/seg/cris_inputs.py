@@ -14,8 +14,7 @@ from vlprompt.backbones import Backbone, TextTokens
 from vlprompt.seg.cris import CRISLastLayer
 from vlprompt.seg.last_layer import LAST_LAYER_NAME, LastLayerSettings
 
-__all__ = ["MapPacking", "cris_last_layer", "image_map_inputs", "prompt_text_tokens", "refuse_visual_prompts",
-           "save_cris_last_layer"]
+__all__ = ["MapPacking", "cris_last_layer", "image_map_inputs", "prompt_text_tokens", "refuse_visual_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +70,6 @@ def prompt_text_tokens(captured: Sequence[TextTokens], index: torch.Tensor, n_pr
     return TextTokens(tokens.words[rows], tokens.padding[rows], tokens.state[rows])
 
 
-def save_cris_last_layer(layer: CRISLastLayer, path: str | Path) -> Path:
-    """Save CRIS's new last layer (safetensors) with its layout in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}, str(path),
-              metadata={k: str(v) for k, v in layer.layout().items()})
-    return path
-
-
 def _load_cris_last_layer(path: Path, vis_dim: int) -> CRISLastLayer:
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -99,13 +88,12 @@ def _load_cris_last_layer(path: Path, vis_dim: int) -> CRISLastLayer:
 def cris_last_layer(vis_dim: int, init_prompt: str | None, settings: LastLayerSettings | None) -> CRISLastLayer | None:
     """CRIS's new last layer a segmenter starts from: the one saved with ``init_prompt``, else a
     new one from ``settings`` (TuneVLSeg mixes CRIS's by a ratio only), else none."""
-    if init_prompt and not Path(init_prompt).is_file():  # a file is a Dassl checkpoint: no head
-        from vlprompt.zoo import resolve_prompt_dir
+    from vlprompt.zoo import prompt_file
 
-        saved = resolve_prompt_dir(init_prompt) / LAST_LAYER_NAME
-        if saved.is_file():
-            log.info("init_prompt %s brings its trained new last layer", init_prompt)
-            return _load_cris_last_layer(saved, vis_dim)
+    saved = prompt_file(init_prompt, LAST_LAYER_NAME)
+    if saved is not None:
+        log.info("init_prompt %s brings its trained new last layer", init_prompt)
+        return _load_cris_last_layer(saved, vis_dim)
     if settings is None:
         return None
     if settings.mix != "ratio":

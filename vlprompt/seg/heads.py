@@ -158,12 +158,9 @@ DECODER_NAME = "decoder.safetensors"
 def prompt_head(prompt: str | Path | None) -> Path | None:
     """The trained head saved with a prompt folder (:meth:`~vlprompt.methods.PromptSegmenter.save_prompt`), None
     when there is none (a prompt tuned with the head frozen, or a checkpoint file)."""
-    if not prompt:
-        return None
-    from vlprompt.zoo import resolve_prompt_dir
+    from vlprompt.zoo import prompt_file
 
-    path = resolve_prompt_dir(prompt) / DECODER_NAME
-    return path if path.is_file() else None
+    return prompt_file(prompt, DECODER_NAME)
 
 
 def configured_head(backbone: Backbone, head: str, extract_layers: list[int] | None, reduce_dim: int, n_heads: int,

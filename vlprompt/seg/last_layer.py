@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 __all__ = ["LAST_LAYER_NAME", "LastLayerMix", "LastLayerSettings", "NewLastLayer", "configured_last_layer",
-           "load_last_layer", "save_last_layer"]
+           "load_last_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class NewLastLayer(nn.Module):
         if mix == "ratio":
             self.residual_ratio = nn.Parameter(torch.tensor(float(residual_ratio)))
 
+    def layout(self) -> dict[str, Any]:
+        """What rebuilds the layer (saved with its weights, :func:`~vlprompt.seg.heads.save_decoder_weights`)."""
+        return {"kernel_size": self.kernel_size, "mix": self.mix, "reduce_dim": self.conv[1].in_channels}
+
     def forward(self, grid: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (``[B, 1, H, W]``, the decoder's) mixed with the layer's own of ``grid``."""
         extra = self.conv(grid.to(self.conv[1].weight.dtype))
@@ -79,20 +83,8 @@ class NewLastLayer(nn.Module):
         return (1 - self.residual_ratio) * logits + self.residual_ratio * extra
 
 
-def save_last_layer(layer: NewLastLayer, path: str | Path) -> Path:
-    """Save a new last layer (safetensors) with what rebuilds it in the metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-    meta = {"kernel_size": str(layer.kernel_size), "mix": layer.mix,
-            "reduce_dim": str(layer.conv[1].in_channels)}
-    save_file(state, str(path), metadata=meta)
-    return path
-
-
 def load_last_layer(path: str | Path, reduce_dim: int, patch_size: tuple[int, int]) -> NewLastLayer:
-    """A new last layer saved by :func:`save_last_layer`, rebuilt as it was saved (no pickle);
+    """A new last layer saved with its layout (:func:`~vlprompt.seg.heads.save_decoder_weights`), rebuilt as it was saved (no pickle);
     refused when it was trained on a decoder of another width."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -112,12 +104,10 @@ def configured_last_layer(reduce_dim: int, patch_size: tuple[int, int], init_pro
     """The new last layer a segmenter starts from: the one saved with ``init_prompt`` (it replaces
     the configured one: the prompt was tuned with it), else a new one built from ``settings``, or
     none when ``settings`` is None and the prompt has none."""
-    saved = None
-    if init_prompt and not Path(init_prompt).is_file():  # a file is a Dassl checkpoint: no head
-        from vlprompt.zoo import resolve_prompt_dir
+    from vlprompt.zoo import prompt_file
 
-        saved = resolve_prompt_dir(init_prompt) / LAST_LAYER_NAME
-    if saved is not None and saved.is_file():
+    saved = prompt_file(init_prompt, LAST_LAYER_NAME)
+    if saved is not None:
         log.info("init_prompt %s brings its trained new last layer", init_prompt)
         return load_last_layer(saved, reduce_dim, patch_size)
     if settings is None:

@@ -30,6 +30,7 @@ __all__ = [
     "decoder_weights_path",
     "diffusion_model_dir",
     "model_dir",
+    "prompt_file",
     "resolve_model_name",
     "shared_tower_weights",
 ]
@@ -130,6 +131,15 @@ def resolve_prompt_dir(path: str | Path) -> Path:
         shipped = sorted(p.parent.name for p in model_dir(model).glob("*/config.json"))
         raise FileNotFoundError(f"no prompt {text!r} ships with the embedded model {model!r}; shipped: {shipped or 'none'}")
     return folder
+
+
+def prompt_file(prompt: str | Path | None, name: str) -> Path | None:
+    """The file ``name`` saved next to a prompt (in its folder, :func:`resolve_prompt_dir`); None
+    without a prompt, when the prompt is a file (a Dassl checkpoint) or the file is absent."""
+    if not prompt:
+        return None
+    path = resolve_prompt_dir(prompt) / name
+    return path if path.is_file() else None
 
 
 def tensors_sha256(path: str | Path) -> str:
